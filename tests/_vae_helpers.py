@@ -1,0 +1,62 @@
+"""Shared fixtures for the VAE tests: non-trivial random weights and the diffusers reference built from them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sdxl_core.config import VAEConfig
+from sdxl_core.vae import AutoencoderKL
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Fill every parameter with seeded random values that keep activations O(1) and are far from the defaults."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim >= 2:  # conv weights: variance-preserving scale so 30+ layers neither explode nor vanish
+                fan_in = param[0].numel()
+                value = torch.randn(param.shape, generator=gen) / math.sqrt(fan_in)
+            elif "norm" in name and name.endswith("weight"):
+                value = 1.0 + 0.3 * torch.randn(param.shape, generator=gen)
+            else:  # biases (GroupNorm and conv)
+                value = 0.2 * torch.randn(param.shape, generator=gen)
+            param.copy_(value.to(param.dtype))
+    return module
+
+
+def random_vae(config: VAEConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    return randomize_(AutoencoderKL(config), seed).to(dtype).eval()
+
+
+def diffusers_vae_from(vae: AutoencoderKL):
+    """diffusers' AutoencoderKL holding `vae`'s weights, converted by diffusers' own single-file conversion."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    cfg = vae.config
+    levels = len(cfg.channel_mult)
+    config = {
+        "in_channels": cfg.image_channels,
+        "out_channels": cfg.image_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": [cfg.base_channels * m for m in cfg.channel_mult],
+        "latent_channels": cfg.latent_channels,
+        "layers_per_block": cfg.num_res_blocks,
+        "norm_num_groups": cfg.norm_groups,
+        "scaling_factor": cfg.scale_factor,
+    }
+    checkpoint = {f"first_stage_model.{k}": v.detach().clone() for k, v in vae.state_dict().items()}
+    converted = convert_ldm_vae_checkpoint(checkpoint, config)
+    reference = DiffusersAutoencoderKL(**config).to(vae.dtype)
+    missing, unexpected = reference.load_state_dict(converted, strict=True)
+    assert not missing and not unexpected
+    return reference.eval()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
