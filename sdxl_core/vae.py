@@ -47,8 +47,9 @@ class ResnetBlock(nn.Module):
                              if in_channels != out_channels else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))  # dropout is 0 in every SDXL config; inference has none
+        # swish in place on GroupNorm's fresh output: one full-resolution activation fewer at the decoder's peak.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))  # dropout is 0 in every SDXL config
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
         return skip + h
 
@@ -123,7 +124,11 @@ class MidBlock(nn.Module):
 
 
 class EncoderLevel(nn.Module):
-    """One resolution of the encoder: `block.j` res blocks, then `downsample` except at the last level."""
+    """One resolution of the encoder: `block.j` res blocks, then `downsample` except at the last level.
+
+    A container only: `Encoder.forward` runs the blocks itself so that no caller frame keeps a level's input alive
+    while the level runs (that input is the largest tensor of the level).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, downsample: bool, groups: int,
                  factory: dict) -> None:
@@ -132,14 +137,12 @@ class EncoderLevel(nn.Module):
         self.block = nn.ModuleList(ResnetBlock(widths[j], widths[j + 1], groups, factory) for j in range(num_blocks))
         self.downsample = Downsample(out_channels, factory) if downsample else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
-        return x if self.downsample is None else self.downsample(x)
-
 
 class DecoderLevel(nn.Module):
-    """One resolution of the decoder: `block.j` res blocks, then `upsample` except at level 0 (full resolution)."""
+    """One resolution of the decoder: `block.j` res blocks, then `upsample` except at level 0 (full resolution).
+
+    A container only, for the same reason as `EncoderLevel`: at full resolution the level input is 2x the width.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, upsample: bool, groups: int,
                  factory: dict) -> None:
@@ -147,11 +150,6 @@ class DecoderLevel(nn.Module):
         widths = [in_channels] + [out_channels] * num_blocks
         self.block = nn.ModuleList(ResnetBlock(widths[j], widths[j + 1], groups, factory) for j in range(num_blocks))
         self.upsample = Upsample(out_channels, factory) if upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
-        return x if self.upsample is None else self.upsample(x)
 
 
 class Encoder(nn.Module):
@@ -174,9 +172,12 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            h = level(h)
+            for block in level.block:
+                h = block(h)
+            if level.downsample is not None:
+                h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -200,8 +201,11 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+            for block in level.block:
+                h = block(h)
+            if level.upsample is not None:
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
