@@ -1,0 +1,93 @@
+"""ComfyUI's own sampling code as a test reference, loaded from a checkout named by COMFYUI_PATH.
+
+Only the pure-math pieces are loaded: `comfy/k_diffusion/sampling.py` and `comfy/model_sampling.py` as modules
+(with stand-ins for the few imports they need but never call in these tests: torchsde, the model patcher), and
+single functions or classes of `comfy/samplers.py`, `comfy/sample.py` and `comfy/conds.py` lifted out with `ast`,
+because those modules pull in ComfyUI's whole runtime. Nothing here is vendored: without COMFYUI_PATH the
+tests that use it are skipped.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+
+requires_comfyui = pytest.mark.skipif(
+    not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "comfy" / "k_diffusion" / "sampling.py").is_file(),
+    reason="set COMFYUI_PATH to a ComfyUI checkout to compare against ComfyUI's own code",
+)
+
+
+def _stub(name: str, **attrs) -> None:
+    if name in sys.modules:
+        return
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    sys.modules[name] = module
+
+
+def _install_stubs() -> None:
+    class _NoBrownianTree:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("torchsde is not installed; the Brownian-tree samplers cannot run the reference")
+
+    _stub("torchsde", BrownianTree=_NoBrownianTree)
+    _stub("comfy.model_patcher")
+    _stub("comfy.ldm.util", instantiate_from_config=None)
+    _stub("comfy.ops")
+
+
+def load_modules() -> types.SimpleNamespace:
+    """ComfyUI's k-diffusion sampling module and model_sampling module."""
+    if COMFYUI_PATH not in sys.path:
+        sys.path.insert(0, COMFYUI_PATH)
+    _install_stubs()
+    import comfy.k_diffusion.sampling as sampling  # noqa: PLC0415 (import only when a checkout is configured)
+    import comfy.model_sampling as model_sampling  # noqa: PLC0415
+
+    return types.SimpleNamespace(sampling=sampling, model_sampling=model_sampling)
+
+
+def lift(relative_path: str, *names: str, namespace: dict | None = None) -> dict:
+    """Execute only the named top-level functions/classes of a ComfyUI file in a small namespace."""
+    source = (Path(COMFYUI_PATH) / relative_path).read_text()
+    tree = ast.parse(source)
+    wanted = [node for node in tree.body if getattr(node, "name", None) in names]
+    missing = set(names) - {node.name for node in wanted}
+    if missing:
+        raise LookupError(f"{relative_path} has no top-level {sorted(missing)}")
+    scope = {"torch": torch, "math": math, "numpy": numpy, "np": numpy, "logging": __import__("logging")}
+    if namespace:
+        scope.update(namespace)
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), relative_path, "exec"), scope)  # noqa: S102
+    return scope
+
+
+def model_sampling_discrete():
+    """ComfyUI's ModelSamplingDiscrete with the SDXL (default) settings."""
+    return load_modules().model_sampling.ModelSamplingDiscrete()
+
+
+class KDiffusionModelStub:
+    """What ComfyUI's samplers reach through `model`: a callable denoiser plus the attribute chains some samplers
+    inspect (`inner_model.inner_model.model_sampling`, `inner_model.model_patcher.get_model_object`)."""
+
+    def __init__(self, denoiser, model_sampling):
+        self._denoiser = denoiser
+        inner_inner = types.SimpleNamespace(model_sampling=model_sampling)
+        patcher = types.SimpleNamespace(get_model_object=lambda name: model_sampling)
+        self.inner_model = types.SimpleNamespace(inner_model=inner_inner, model_patcher=patcher)
+
+    def __call__(self, x, sigma, **kwargs):
+        kwargs.pop("seed", None)
+        return self._denoiser(x, sigma)
