@@ -319,7 +319,8 @@ class UNetModel(nn.Module):
         dtype = self.out[2].weight.dtype
         context = context.to(dtype)
 
-        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(dtype)
+        # Timesteps are often built on the CPU from a sigma schedule; the embedding is computed where x lives.
+        t_emb = timestep_embedding(timesteps.to(x.device), self.config.model_channels).to(dtype)
         emb = self.time_embed(t_emb) + self.label_emb(y.to(dtype))
 
         # Down: every block's output is a skip tensor for the matching up block (last in, first out).
