@@ -1,0 +1,173 @@
+"""Writers of tiny SDXL checkpoints in every layout the loader accepts, and of the bad files it must refuse.
+
+The diffusers layouts are produced with diffusers' own forward conversion functions (`convert_ldm_unet_checkpoint`,
+`convert_ldm_vae_checkpoint`, `convert_open_clip_checkpoint`), so the loader's reverse mapping is checked against an
+independent implementation rather than against itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sdxl_core.checkpoint import save_checkpoint
+from sdxl_core.checkpoint_detect import component_prefixes
+from sdxl_core.checkpoint_validation import build_component
+from sdxl_core.config import SDXLConfig
+from sdxl_core.models import SDXLModel
+from sdxl_core.tokenizer import SDXLTokenizer
+
+
+def tiny_model(config: SDXLConfig, seed: int = 0) -> SDXLModel:
+    """A randomly initialised SDXLModel of `config` on the CPU in float32 (biases and norms randomised too)."""
+    torch.manual_seed(seed)
+    names = ["unet", "vae", "clip_g"] + (["clip_l"] if config.clip_l is not None else [])
+    modules = {name: build_component(name, config, device="cpu", dtype=torch.float32) for name in names}
+    with torch.no_grad():
+        for module in modules.values():
+            for parameter in module.parameters():
+                parameter.copy_(torch.randn_like(parameter) * 0.05 + (1.0 if parameter.ndim == 1 else 0.0))
+    return SDXLModel(config=config, unet=modules["unet"], vae=modules["vae"], clip_g=modules["clip_g"],
+                     clip_l=modules.get("clip_l"), tokenizer=SDXLTokenizer(), source=None, dtype=torch.float32)
+
+
+def single_file_state(model: SDXLModel) -> dict[str, torch.Tensor]:
+    """The model's weights under the single-file key names (no bookkeeping keys)."""
+    prefixes = component_prefixes(model.kind)
+    return {prefixes[name] + key: tensor for name, module in model.modules().items()
+            for key, tensor in module.state_dict().items()}
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+# --- diffusers layouts (through diffusers' own ldm -> diffusers conversion) ------------------------------------------
+
+def diffusers_unet_state(model: SDXLModel) -> dict[str, torch.Tensor]:
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    state = {"model.diffusion_model." + k: v for k, v in model.unet.state_dict().items()}
+    config = {"layers_per_block": model.config.unet.num_res_blocks, "addition_embed_type": "text_time",
+              "num_class_embeds": None}
+    return convert_ldm_unet_checkpoint(state, config)
+
+
+def diffusers_vae_state(vae) -> dict[str, torch.Tensor]:
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    levels = len(vae.config.channel_mult)
+    config = {"down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels}
+    return convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in vae.state_dict().items()}, config)
+
+
+def diffusers_clip_g_state(model: SDXLModel) -> dict[str, torch.Tensor]:
+    from types import SimpleNamespace
+
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    prefix = "conditioner.embedders.1.model."
+    state = {prefix + k: v for k, v in model.clip_g.state_dict().items()}
+    text_model = SimpleNamespace(config=SimpleNamespace(hidden_size=model.config.clip_g.hidden_size))
+    return convert_open_clip_checkpoint(text_model, state, prefix=prefix)
+
+
+def _unet_config_json(model: SDXLModel) -> dict:
+    unet = model.config.unet
+    return {"_class_name": "UNet2DConditionModel", "block_out_channels": list(unet.level_channels),
+            "attention_head_dim": [w // unet.num_head_channels for w in unet.level_channels],
+            "layers_per_block": unet.num_res_blocks, "norm_num_groups": unet.norm_groups,
+            "transformer_layers_per_block": list(unet.transformer_depth), "cross_attention_dim": unet.context_dim}
+
+
+def _write_sharded(folder: Path, name: str, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    keys = sorted(tensors)
+    per_shard = -(-len(keys) // shards)
+    weight_map = {}
+    stem = name.removesuffix(".safetensors")
+    for i in range(shards):
+        shard_name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i * per_shard:(i + 1) * per_shard]}
+        write_tensors(folder / shard_name, part)
+        weight_map.update({k: shard_name for k in part})
+    (folder / f"{name}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def write_diffusers_folder(model: SDXLModel, folder: Path, *, shards: int = 1,
+                           dtype: torch.dtype | None = None) -> Path:
+    """A diffusers pipeline folder of `model` (base: text_encoder + text_encoder_2; refiner: text_encoder_2 only)."""
+    def cast(state: dict) -> dict:
+        return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
+
+    base = model.kind == "base"
+    parts = {
+        "unet": ("diffusion_pytorch_model.safetensors", cast(diffusers_unet_state(model)), _unet_config_json(model)),
+        "vae": ("diffusion_pytorch_model.safetensors", cast(diffusers_vae_state(model.vae)),
+                {"_class_name": "AutoencoderKL", "norm_num_groups": model.config.vae.norm_groups}),
+        "text_encoder_2": ("model.safetensors", cast(diffusers_clip_g_state(model)),
+                           {"num_attention_heads": model.config.clip_g.num_heads}),
+    }
+    if base:
+        parts["text_encoder"] = ("model.safetensors", cast(model.clip_l.state_dict()),
+                                 {"num_attention_heads": model.config.clip_l.num_heads})
+    folder.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": "StableDiffusionXLPipeline" if base else "StableDiffusionXLImg2ImgPipeline",
+             "text_encoder": ["transformers", "CLIPTextModel"] if base else [None, None],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    for part, (name, state, config) in parts.items():
+        (folder / part).mkdir(exist_ok=True)
+        (folder / part / "config.json").write_text(json.dumps(config))
+        if shards > 1:
+            _write_sharded(folder / part, name, state, shards)
+        else:
+            write_tensors(folder / part / name, state)
+    return folder
+
+
+def write_vae_file(vae, path: Path, *, layout: str = "original") -> Path:
+    """A separate VAE file: original (ldm) names without prefix, or diffusers names."""
+    state = vae.state_dict() if layout == "original" else diffusers_vae_state(vae)
+    return write_tensors(path, state)
+
+
+def write_checkpoint(model: SDXLModel, path: Path, dtype: torch.dtype | None = torch.float16) -> Path:
+    save_checkpoint(model, path, dtype=dtype)
+    return path
+
+
+# --- files the loader must refuse ------------------------------------------------------------------------------------
+
+def write_truncated(source: Path, path: Path, keep_fraction: float = 0.5) -> Path:
+    data = source.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep_fraction)])
+    return path
+
+
+def write_pickle(path: Path) -> Path:
+    torch.save({"state_dict": {"model.diffusion_model.out.2.weight": torch.zeros(4, 4)}}, path)
+    return path
+
+
+def write_sd15_like(path: Path) -> Path:
+    """The probe keys and shapes of an SD 1.5 checkpoint (CLIP-L under cond_stage_model, 768-wide context)."""
+    return write_tensors(path, {
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(8, 768),
+        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
+        "first_stage_model.encoder.conv_in.weight": torch.zeros(128, 3, 3, 3),
+    })
+
+
+def write_sd2_like(path: Path) -> Path:
+    """The probe keys and shapes of an SD 2.x checkpoint (OpenCLIP ViT-H under cond_stage_model.model)."""
+    return write_tensors(path, {
+        "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(3072, 1024),
+        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024),
+    })
