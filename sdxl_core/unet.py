@@ -33,6 +33,7 @@ from .config import UNetConfig
 from .timestep_embedding import timestep_embedding
 
 # Normalisation epsilons of sgm (SDXL.md §7): ResBlocks and the output head, spatial transformers, LayerNorms.
+# All norms run in the model dtype; see the module docstring for why sgm's fp32 GroupNorm upcast is not copied.
 RESBLOCK_GROUP_NORM_EPS = 1e-5
 TRANSFORMER_GROUP_NORM_EPS = 1e-6
 LAYER_NORM_EPS = 1e-5

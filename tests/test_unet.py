@@ -75,8 +75,7 @@ def diffusers_twin(unet: UNetModel, share_memory: bool = False):
     from diffusers import UNet2DConditionModel
 
     checkpoint = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
-    config = single_file.create_unet_diffusers_config_from_ldm(sgm_unet_yaml(unet.config), checkpoint,
-                                                               image_size=1024)
+    config = single_file.create_unet_diffusers_config_from_ldm(sgm_unet_yaml(unet.config), checkpoint)
     # diffusers recognises SDXL's add-embedding only by context width 2048/1280; the tiny configs use other widths.
     config.update(class_embed_type=None, addition_embed_type="text_time",
                   addition_time_embed_dim=ADM_SCALAR_EMBED_DIM)
