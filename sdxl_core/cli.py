@@ -1,0 +1,153 @@
+"""The command line: `python -m sdxl_core {generate,demo,inspect}`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .buckets import bucket_for_ratio
+
+
+def _size(text: str) -> tuple[int, int]:
+    """Parse "WxH" into (width, height)."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size as WIDTHxHEIGHT (e.g. 1024x1024), got {text!r}") from None
+    if width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return width, height
+
+
+def _top_left(text: str) -> tuple[int, int]:
+    """Parse "TOP,LEFT" into (top, left)."""
+    try:
+        top, left = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected the crop as TOP,LEFT in pixels (e.g. 0,0), got {text!r}") from None
+    if top < 0 or left < 0:
+        raise argparse.ArgumentTypeError(f"crop coordinates cannot be negative, got {text!r}")
+    return top, left
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"the refiner switch is a fraction of the steps in (0, 1), got {text}")
+    return value
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser, *, with_models: bool) -> None:
+    from .samplers import SAMPLERS
+    from .schedules import SCHEDULERS
+
+    if with_models:
+        parser.add_argument("--base", required=True, type=Path, help="SDXL base checkpoint (.safetensors or folder)")
+        parser.add_argument("--refiner", type=Path, help="SDXL refiner checkpoint; without it the base runs all steps")
+        parser.add_argument("--vae", type=Path, help="a separate VAE file replacing the checkpoints' VAE")
+        parser.add_argument("--prompt", required=True, help="the prompt (both text encoders)")
+    else:
+        parser.add_argument("--prompt", default="a lighthouse on a cliff at dusk, oil painting",
+                            help="the prompt (both text encoders)")
+    parser.add_argument("--prompt-l", help="a separate prompt for CLIP-L (default: --prompt)")
+    parser.add_argument("--negative", default="", help="the negative prompt")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--width", type=int, help="image width in pixels, a multiple of 8")
+    size.add_argument("--bucket", type=str, metavar="RATIO",
+                      help="pick the nearest SDXL training bucket for an aspect ratio, e.g. 16:9")
+    parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (with --width)")
+    parser.add_argument("--original-size", type=_size, metavar="WxH",
+                        help="micro-conditioning: the apparent source size (default: the output size)")
+    parser.add_argument("--crop-top-left", type=_top_left, metavar="TOP,LEFT", default=(0, 0),
+                        help="micro-conditioning: apparent crop offset; 0,0 keeps subjects centred")
+    parser.add_argument("--target-size", type=_size, metavar="WxH",
+                        help="micro-conditioning: the training bucket to aim for (default: the output size)")
+    parser.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner aesthetic score, positive side")
+    parser.add_argument("--negative-aesthetic-score", type=float, default=2.5,
+                        help="refiner aesthetic score, negative side")
+    parser.add_argument("--steps", type=int, help="total steps of the trajectory (base + refiner)")
+    switch = parser.add_mutually_exclusive_group()
+    switch.add_argument("--refiner-start", type=int, metavar="K", help="the refiner takes over at step K")
+    switch.add_argument("--refiner-switch", type=_fraction, metavar="FRACTION",
+                        help="the refiner takes over after this fraction of the steps (default 0.8)")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler (ComfyUI names)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sigma schedule (ComfyUI names)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same image")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="UNet and text-encoder precision")
+    parser.add_argument("--out", required=True, type=Path, help="output PNG file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .inspect import add_inspect_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m sdxl_core", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="text to image with the SDXL base and (optionally) refiner")
+    _add_generation_arguments(generate, with_models=True)
+    demo = commands.add_parser("demo", help="the whole two-stage path on tiny built-in random-weight models")
+    _add_generation_arguments(demo, with_models=False)
+    inspect = commands.add_parser("inspect", help="say what a checkpoint file is, from its header")
+    add_inspect_arguments(inspect)
+    return parser
+
+
+def _request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, defaults: dict):
+    from .pipeline import GenerationRequest
+
+    if args.bucket is not None:
+        if args.height is not None:
+            parser.error("--bucket sets both width and height; drop --height")
+        try:
+            bucket = bucket_for_ratio(args.bucket)
+        except ValueError as error:
+            parser.error(str(error))
+        width, height = bucket.width, bucket.height
+    elif args.width is not None or args.height is not None:
+        if args.width is None or args.height is None:
+            parser.error("give both --width and --height (or --bucket RATIO)")
+        width, height = args.width, args.height
+    else:
+        width, height = defaults["width"], defaults["height"]
+    steps = args.steps if args.steps is not None else defaults["steps"]
+    if args.refiner_start is not None:
+        refiner_start = args.refiner_start
+    else:
+        refiner_start = round(steps * (args.refiner_switch if args.refiner_switch is not None else 0.8))
+    original = args.original_size or (width, height)
+    target = args.target_size or (width, height)
+    try:
+        return GenerationRequest(
+            prompt=args.prompt, prompt_l=args.prompt_l, negative=args.negative, width=width, height=height,
+            original_size=(original[1], original[0]), crop_top_left=args.crop_top_left,
+            target_size=(target[1], target[0]), aesthetic_score=args.aesthetic_score,
+            negative_aesthetic_score=args.negative_aesthetic_score, steps=steps, refiner_start=refiner_start,
+            cfg=args.cfg if args.cfg is not None else defaults["cfg"],
+            sampler=args.sampler or defaults["sampler"], scheduler=args.scheduler or defaults["scheduler"],
+            seed=args.seed,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "inspect":
+        from .inspect import run_inspect
+
+        return run_inspect(args)
+    from .pipeline import DEFAULTS
+    from .runner import run_demo, run_generate
+
+    if args.command == "demo":
+        request = _request_from_args(args, parser, DEFAULTS.demo)
+        return run_demo(request, args)
+    request = _request_from_args(args, parser, DEFAULTS.full)
+    return run_generate(request, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

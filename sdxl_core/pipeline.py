@@ -1,0 +1,334 @@
+"""The SDXL two-stage pipeline (Podell et al. 2023 §2.5): base denoises the high-noise part of the trajectory,
+the refiner the low-noise rest, then the VAE decodes. The command line, the ComfyUI nodes and the tests all call
+these functions.
+
+Latents cross every function boundary in ComfyUI's LATENT form, `{"samples": [B, 4, H/8, W/8]}` holding UNSCALED
+VAE latents on the CPU; the sampler scales them by the SDXL latent factor on the way in and out
+(ComfyUI `latent_formats.SDXL.process_in/out`). Sampling follows ComfyUI's KSamplerAdvanced step by step so that a
+workflow's numbers mean the same here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+from .conditioning import (
+    DEFAULT_NEGATIVE_AESTHETIC_SCORE,
+    DEFAULT_POSITIVE_AESTHETIC_SCORE,
+    BaseMicroConditioning,
+    ConditioningMismatch,
+    RefinerMicroConditioning,
+    adm_vector,
+    check_conditioning_for,
+    make_base_conditioning,
+    make_refiner_conditioning,
+    micro_conditioning_scalars,
+)
+from .config import VAE_DOWNSCALE
+from .denoiser import EpsDenoiser
+from .guidance import CFGDenoiser
+from .models import SDXLModel
+from .noise import is_max_denoise, noise_scaling, prepare_noise
+from .prompt_encoding import encode_base_prompt, encode_refiner_prompt
+from .samplers import STOCHASTIC_SAMPLERS, get_sampler
+from .schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range
+from .vae import AutoencoderKL
+from .vae_decoding import comfy_to_images, decode_latents, encode_images, images_to_comfy
+
+StepCallback = Callable[[dict], None]
+Cancel = Callable[[], bool]
+
+__all__ = [
+    "ConditioningMismatch", "GenerationRequest", "GenerationResult", "DEFAULTS", "encode_base_conditioning",
+    "encode_refiner_conditioning", "sample_latent", "decode", "encode", "empty_latent", "generate",
+    "validate_conditioning_for",
+]
+
+
+@lru_cache(maxsize=1)
+def eps_schedule() -> DiscreteEpsSchedule:
+    """SDXL's 1000-step scaled-linear schedule (β 0.00085 → 0.012), shared by base and refiner."""
+    return DiscreteEpsSchedule()
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Refuse sizes the VAE cannot represent exactly."""
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or value <= 0 or value % VAE_DOWNSCALE:
+            raise ValueError(f"{name} must be a positive multiple of {VAE_DOWNSCALE} pixels, got {value}")
+
+
+def empty_latent(width: int, height: int, batch_size: int = 1) -> dict:
+    """An all-zero LATENT of the given pixel size (ComfyUI `EmptyLatentImage`)."""
+    check_image_size(width, height)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    return {"samples": torch.zeros(batch_size, 4, height // VAE_DOWNSCALE, width // VAE_DOWNSCALE)}
+
+
+def encode_base_conditioning(model: SDXLModel, text_g: str, text_l: str | None = None, *, width: int = 1024,
+                             height: int = 1024, crop_top: int = 0, crop_left: int = 0,
+                             target_width: int | None = None, target_height: int | None = None,
+                             empty_prompt: str = "encode") -> list:
+    """Base CONDITIONING: [CLIP-L | bigG] penultimate context, bigG pooled, and the size micro-conditioning
+    (ComfyUI `CLIPTextEncodeSDXL`; `text_l` defaults to `text_g`)."""
+    _require_stage(model, "base", "encode a base prompt")
+    context, pooled = encode_base_prompt(model.clip_l, model.clip_g, text_l if text_l is not None else text_g,
+                                         text_g, tokenizer=model.tokenizer, empty_prompt=empty_prompt)
+    micro = BaseMicroConditioning(original_size=(height, width), crop_top_left=(crop_top, crop_left),
+                                  target_size=(target_height or height, target_width or width))
+    return make_base_conditioning(context, pooled, micro)
+
+
+def encode_refiner_conditioning(model: SDXLModel, text: str, *, width: int = 1024, height: int = 1024,
+                                crop_top: int = 0, crop_left: int = 0,
+                                aesthetic_score: float = DEFAULT_POSITIVE_AESTHETIC_SCORE,
+                                empty_prompt: str = "encode") -> list:
+    """Refiner CONDITIONING: bigG penultimate context, bigG pooled, size and aesthetic score (ComfyUI
+    `CLIPTextEncodeSDXLRefiner`)."""
+    _require_stage(model, "refiner", "encode a refiner prompt")
+    context, pooled = encode_refiner_prompt(model.clip_g, text, tokenizer=model.tokenizer, empty_prompt=empty_prompt)
+    micro = RefinerMicroConditioning(original_size=(height, width), crop_top_left=(crop_top, crop_left),
+                                     aesthetic_score=aesthetic_score)
+    return make_refiner_conditioning(context, pooled, micro)
+
+
+def validate_conditioning_for(model: SDXLModel, conditioning: list, role: str = "positive") -> None:
+    """Raise ConditioningMismatch, in a sentence, unless a CONDITIONING was made for this model's stage."""
+    check_conditioning_for(model.config, conditioning, role)
+
+
+def _require_stage(model: SDXLModel, kind: str, action: str) -> None:
+    if model.kind != kind:
+        raise ConditioningMismatch(f"cannot {action} with the {model.kind} model: it needs the SDXL {kind}")
+
+
+def _branch(model: SDXLModel, conditioning: list, role: str, latent_hw: tuple[int, int],
+            device: torch.device) -> dict[str, torch.Tensor]:
+    """The UNet inputs (context, y) for one side of guidance."""
+    check_conditioning_for(model.config, conditioning, role)
+    if len(conditioning) != 1:
+        # ComfyUI averages several entries (ConditioningCombine); this sampler does not, and says so.
+        raise ConditioningMismatch(
+            f"the {role} conditioning holds {len(conditioning)} entries; the SDXL two-stage sampler takes one "
+            "(join prompts with ConditioningConcat, or use ComfyUI's KSampler for combined conditioning)")
+    context, options = conditioning[0]
+    scalars = micro_conditioning_scalars(model.config, options, latent_hw, negative=role == "negative")
+    y = adm_vector(options["pooled_output"].float(), scalars)
+    return {"context": context.to(device), "y": y.to(device)}
+
+
+def _unet_device_dtype(model: SDXLModel) -> tuple[torch.device, torch.dtype]:
+    parameter = next(model.unet.parameters())
+    return parameter.device, parameter.dtype
+
+
+def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list, *, seed: int, steps: int,
+                  cfg: float, sampler: str, scheduler: str, start_step: int = 0, end_step: int | None = None,
+                  add_noise: bool = True, return_with_leftover_noise: bool = False, denoise: float = 1.0,
+                  sigmas: torch.Tensor | None = None, callback: StepCallback | None = None,
+                  cancel: Cancel | None = None) -> dict:
+    """Run one stage over steps [start_step, end_step) of an N-step grid, with ComfyUI KSamplerAdvanced semantics
+    (`add_noise`, `return_with_leftover_noise`) and KSampler's `denoise` strength for img2img.
+
+    `sigmas` replaces the scheduler's grid (ComfyUI SamplerCustom's SIGMAS input); the step range still applies.
+    """
+    samples = _check_latent(latent, model)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive whole number, got {steps!r}")
+    if end_step is not None and start_step >= end_step:
+        raise ValueError(f"start step {start_step} must come before end step {end_step} (of {steps} steps)")
+    if not 0.0 <= denoise <= 1.0:
+        raise ValueError(f"denoise must lie in [0, 1], got {denoise}")
+    schedule = eps_schedule()
+    if sigmas is None:
+        sigmas = ksampler_sigmas(schedule, scheduler, sampler, steps, denoise)
+    sigmas = sigmas_for_range(sigmas, start_step, end_step, leftover_noise=return_with_leftover_noise)
+    if len(sigmas) < 2:
+        return {**latent, "samples": samples.clone()}
+
+    device, _ = _unet_device_dtype(model)
+    noise = prepare_noise(samples, seed, latent.get("batch_index")) if add_noise else torch.zeros_like(samples)
+    scale = model.config.vae.scale_factor
+    x = noise_scaling(sigmas[0], noise.to(device), samples.to(device) * scale,
+                      is_max_denoise(sigmas, schedule.sigma_max))
+    x = denoise_from(model, x, sigmas, positive, negative, cfg=cfg, sampler=sampler, seed=seed, callback=callback,
+                     cancel=cancel)
+    out = (x / scale).float().cpu()
+    if not torch.isfinite(out).all():
+        raise FloatingPointError(f"the {model.kind} sampler produced non-finite latents; run the UNet in bf16 or fp32")
+    return {**latent, "samples": out}
+
+
+def denoise_from(model: SDXLModel, x: torch.Tensor, sigmas: torch.Tensor, positive: list, negative: list, *,
+                 cfg: float, sampler: str, seed: int | None = None, callback: StepCallback | None = None,
+                 cancel: Cancel | None = None) -> torch.Tensor:
+    """Integrate from a noised latent `x` (model scale, at sigmas[0]) down the grid `sigmas` with guided UNet calls;
+    the core of `sample_latent`, exposed for callers that prepare their own start (e.g. diffusers parity)."""
+    device, dtype = _unet_device_dtype(model)
+    latent_hw = tuple(x.shape[-2:])
+    cond = _branch(model, positive, "positive", latent_hw, device)
+    uncond = _branch(model, negative, "negative", latent_hw, device)
+    denoiser = CFGDenoiser(EpsDenoiser(_UNetEps(model.unet), eps_schedule(), dtype=dtype), cond, uncond, cfg)
+    run = get_sampler(sampler)
+    stochastic = {"seed": seed} if sampler in STOCHASTIC_SAMPLERS else {}
+    with torch.inference_mode():
+        return run(denoiser, x.to(device), sigmas.to(device), callback=callback, cancel=cancel, **stochastic)
+
+
+class _UNetEps:
+    """The UNet as the `model(x_in, t, context=, y=) -> eps` callable EpsDenoiser wraps."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+
+    def __call__(self, x_in: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, y: torch.Tensor):
+        return self.unet(x_in, t, context, y)
+
+
+def _check_latent(latent: dict, model: SDXLModel) -> torch.Tensor:
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise ValueError("expected a LATENT dict with a 'samples' tensor")
+    if "noise_mask" in latent:
+        raise ValueError("this latent carries an inpainting noise_mask, which the SDXL two-stage sampler does not "
+                         "apply; use ComfyUI's KSampler for inpainting")
+    samples = latent["samples"]
+    channels = model.config.unet.in_channels
+    if samples.ndim != 4 or samples.shape[1] != channels:
+        raise ValueError(f"expected SDXL latents of shape [batch, {channels}, height/8, width/8], "
+                         f"got {tuple(samples.shape)}")
+    if not torch.isfinite(samples).all():
+        raise ValueError("the input latent contains NaN or infinite values")
+    return samples
+
+
+def decode(vae: AutoencoderKL | SDXLModel, latent: dict, *, tiled: bool | None = None) -> torch.Tensor:
+    """LATENT → IMAGE ([B, H, W, 3] float32 in 0..1 on the CPU), with the NaN guard and tiled fallback."""
+    vae = vae.vae if isinstance(vae, SDXLModel) else vae
+    return images_to_comfy(decode_latents(vae, latent["samples"], tiled=tiled))
+
+
+def encode(vae: AutoencoderKL | SDXLModel, image: torch.Tensor, *, tiled: bool | None = None,
+           seed: int | None = None) -> dict:
+    """IMAGE → LATENT (unscaled, sampled from the posterior as sgm, ComfyUI and diffusers do)."""
+    vae = vae.vae if isinstance(vae, SDXLModel) else vae
+    if image.ndim != 4 or image.shape[-1] < 3:
+        raise ValueError(f"expected an IMAGE [batch, height, width, 3], got {tuple(image.shape)}")
+    height, width = image.shape[1:3]
+    if height % VAE_DOWNSCALE or width % VAE_DOWNSCALE:
+        raise ValueError(f"image sides must be multiples of {VAE_DOWNSCALE} pixels to encode, got {width}x{height}")
+    generator = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+    latents = encode_images(vae, comfy_to_images(image[..., :3]), tiled=tiled, generator=generator)
+    return {"samples": latents.float().cpu()}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one text-to-image run needs; sizes in pixels, (height, width) pairs as in sgm."""
+
+    prompt: str
+    negative: str = ""
+    prompt_l: str | None = None
+    width: int = 1024
+    height: int = 1024
+    original_size: tuple[int, int] | None = None  # (h, w); None = output size
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None  # (h, w); None = output size
+    aesthetic_score: float = DEFAULT_POSITIVE_AESTHETIC_SCORE
+    negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
+    steps: int = 25
+    refiner_start: int = 20  # the refiner runs steps [refiner_start, steps); ignored without a refiner
+    cfg: float = 8.0
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    seed: int = 0
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        check_image_size(self.width, self.height)
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if not 0 < self.refiner_start <= self.steps:
+            raise ValueError(f"the refiner start step must lie in 1..{self.steps} (the total steps), "
+                             f"got {self.refiner_start}")
+        get_sampler(self.sampler)
+        from .schedules import SCHEDULERS
+
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; expected one of {sorted(SCHEDULERS)}")
+
+    def parameters(self) -> dict:
+        """The settings as plain values, for the PNG text chunk."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # [B, H, W, 3] float32 in 0..1
+    latent: dict
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Defaults:
+    """Defaults of the command line: ComfyUI's SDXL example workflow for full-size models, and a small, fast run
+    for the tiny demo models."""
+
+    full: dict = field(default_factory=lambda: {"width": 1024, "height": 1024, "steps": 25, "cfg": 8.0,
+                                                "sampler": "euler", "scheduler": "normal"})
+    demo: dict = field(default_factory=lambda: {"width": 256, "height": 256, "steps": 10, "cfg": 5.0,
+                                                "sampler": "euler", "scheduler": "normal"})
+
+
+DEFAULTS = _Defaults()
+
+
+def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequest, *,
+             on_step: Callable[[str], None] | None = None, cancel: Cancel | None = None,
+             empty_prompt: str = "encode") -> GenerationResult:
+    """Text to image: the base runs steps [0, K) and hands its latent, noise left in, to the refiner for [K, N)
+    (ComfyUI's KSamplerAdvanced pair; diffusers `denoising_end`/`denoising_start`); without a refiner the base runs
+    all N steps."""
+    _require_stage(base, "base", "generate")
+    if refiner is not None:
+        _require_stage(refiner, "refiner", "refine")
+    height, width = request.height, request.width
+    original = request.original_size or (height, width)
+    target = request.target_size or (height, width)
+    crop_top, crop_left = request.crop_top_left
+    positive = encode_base_conditioning(base, request.prompt, request.prompt_l, width=original[1],
+                                        height=original[0], crop_top=crop_top, crop_left=crop_left,
+                                        target_width=target[1], target_height=target[0], empty_prompt=empty_prompt)
+    negative = encode_base_conditioning(base, request.negative, None, width=original[1], height=original[0],
+                                        crop_top=crop_top, crop_left=crop_left, target_width=target[1],
+                                        target_height=target[0], empty_prompt=empty_prompt)
+    latent = empty_latent(width, height, request.batch_size)
+    base_end = request.refiner_start if refiner is not None and request.refiner_start < request.steps else None
+
+    def step_reporter(stage: str) -> StepCallback | None:
+        return None if on_step is None else (lambda _info: on_step(stage))
+
+    settings = dict(seed=request.seed, steps=request.steps, cfg=request.cfg, sampler=request.sampler,
+                    scheduler=request.scheduler, cancel=cancel)
+    latent = sample_latent(base, latent, positive, negative, end_step=base_end,
+                           return_with_leftover_noise=base_end is not None, callback=step_reporter("base"),
+                           **settings)
+    if base_end is not None:
+        # The refiner was trained at (h, w) = output size; its conditioning follows sgm's `apply_refiner`.
+        refiner_positive = encode_refiner_conditioning(refiner, request.prompt, width=original[1],
+                                                       height=original[0], crop_top=crop_top, crop_left=crop_left,
+                                                       aesthetic_score=request.aesthetic_score,
+                                                       empty_prompt=empty_prompt)
+        refiner_negative = encode_refiner_conditioning(refiner, request.negative, width=original[1],
+                                                       height=original[0], crop_top=crop_top, crop_left=crop_left,
+                                                       aesthetic_score=request.negative_aesthetic_score,
+                                                       empty_prompt=empty_prompt)
+        latent = sample_latent(refiner, latent, refiner_positive, refiner_negative, start_step=base_end,
+                               add_noise=False, callback=step_reporter("refiner"), **settings)
+    # Both checkpoints carry the same SDXL VAE; diffusers' refiner example shares the base's too.
+    images = decode(base, latent)
+    return GenerationResult(images=images, latent=latent, parameters=request.parameters())

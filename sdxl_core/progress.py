@@ -1,0 +1,31 @@
+"""A single-line terminal progress bar for the command line (no dependency beyond the standard library)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class ProgressBar:
+    """One bar over the whole run: `advance()` once per UNet step of either stage."""
+
+    def __init__(self, total: int, label: str = "sampling", stream: TextIO | None = None, width: int = 30):
+        self.total = max(total, 1)
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.done = 0
+        self.started = time.perf_counter()
+
+    def advance(self, stage: str | None = None) -> None:
+        self.done = min(self.done + 1, self.total)
+        filled = self.width * self.done // self.total
+        elapsed = time.perf_counter() - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        stage_text = f" [{stage}]" if stage else ""
+        self.stream.write(f"\r{self.label}{stage_text} |{'#' * filled}{'.' * (self.width - filled)}| "
+                          f"{self.done}/{self.total} {rate:.2f} it/s")
+        if self.done == self.total:
+            self.stream.write("\n")
+        self.stream.flush()
