@@ -316,6 +316,9 @@ class UNetModel(nn.Module):
 
         Inputs are cast to the model's dtype; eps is returned in `x`'s dtype.
         """
+        if self.out[2].weight.is_meta:
+            raise RuntimeError("the UNet was built on the meta device and has no weights yet: load a checkpoint with "
+                               "load_state_dict(..., assign=True) or UNetModel.from_state_dict first")
         self._check_inputs(x, timesteps, context, y)
         dtype = self.out[2].weight.dtype
         context = context.to(dtype)

@@ -254,3 +254,9 @@ def test_rejects_mis_shaped_inputs(which, shape, message):
     inputs[which] = torch.zeros(shape)
     with pytest.raises(ValueError, match=message):
         unet(**inputs)
+
+
+def test_meta_model_refuses_to_run():
+    unet = UNetModel(TINY_REFINER_UNET, device="meta")
+    with pytest.raises(RuntimeError, match="meta device"):
+        unet(*random_inputs(TINY_REFINER_UNET, 1, 8, 8)[:4])
