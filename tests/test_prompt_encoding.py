@@ -1,0 +1,241 @@
+import json
+
+import pytest
+import torch
+
+from sdxl_core.config import TINY_CLIP_G, TINY_CLIP_L
+from sdxl_core.prompt_encoding import (encode_base_prompt, encode_refiner_prompt, encode_weighted_tokens,
+                                       tokenize_weighted)
+from sdxl_core.text_encoders import TextEncoder
+from sdxl_core.tokenizer import BOS_TOKEN_ID as BOS
+from sdxl_core.tokenizer import EOS_TOKEN_ID as EOS
+from sdxl_core.tokenizer import SDXLTokenizer, clip_vocabulary
+
+CAT = 2368  # "cat</w>"
+TOK = SDXLTokenizer()
+
+
+def _randomized(config, seed) -> TextEncoder:
+    torch.manual_seed(seed)
+    encoder = TextEncoder(config)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.normal_(0, 0.2)
+    return encoder
+
+
+@pytest.fixture(scope="module")
+def clip_l():
+    return _randomized(TINY_CLIP_L, 1)
+
+
+@pytest.fixture(scope="module")
+def clip_g():
+    return _randomized(TINY_CLIP_G, 2)
+
+
+# --- chunking (ComfyUI SDTokenizer.tokenize_with_weights) -----------------------------------------------------------
+
+def test_short_prompt_is_one_padded_chunk():
+    for tokenizer, pad in ((TOK.clip_l, EOS), (TOK.clip_g, 0)):
+        chunks = tokenize_weighted(tokenizer, "a photo of a cat")
+        assert chunks.tokens.tolist() == [[BOS, 320, 1125, 539, 320, 2368, EOS] + [pad] * 70]
+        assert torch.equal(chunks.weights, torch.ones(1, 77))
+    assert tokenize_weighted(TOK.clip_g, "").tokens.tolist() == [TOK.clip_g.empty_chunk()]
+
+
+def test_75_tokens_fill_one_chunk_76_need_two():
+    assert tokenize_weighted(TOK.clip_l, "cat " * 75).tokens.tolist() == [[BOS] + [CAT] * 75 + [EOS]]
+    two = tokenize_weighted(TOK.clip_l, "cat " * 76).tokens.tolist()
+    assert two == [[BOS] + [CAT] * 75 + [EOS], [BOS, CAT, EOS] + [EOS] * 74]
+
+
+def test_short_group_moves_whole_to_next_chunk():
+    red_car = TOK.clip_g.encode("red sports car")
+    assert len(red_car) == 3
+    chunks = tokenize_weighted(TOK.clip_g, "cat " * 74 + "(red sports car:1.3)")
+    assert chunks.tokens.tolist() == [[BOS] + [CAT] * 74 + [EOS, 0],
+                                      [BOS] + red_car + [EOS] + [0] * 72]
+    assert chunks.weights[0].tolist() == [1.0] * 77
+    assert chunks.weights[1, 1:4].tolist() == pytest.approx([1.3] * 3)
+    assert chunks.weights[1, 4:].tolist() == [1.0] * 73
+
+
+def test_group_of_eight_or_more_tokens_is_split():
+    house = TOK.clip_l.encode("a red sports car parked near the old house")
+    assert len(house) == 9
+    chunks = tokenize_weighted(TOK.clip_l, "cat " * 70 + "(a red sports car parked near the old house:1.3)")
+    assert chunks.tokens.tolist() == [[BOS] + [CAT] * 70 + house[:5] + [EOS],
+                                      [BOS] + house[5:] + [EOS] + [EOS] * 71]
+    expected_weights = torch.ones(2, 77)
+    expected_weights[0, 71:76] = 1.3
+    expected_weights[1, 1:5] = 1.3
+    torch.testing.assert_close(chunks.weights, expected_weights, rtol=0, atol=0)
+
+
+# --- weighting and concatenation (ComfyUI encode_token_weights) ----------------------------------------------------
+
+def test_weighted_long_prompt_hand_computed(clip_g):
+    prompt = "cat " * 70 + "(a red sports car parked near the old house:1.3), (blue:0.5) sky"
+    chunks = tokenize_weighted(TOK.clip_g, prompt)
+    assert chunks.num_chunks == 2
+    context, pooled = encode_weighted_tokens(clip_g, TOK.clip_g, chunks)
+    assert context.shape == (1, 154, TINY_CLIP_G.hidden_size) and context.dtype == torch.float32
+
+    with torch.no_grad():
+        raw, raw_pooled = clip_g(chunks.tokens)
+        empty, _ = clip_g(torch.tensor([TOK.clip_g.empty_chunk()]))
+    weighted_positions = []
+    for k in range(2):
+        for j in range(77):
+            w = float(chunks.weights[k, j])
+            got = context[0, 77 * k + j]
+            if w == 1.0:
+                torch.testing.assert_close(got, raw[k, j], rtol=0, atol=1e-6)
+            else:
+                weighted_positions.append((k, j, round(w, 6)))
+                torch.testing.assert_close(got, (raw[k, j] - empty[0, j]) * w + empty[0, j], rtol=0, atol=1e-6)
+                assert not torch.allclose(got, raw[k, j])
+    blue = TOK.clip_g.encode("blue")
+    assert len(blue) == 1
+    assert weighted_positions == ([(0, j, 1.3) for j in range(71, 76)] + [(1, j, 1.3) for j in range(1, 5)]
+                                  + [(1, 6, 0.5)])  # after ", " (token 5) comes "blue"
+    assert chunks.tokens[1, 6] == blue[0]
+    # Pooled comes from the first chunk only, unweighted.
+    torch.testing.assert_close(pooled, raw_pooled[:1], rtol=0, atol=1e-6)
+
+
+def test_unweighted_prompt_skips_the_empty_reference(clip_g):
+    calls = []
+    handle = clip_g.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        encode_weighted_tokens(clip_g, TOK.clip_g, tokenize_weighted(TOK.clip_g, "cat " * 80))
+        encode_weighted_tokens(clip_g, TOK.clip_g, tokenize_weighted(TOK.clip_g, "(cat) " * 80))
+    finally:
+        handle.remove()
+    assert calls == [2, 3]  # two chunks; two chunks + the empty prompt
+
+
+def test_base_prompt_pads_the_shorter_token_list(clip_l, clip_g):
+    context, pooled = encode_base_prompt(clip_l, clip_g, "cat " * 100, "a photo of a cat")
+    assert context.shape == (1, 154, 96) and pooled.shape == (1, 1280)
+    with torch.no_grad():
+        g_second, _ = clip_g(torch.tensor([TOK.clip_g.empty_chunk()]))
+        l_all, _ = clip_l(tokenize_weighted(TOK.clip_l, "cat " * 100).tokens)
+        _, g_pooled = clip_g(tokenize_weighted(TOK.clip_g, "a photo of a cat").tokens)
+    # (Batches of different sizes may round differently in the last bit.)
+    torch.testing.assert_close(context[0, 77:, 32:], g_second[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(context[0, :, :32], l_all.reshape(154, 32), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, g_pooled, rtol=0, atol=1e-6)
+
+
+def test_empty_prompt_modes(clip_l, clip_g):
+    encoded, encoded_pooled = encode_base_prompt(clip_l, clip_g, "")
+    assert encoded.abs().sum() > 0 and encoded_pooled.abs().sum() > 0
+    zeros, zero_pooled = encode_base_prompt(clip_l, clip_g, " ", "", empty_prompt="zeros")
+    assert zeros.shape == (1, 77, 96) and zero_pooled.shape == (1, 1280)
+    assert not zeros.any() and not zero_pooled.any()
+    refiner, refiner_pooled = encode_refiner_prompt(clip_g, "", empty_prompt="zeros")
+    assert refiner.shape == (1, 77, 64) and not refiner.any() and not refiner_pooled.any()
+    # Only blank prompts are zeroed.
+    kept, _ = encode_base_prompt(clip_l, clip_g, "", "a cat", empty_prompt="zeros")
+    assert kept.any()
+    with pytest.raises(ValueError, match="empty_prompt"):
+        encode_base_prompt(clip_l, clip_g, "", empty_prompt="none")
+
+
+def test_wrong_encoders_are_rejected(clip_l, clip_g):
+    with pytest.raises(ValueError, match="clip_l must be the CLIP-L"):
+        encode_base_prompt(clip_g, clip_g, "a cat")
+    with pytest.raises(ValueError, match="clip_g must be the bigG"):
+        encode_refiner_prompt(clip_l, "a cat")
+    with pytest.raises(TypeError, match="TextEncoder"):
+        encode_refiner_prompt(clip_g.hf_model, "a cat")
+
+
+# --- parity with diffusers StableDiffusionXL(Img2Img)Pipeline.encode_prompt -----------------------------------------
+
+@pytest.fixture(scope="module")
+def diffusers_tokenizers(tmp_path_factory):
+    from transformers import CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("clip_tokenizer")
+    vocab, merges = clip_vocabulary()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    # As the SDXL hub repo configures them: tokenizer pads with <|endoftext|>, tokenizer_2 with "!".
+    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True, model_max_length=77)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(folder, local_files_only=True, model_max_length=77, pad_token="!")
+    return tokenizer, tokenizer_2
+
+
+@pytest.fixture(scope="module")
+def diffusers_base(clip_l, clip_g, diffusers_tokenizers):
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer, tokenizer_2 = diffusers_tokenizers
+    return StableDiffusionXLPipeline(vae=None, text_encoder=clip_l.hf_model, text_encoder_2=clip_g.hf_model,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=None, scheduler=None,
+                                     add_watermarker=False)
+
+
+def _diffusers_encode(pipe, prompt, prompt_2=None, negative=None):
+    with torch.no_grad():
+        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompt, prompt_2, device=torch.device("cpu"), do_classifier_free_guidance=True,
+            negative_prompt=negative)
+    return embeds, pooled, negative_embeds, negative_pooled
+
+
+@pytest.mark.parametrize("text_l, text_g", [
+    ("a photo of a cat", None),
+    ("An astronaut riding a green horse, highly detailed, 8k, trending on artstation", None),
+    ("watercolor painting", "a lighthouse on a cliff at dusk, dramatic clouds"),
+    ("cat " * 75, "dog"),
+])
+def test_base_matches_diffusers_encode_prompt(clip_l, clip_g, diffusers_base, text_l, text_g):
+    embeds, pooled, _, _ = _diffusers_encode(diffusers_base, text_l, text_g)
+    context, our_pooled = encode_base_prompt(clip_l, clip_g, text_l, text_g)
+    assert context.shape == embeds.shape == (1, 77, 96)
+    assert (context - embeds).abs().max() <= 1e-6
+    assert (our_pooled - pooled).abs().max() <= 1e-6
+
+
+def test_empty_negative_matches_diffusers_in_both_modes(clip_l, clip_g, diffusers_base):
+    _, _, negative_none, negative_none_pooled = _diffusers_encode(diffusers_base, "a cat", negative=None)
+    _, _, negative_empty, negative_empty_pooled = _diffusers_encode(diffusers_base, "a cat", negative="")
+    zeros, zero_pooled = encode_base_prompt(clip_l, clip_g, "", empty_prompt="zeros")
+    encoded, encoded_pooled = encode_base_prompt(clip_l, clip_g, "", empty_prompt="encode")
+    assert torch.equal(zeros, negative_none) and torch.equal(zero_pooled, negative_none_pooled)
+    assert (encoded - negative_empty).abs().max() <= 1e-6
+    assert (encoded_pooled - negative_empty_pooled).abs().max() <= 1e-6
+
+
+def test_exclamation_mark_is_the_only_difference_from_diffusers(clip_l, clip_g, diffusers_base):
+    prompt = "wow! a cat"
+    embeds, pooled, _, _ = _diffusers_encode(diffusers_base, prompt)
+    context, our_pooled = encode_base_prompt(clip_l, clip_g, prompt)
+    assert (context[..., :32] - embeds[..., :32]).abs().max() <= 1e-6  # CLIP-L: "!" is 256 in both
+    assert (context[..., 32:] - embeds[..., 32:]).abs().max() > 1e-3  # bigG: diffusers' tokenizer_2 makes it 0
+    tokens = tokenize_weighted(TOK.clip_g, prompt).tokens
+    assert (tokens == 256).sum() == 1
+    with torch.no_grad():
+        quirk_hidden, quirk_pooled = clip_g(torch.where(tokens == 256, 0, tokens))
+    assert (quirk_hidden - embeds[..., 32:]).abs().max() <= 1e-6
+    assert (quirk_pooled - pooled).abs().max() <= 1e-6
+    assert (our_pooled - pooled).abs().max() > 1e-3
+
+
+def test_refiner_matches_diffusers_img2img_encode_prompt(clip_g, diffusers_tokenizers):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    pipe = StableDiffusionXLImg2ImgPipeline(vae=None, text_encoder=None, text_encoder_2=clip_g.hf_model,
+                                            tokenizer=None, tokenizer_2=diffusers_tokenizers[1], unet=None,
+                                            scheduler=None, requires_aesthetics_score=True,
+                                            force_zeros_for_empty_prompt=False, add_watermarker=False)
+    embeds, pooled, negative, negative_pooled = _diffusers_encode(pipe, "a lighthouse at dusk", negative="")
+    context, our_pooled = encode_refiner_prompt(clip_g, "a lighthouse at dusk")
+    assert context.shape == embeds.shape == (1, 77, 64)
+    assert (context - embeds).abs().max() <= 1e-6 and (our_pooled - pooled).abs().max() <= 1e-6
+    empty, empty_pooled = encode_refiner_prompt(clip_g, "")
+    assert (empty - negative).abs().max() <= 1e-6 and (empty_pooled - negative_pooled).abs().max() <= 1e-6
