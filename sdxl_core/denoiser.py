@@ -36,7 +36,8 @@ class EpsDenoiser:
             cond = {k: v.to(self.dtype) if torch.is_floating_point(v) else v for k, v in cond.items()}
         eps = self.model(x_in, t, **cond)
         if eps.shape != x.shape:
-            raise ValueError(f"the model returned eps of shape {tuple(eps.shape)} for an input of shape {tuple(x.shape)}")
+            raise ValueError(f"the model returned eps of shape {tuple(eps.shape)} for an input of shape "
+                             f"{tuple(x.shape)}")
         return x - eps.float() * sigma_b if self.dtype is not None else x - eps * sigma_b
 
 

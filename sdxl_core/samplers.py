@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .noise import BrownianNoiseSampler, GaussianNoiseSampler, NoiseSampler
+from .noise import BrownianNoiseSampler, GaussianNoiseSampler, NoiseSampler, is_max_denoise, noise_scaling
 
 Denoiser = Callable[..., torch.Tensor]
 Callback = Callable[[dict], None]
@@ -222,7 +222,8 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, noi
         h = lambda_t - lambda_s
         lambda_s_1 = lambda_s + r * h
         sigma_s_1 = (-lambda_s_1).exp()
-        alpha_s, alpha_s_1, alpha_t = sigmas[i] * lambda_s.exp(), sigma_s_1 * lambda_s_1.exp(), sigmas[i + 1] * lambda_t.exp()
+        alpha_s, alpha_t = sigmas[i] * lambda_s.exp(), sigmas[i + 1] * lambda_t.exp()
+        alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
 
         sd, su = _ancestral_step((-lambda_s).exp(), (-lambda_s_1).exp(), eta)
         h_ = -sd.log() - lambda_s
@@ -301,3 +302,31 @@ def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
     return SAMPLERS[name]
+
+
+def run_sampler(
+    name: str,
+    denoiser: Denoiser,
+    latent: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    sigma_max: torch.Tensor | float,
+    seed: int | None = None,
+    extra_args: dict | None = None,
+    callback: Callback | None = None,
+    cancel: Cancel | None = None,
+) -> torch.Tensor:
+    """One KSampler run on an eps model (ComfyUI `KSAMPLER.sample`): the noise is scaled onto the latent at
+    sigmas[0] (`noise.noise_scaling`, pure noise when sigmas[0] is the schedule's sigma_max), then the sampler runs;
+    an empty grid returns the latent unchanged. `seed` is the KSampler seed, which ComfyUI also hands to the
+    stochastic samplers' noise; `latent` is in the model's (scaled) latent space."""
+    sampler = get_sampler(name)
+    if noise.shape != latent.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} differs from latent shape {tuple(latent.shape)}")
+    if sigmas.numel() == 0:
+        return latent
+    noise = noise.to(device=latent.device)
+    sigmas = sigmas.to(device=latent.device)
+    x = noise_scaling(sigmas[0], noise, latent, is_max_denoise(sigmas, sigma_max))
+    return sampler(denoiser, x, sigmas, extra_args=extra_args, callback=callback, cancel=cancel, seed=seed)

@@ -53,7 +53,7 @@ class DiscreteEpsSchedule:
         return distances.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
 
     def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
-        """Sigma at a possibly fractional timestep, interpolated in log sigma (ComfyUI `ModelSamplingDiscrete.sigma`)."""
+        """Sigma at a fractional timestep, interpolated in log sigma (ComfyUI `ModelSamplingDiscrete.sigma`)."""
         timestep = torch.as_tensor(timestep)
         t = torch.clamp(timestep.float().to(self.log_sigmas.device), min=0, max=self.num_timesteps - 1)
         low, high = t.floor().long(), t.ceil().long()
@@ -165,7 +165,8 @@ def beta_sigmas(schedule: DiscreteEpsSchedule, steps: int, alpha: float = 0.6, b
 
 
 def beta_ppf(q: float, a: float, b: float) -> float:
-    """Inverse of the regularized incomplete beta function I_x(a, b), by bisection (scipy `beta.ppf` without scipy)."""
+    """Inverse of the regularized incomplete beta function I_x(a, b): Newton's method kept inside a bisection
+    bracket (scipy `beta.ppf` without scipy)."""
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"quantile must lie in [0, 1], got {q}")
     if a <= 0 or b <= 0:
@@ -173,16 +174,24 @@ def beta_ppf(q: float, a: float, b: float) -> float:
     if q == 0.0 or q == 1.0:
         return q
     if a == b and q == 0.5:
-        return 0.5  # the median of a symmetric beta; bisection could land one ulp below it and flip a rounding
-    lo, hi = 0.0, 1.0
-    while True:
-        mid = 0.5 * (lo + hi)
-        if mid <= lo or mid >= hi:
-            return mid
-        if regularized_incomplete_beta(mid, a, b) < q:
-            lo = mid
+        return 0.5  # the median of a symmetric beta; an iterate one ulp below it would flip a later rounding
+    log_norm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    lo, hi, x = 0.0, 1.0, 0.5
+    for _ in range(200):
+        error = regularized_incomplete_beta(x, a, b) - q
+        if error == 0.0:
+            return x
+        if error < 0:
+            lo = x
         else:
-            hi = mid
+            hi = x
+        density = math.exp(log_norm + (a - 1) * math.log(x) + (b - 1) * math.log1p(-x))
+        newton = x - error / density
+        x_next = newton if lo < newton < hi else 0.5 * (lo + hi)
+        if x_next == x or hi - lo <= 2 * math.ulp(x):
+            return x_next
+        x = x_next
+    raise ArithmeticError(f"beta quantile did not converge for q={q}, a={a}, b={b}")
 
 
 def regularized_incomplete_beta(x: float, a: float, b: float) -> float:

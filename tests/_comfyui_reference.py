@@ -28,34 +28,52 @@ requires_comfyui = pytest.mark.skipif(
 )
 
 
-def _stub(name: str, **attrs) -> None:
-    if name in sys.modules:
-        return
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    sys.modules[name] = module
-
-
-def _install_stubs() -> None:
+def _stubs() -> dict[str, types.ModuleType]:
     class _NoBrownianTree:
         def __init__(self, *args, **kwargs):
             raise RuntimeError("torchsde is not installed; the Brownian-tree samplers cannot run the reference")
 
-    _stub("torchsde", BrownianTree=_NoBrownianTree)
-    _stub("comfy.model_patcher")
-    _stub("comfy.ldm.util", instantiate_from_config=None)
-    _stub("comfy.ops")
+    stubs = {
+        "torchsde": {"BrownianTree": _NoBrownianTree},
+        "comfy.model_patcher": {},
+        "comfy.ldm.util": {"instantiate_from_config": None},
+        "comfy.ops": {},
+    }
+    modules = {}
+    for name, attrs in stubs.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        modules[name] = module
+    return modules
+
+
+_LOADED: types.SimpleNamespace | None = None
 
 
 def load_modules() -> types.SimpleNamespace:
-    """ComfyUI's k-diffusion sampling module and model_sampling module."""
-    if COMFYUI_PATH not in sys.path:
-        sys.path.insert(0, COMFYUI_PATH)
-    _install_stubs()
-    import comfy.k_diffusion.sampling as sampling  # noqa: PLC0415 (import only when a checkout is configured)
-    import comfy.model_sampling as model_sampling  # noqa: PLC0415
+    """ComfyUI's k-diffusion sampling module and model_sampling module.
 
-    return types.SimpleNamespace(sampling=sampling, model_sampling=model_sampling)
+    The checkout and the stand-ins are visible only while importing: afterwards sys.path is restored and the
+    `comfy` modules and stand-ins leave sys.modules, so other tests (and libraries probing for torchsde) never
+    see a partial ComfyUI. Third-party modules imported on the way (scipy, tqdm) stay, as re-importing them
+    is not safe.
+    """
+    global _LOADED
+    if _LOADED is None:
+        saved_path, saved_modules = list(sys.path), set(sys.modules)
+        sys.path.insert(0, COMFYUI_PATH)
+        stubs = _stubs()
+        sys.modules.update({k: v for k, v in stubs.items() if k not in sys.modules})
+        try:
+            import comfy.k_diffusion.sampling as sampling  # noqa: PLC0415 (only with a configured checkout)
+            import comfy.model_sampling as model_sampling  # noqa: PLC0415
+        finally:
+            sys.path[:] = saved_path
+            for name in set(sys.modules) - saved_modules:
+                if name == "comfy" or name.startswith("comfy.") or name in stubs:
+                    del sys.modules[name]
+        _LOADED = types.SimpleNamespace(sampling=sampling, model_sampling=model_sampling)
+    return _LOADED
 
 
 def lift(relative_path: str, *names: str, namespace: dict | None = None) -> dict:

@@ -55,7 +55,7 @@ def test_compute_dtype_casts_inputs_and_returns_float32():
     x0 = denoiser(x, torch.tensor([1.0]), context=torch.ones(1, 77, 8), y=torch.ones(1, 16),
                   mask=torch.ones(1, 3, dtype=torch.long))
     x_in, _, cond = model.calls[0]
-    assert x_in.dtype == torch.bfloat16 and cond["context"].dtype == torch.bfloat16 and cond["y"].dtype == torch.bfloat16
+    assert x_in.dtype == cond["context"].dtype == cond["y"].dtype == torch.bfloat16
     assert cond["mask"].dtype == torch.long
     assert x0.dtype == torch.float32
     assert torch.allclose(x0, torch.full_like(x, 1.0 - 0.25 * 1.0))

@@ -83,7 +83,8 @@ def test_brownian_noise_sampler_is_seeded_and_standard_normal():
         assert torch.equal(na, nb) and na.shape == x.shape and na.dtype == x.dtype
         assert na.mean().item() == pytest.approx(0.0, abs=0.02)
         assert na.std().item() == pytest.approx(1.0, abs=0.02)
-    assert not torch.equal(BrownianNoiseSampler(x, 2)(sigmas[0], sigmas[1]), BrownianNoiseSampler(x, 1)(sigmas[0], sigmas[1]))
+    other_seed = BrownianNoiseSampler(x, 2)(sigmas[0], sigmas[1])
+    assert not torch.equal(other_seed, BrownianNoiseSampler(x, 1)(sigmas[0], sigmas[1]))
     with pytest.raises(ValueError, match="two different sigmas"):
         a(sigmas[0], sigmas[0])
 

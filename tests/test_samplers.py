@@ -9,6 +9,7 @@ from sdxl_core.samplers import (
     STOCHASTIC_SAMPLERS,
     SamplingCancelled,
     get_sampler,
+    run_sampler,
     sample_dpmpp_2m,
     sample_euler,
     sample_euler_ancestral,
@@ -69,7 +70,7 @@ def test_single_heun_step_by_hand():
 
 def test_dpmpp_2m_steps_by_hand():
     sigmas = torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64)
-    outputs = iter([torch.full((1, 1, 1, 1), 0.5, dtype=torch.float64), torch.full((1, 1, 1, 1), 0.2, dtype=torch.float64)])
+    outputs = iter([torch.full((1, 1, 1, 1), v, dtype=torch.float64) for v in (0.5, 0.2)])
     out = sample_dpmpp_2m(lambda x, s: next(outputs), torch.ones(1, 1, 1, 1, dtype=torch.float64), sigmas)
     # Step 1 (first order): x = (2/4) * 1 + (1 - 2/4) * 0.5 = 0.75.
     # Step 2: h = h_last = ln 2, r = 1, D = 1.5 * 0.2 - 0.5 * 0.5 = 0.05; x = 0.5 * 0.75 + 0.5 * 0.05 = 0.4.
@@ -165,6 +166,26 @@ def test_extra_args_reach_the_denoiser():
         seen.clear()
         SAMPLERS[name](denoiser, x, sigmas, extra_args={"context": "ctx"}, seed=1)
         assert seen and all(c == "ctx" for c in seen), name
+
+
+def test_run_sampler_scales_noise_like_comfyui():
+    latent, noise = torch.full((1, 4, 4, 4), 0.5), torch.randn(1, 4, 4, 4)
+    full = SCHEDULERS["normal"](SCHEDULE, 10)
+    starts = []
+    record = lambda info: starts.append(info["x"]) if info["i"] == 0 else None  # noqa: E731
+    run_sampler("euler", gaussian_denoiser, latent, noise, full, sigma_max=SCHEDULE.sigma_max, callback=record)
+    assert torch.allclose(starts[0], noise * (1 + full[0] ** 2) ** 0.5 + latent)  # starts from pure noise
+    run_sampler("euler", gaussian_denoiser, latent, noise, full[4:], sigma_max=SCHEDULE.sigma_max, callback=record)
+    assert torch.equal(starts[1], noise * full[4] + latent)  # img2img / refiner: latent + sigma * noise
+    zeros = torch.zeros_like(noise)  # add_noise=disable: the refiner continues from the base's noisy latent
+    run_sampler("euler", gaussian_denoiser, latent, zeros, full[4:], sigma_max=SCHEDULE.sigma_max, callback=record)
+    assert torch.equal(starts[2], latent)
+    assert run_sampler("euler", gaussian_denoiser, latent, noise, full[:0], sigma_max=SCHEDULE.sigma_max) is latent
+    out = run_sampler("euler_ancestral", gaussian_denoiser, latent, noise, full, sigma_max=SCHEDULE.sigma_max, seed=3)
+    again = run_sampler("euler_ancestral", gaussian_denoiser, latent, noise, full, sigma_max=SCHEDULE.sigma_max, seed=3)
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match="noise shape"):
+        run_sampler("euler", gaussian_denoiser, latent, noise[:, :2], full, sigma_max=SCHEDULE.sigma_max)
 
 
 def _diffusers_config():

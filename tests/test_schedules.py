@@ -13,7 +13,7 @@ from sdxl_core.schedules import (
     scheduler_sigmas,
     sigmas_for_range,
 )
-from tests._comfyui_reference import lift, model_sampling_discrete, requires_comfyui
+from tests._comfyui_reference import lift, load_modules, model_sampling_discrete, requires_comfyui
 
 SCHEDULE = DiscreteEpsSchedule()
 
@@ -125,7 +125,8 @@ def test_ddim_uniform_grid_pinned():
 
 def test_beta_grid_pinned():
     sigmas = SCHEDULERS["beta"](SCHEDULE, 10)
-    expected = [14.614641, 11.542770, 7.371844, 4.372802, 2.615236, 1.618279, 1.027329, 0.654885, 0.395510, 0.199059, 0.0]
+    expected = [14.614641, 11.542770, 7.371844, 4.372802, 2.615236, 1.618279, 1.027329, 0.654885, 0.395510, 0.199059,
+                0.0]
     assert sigmas.tolist() == pytest.approx(expected, abs=2e-6)
 
 
@@ -219,7 +220,8 @@ def test_schedule_and_schedulers_bit_equal_to_comfyui():
     assert torch.equal(reference.sigma(fractional), SCHEDULE.sigma(fractional))
 
     import scipy.stats
-    import comfy.k_diffusion.sampling as k_sampling
+
+    k_sampling = load_modules().sampling
 
     functions = lift("comfy/samplers.py", "simple_scheduler", "ddim_scheduler", "normal_scheduler", "beta_scheduler",
                      namespace={"scipy": scipy})
