@@ -1,0 +1,141 @@
+"""The two-stage pipeline on tiny models: handoff semantics, determinism, validation, cancellation."""
+
+import pytest
+import torch
+
+from sdxl_core.conditioning import ConditioningMismatch
+from sdxl_core.pipeline import (
+    GenerationRequest,
+    decode,
+    empty_latent,
+    encode,
+    encode_base_conditioning,
+    encode_refiner_conditioning,
+    generate,
+    sample_latent,
+)
+from sdxl_core.samplers import SamplingCancelled
+
+SIZE = 64  # pixels: an 8x8 latent keeps every UNet call in milliseconds
+
+
+@pytest.fixture(scope="module")
+def base_conds(tiny_base):
+    positive = encode_base_conditioning(tiny_base, "a red cube", width=SIZE, height=SIZE)
+    negative = encode_base_conditioning(tiny_base, "blurry", width=SIZE, height=SIZE)
+    return positive, negative
+
+
+def _sample(model, latent, conds, **overrides):
+    settings = dict(seed=7, steps=6, cfg=4.0, sampler="euler", scheduler="normal")
+    settings.update(overrides)
+    return sample_latent(model, latent, *conds, **settings)
+
+
+def test_split_run_with_leftover_noise_equals_one_run(tiny_base, base_conds):
+    """KSamplerAdvanced handoff: [0, K) with leftover noise, then [K, N) without added noise == [0, N)."""
+    latent = empty_latent(SIZE, SIZE)
+    whole = _sample(tiny_base, latent, base_conds)
+    first = _sample(tiny_base, latent, base_conds, end_step=4, return_with_leftover_noise=True)
+    second = _sample(tiny_base, first, base_conds, start_step=4, add_noise=False)
+    torch.testing.assert_close(second["samples"], whole["samples"], rtol=1e-5, atol=1e-5)
+    # Without leftover noise the first part is forced to sigma 0 and so differs from the handoff latent.
+    forced = _sample(tiny_base, latent, base_conds, end_step=4)
+    assert not torch.allclose(forced["samples"], first["samples"])
+
+
+def test_same_seed_same_bits_and_other_seed_differs(tiny_base, base_conds):
+    latent = empty_latent(SIZE, SIZE)
+    a = _sample(tiny_base, latent, base_conds, sampler="euler_ancestral")
+    b = _sample(tiny_base, latent, base_conds, sampler="euler_ancestral")
+    c = _sample(tiny_base, latent, base_conds, sampler="euler_ancestral", seed=8)
+    assert torch.equal(a["samples"], b["samples"])
+    assert not torch.equal(a["samples"], c["samples"])
+
+
+def test_start_noise_is_comfyuis_cpu_draw(tiny_base, base_conds, monkeypatch):
+    """The first UNet input is randn(seed) · sqrt(1 + sigma_max²) · c_in, as ComfyUI's KSampler makes it."""
+    seen = {}
+    real_forward = tiny_base.unet.forward
+
+    def spy(x, t, context, y):
+        seen.setdefault("x", x.clone())
+        return real_forward(x, t, context, y)
+
+    monkeypatch.setattr(tiny_base.unet, "forward", spy)
+    _sample(tiny_base, empty_latent(SIZE, SIZE), base_conds, steps=1)
+    torch.manual_seed(7)
+    noise = torch.randn(1, 4, SIZE // 8, SIZE // 8)
+    sigma_max = 14.614641
+    expected = noise * (1 + sigma_max**2) ** 0.5 / (sigma_max**2 + 1) ** 0.5
+    torch.testing.assert_close(seen["x"][:1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_denoise_zero_and_empty_range_return_the_latent_unchanged(tiny_base, base_conds):
+    latent = {"samples": torch.randn(1, 4, 8, 8)}
+    assert torch.equal(_sample(tiny_base, latent, base_conds, denoise=0.0)["samples"], latent["samples"])
+    assert torch.equal(_sample(tiny_base, latent, base_conds, start_step=6)["samples"], latent["samples"])
+    partial = _sample(tiny_base, latent, base_conds, denoise=0.3)
+    assert not torch.equal(partial["samples"], latent["samples"])
+
+
+def test_refiner_conditioning_in_base_sampler_is_a_sentence(tiny_base, tiny_refiner, base_conds):
+    refiner_cond = encode_refiner_conditioning(tiny_refiner, "a red cube", width=SIZE, height=SIZE)
+    with pytest.raises(ConditioningMismatch, match="refiner conditioning wired into the base"):
+        _sample(tiny_base, empty_latent(SIZE, SIZE), (refiner_cond, base_conds[1]))
+    with pytest.raises(ConditioningMismatch, match="base conditioning wired into the refiner"):
+        _sample(tiny_refiner, empty_latent(SIZE, SIZE), (base_conds[0], refiner_cond))
+    with pytest.raises(ConditioningMismatch, match="needs the SDXL base"):
+        encode_base_conditioning(tiny_refiner, "x")
+
+
+def test_bad_latents_and_ranges_are_refused(tiny_base, base_conds):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        empty_latent(100, 64)
+    with pytest.raises(ValueError, match="NaN"):
+        _sample(tiny_base, {"samples": torch.full((1, 4, 8, 8), float("nan"))}, base_conds)
+    with pytest.raises(ValueError, match=r"\[batch, 4"):
+        _sample(tiny_base, {"samples": torch.zeros(1, 16, 8, 8)}, base_conds)
+    with pytest.raises(ValueError, match="must come before"):
+        _sample(tiny_base, empty_latent(SIZE, SIZE), base_conds, start_step=5, end_step=3)
+    with pytest.raises(ValueError, match="refiner start step"):
+        GenerationRequest(prompt="x", steps=10, refiner_start=12)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        GenerationRequest(prompt="x", width=1001)
+
+
+def test_cancel_stops_between_steps(tiny_base, base_conds):
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(SamplingCancelled):
+        _sample(tiny_base, empty_latent(SIZE, SIZE), base_conds, cancel=cancel)
+    assert len(calls) == 3
+
+
+def test_generate_two_stage_reports_each_step_and_decodes(tiny_base, tiny_refiner):
+    stages = []
+    request = GenerationRequest(prompt="a red cube", negative="blurry", width=SIZE, height=SIZE + 16, steps=5,
+                                refiner_start=3, cfg=3.0)
+    result = generate(tiny_base, tiny_refiner, request, on_step=stages.append)
+    assert stages == ["base"] * 3 + ["refiner"] * 2
+    assert result.images.shape == (1, SIZE + 16, SIZE, 3)
+    assert result.images.min() >= 0 and result.images.max() <= 1
+    assert result.parameters["refiner_start"] == 3
+    # The base alone runs all steps.
+    stages.clear()
+    generate(tiny_base, None, request, on_step=stages.append)
+    assert stages == ["base"] * 5
+
+
+def test_vae_round_trip_through_comfy_formats(tiny_base):
+    image = torch.rand(1, SIZE, SIZE, 3)
+    latent = encode(tiny_base, image, seed=0)
+    assert latent["samples"].shape == (1, 4, SIZE // 8, SIZE // 8)
+    decoded = decode(tiny_base, latent)
+    assert decoded.shape == image.shape and decoded.dtype == torch.float32
+    with pytest.raises(ValueError, match="multiples of 8"):
+        encode(tiny_base, torch.rand(1, 60, 64, 3))
