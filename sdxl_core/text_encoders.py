@@ -99,8 +99,11 @@ class TextEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Context hidden states [B, T, hidden] and, for bigG, the projected pooled vector [B, projection_dim]."""
         self._check_tokens(tokens)
-        tokens = tokens.to(device=self.hf_model.get_input_embeddings().weight.device, dtype=torch.long)
-        out = self.hf_model(input_ids=tokens, output_hidden_states=True)
+        device = self.hf_model.get_input_embeddings().weight.device
+        tokens = tokens.to(device=device, dtype=torch.long)
+        # Explicit positions: the model's position_ids buffer is bookkeeping that a meta build leaves empty.
+        positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0)
+        out = self.hf_model(input_ids=tokens, position_ids=positions, output_hidden_states=True)
         hidden = out.hidden_states[self.config.context_layer]
         pooled = out.text_embeds if self.has_projection else None
         return hidden, pooled
@@ -185,10 +188,11 @@ def _load_single_file_layout(module: TextEncoder, state_dict, prefix: str, local
 
 
 def _after_load(module: TextEncoder, incompatible_keys) -> None:
-    # transformers keeps position_ids as a non-persistent buffer: after a meta-device build it is still on meta.
+    # transformers keeps position_ids as a non-persistent buffer, which a meta build (or to_empty) leaves without
+    # values; make it arange so that moving or saving the module never meets a meta or garbage buffer.
     embeddings = module._text_model().embeddings
     weight = embeddings.token_embedding.weight
-    if embeddings.position_ids.is_meta and not weight.is_meta:
+    if not weight.is_meta:
         embeddings.position_ids = torch.arange(module.config.max_position_embeddings,
                                                device=weight.device).unsqueeze(0)
     # Report missing weights under the names the checkpoint should have used.

@@ -86,6 +86,13 @@ def test_meta_build_then_assign_load_runs():
     with torch.no_grad():
         for got, want in zip(encoder(TOKENS), source(TOKENS)):
             assert torch.equal(got, want)
+    # to_empty leaves buffers uninitialised; loading must still give arange positions.
+    empty = TextEncoder(TINY_CLIP_G, device="meta").to_empty(device="cpu")
+    empty.hf_model.text_model.embeddings.position_ids.fill_(5)
+    empty.load_state_dict(state)
+    assert torch.equal(empty.hf_model.text_model.embeddings.position_ids, torch.arange(77)[None])
+    with torch.no_grad():
+        assert torch.equal(empty(TOKENS)[1], source(TOKENS)[1])
 
 
 @pytest.mark.parametrize("position_ids, warns", [
