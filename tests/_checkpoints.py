@@ -22,14 +22,20 @@ from sdxl_core.tokenizer import SDXLTokenizer
 
 
 def tiny_model(config: SDXLConfig, seed: int = 0) -> SDXLModel:
-    """A randomly initialised SDXLModel of `config` on the CPU in float32 (biases and norms randomised too)."""
-    torch.manual_seed(seed)
+    """A random SDXLModel of `config` on the CPU in float32 (biases and norm weights randomised too).
+
+    Built on the meta device and filled by `load_state_dict(assign=True)`: initialising transformers' CLIP models on
+    the CPU costs seconds for nothing.
+    """
+    generator = torch.Generator().manual_seed(seed)
     names = ["unet", "vae", "clip_g"] + (["clip_l"] if config.clip_l is not None else [])
-    modules = {name: build_component(name, config, device="cpu", dtype=torch.float32) for name in names}
-    with torch.no_grad():
-        for module in modules.values():
-            for parameter in module.parameters():
-                parameter.copy_(torch.randn_like(parameter) * 0.05 + (1.0 if parameter.ndim == 1 else 0.0))
+    modules = {}
+    for name in names:
+        module = build_component(name, config)
+        state = {key: torch.randn(tuple(t.shape), generator=generator) * 0.05 + (1.0 if t.ndim == 1 else 0.0)
+                 for key, t in module.state_dict().items()}
+        module.load_state_dict(state, strict=True, assign=True)
+        modules[name] = module.requires_grad_(False).eval()
     return SDXLModel(config=config, unet=modules["unet"], vae=modules["vae"], clip_g=modules["clip_g"],
                      clip_l=modules.get("clip_l"), tokenizer=SDXLTokenizer(), source=None, dtype=torch.float32)
 
@@ -171,3 +177,13 @@ def write_sd2_like(path: Path) -> Path:
         "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024),
     })
+
+
+def single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared, busy CPU the thread hand-offs dominate."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
