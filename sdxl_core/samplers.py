@@ -7,6 +7,15 @@ already noised start (see `noise.noise_scaling`) and `sigmas` a descending grid.
 Stochastic ones take their noise from `noise_sampler(sigma, sigma_next)` or, when none is given, from a sampler
 seeded with `seed`; deterministic samplers accept and ignore both so one call site can drive any of them.
 
+Parity with ComfyUI (tests compare against ComfyUI's own code when COMFYUI_PATH names a checkout):
+- bit-equal: euler, euler_ancestral (its default noise too: ComfyUI's generator seeded with the KSampler seed on
+  x's device), heun, dpm_2, dpmpp_2m, ddim (ComfyUI runs `sample_euler` for it);
+- dpmpp_sde, dpmpp_2m_sde: the update rules are bit-equal given the same noise, but the default noise comes from
+  `noise.BrownianNoiseSampler` (same law as torchsde's Brownian tree, other numbers): seeded, not ComfyUI's images;
+- lms: within a few 1e-7 (ComfyUI integrates the multistep coefficients with scipy quad on float32 values, this
+  module exactly).
+Churn (s_churn) is not offered: ComfyUI's KSampler never sets it and its noise would come from the global RNG.
+
 `callback` receives `{"i", "x", "sigma", "sigma_hat", "denoised"}` once per step; `cancel()` is polled before
 each step and a true result raises `SamplingCancelled`.
 """

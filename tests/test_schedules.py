@@ -104,6 +104,9 @@ def test_karras_grid_endpoints_and_rho_spacing():
     sigmas = SCHEDULERS["karras"](SCHEDULE, 50)
     assert sigmas[0].item() == pytest.approx(14.614641, rel=1e-6)
     assert sigmas[-2].item() == pytest.approx(0.029167, rel=1e-5)
+    pinned = SCHEDULERS["karras"](SCHEDULE, 10)
+    assert pinned.tolist() == pytest.approx([14.614643, 9.102929, 5.478392, 3.168605, 1.749418, 0.914073, 0.446918,
+                                             0.201398, 0.081910, 0.029167, 0.0], abs=2e-6)
     inv_rho = sigmas[:-1].double() ** (1 / 7)
     assert torch.allclose(inv_rho[1:] - inv_rho[:-1], (inv_rho[1] - inv_rho[0]).expand(49), rtol=1e-4)
 
@@ -112,6 +115,7 @@ def test_exponential_grid_is_geometric():
     sigmas = SCHEDULERS["exponential"](SCHEDULE, 20)
     ratios = sigmas[1:-1] / sigmas[:-2]
     expected = (0.029167158529162407 / 14.614641189575195) ** (1 / 19)
+    assert sigmas[[0, 1, 18, 19]].tolist() == pytest.approx([14.614640, 10.536307, 0.040457, 0.029167], abs=2e-6)
     assert torch.allclose(ratios, torch.full_like(ratios, expected), rtol=1e-5)
 
 
