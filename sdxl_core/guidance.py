@@ -73,7 +73,8 @@ def expand_to_batch(cond: Conditioning, batch: int) -> dict[str, torch.Tensor]:
         if value.shape[0] == batch:
             out[key] = value
         elif value.shape[0] == 1:
-            out[key] = value.expand(batch, *value.shape[1:])
+            # A real copy, not an expand() view, so that the model may reshape it freely.
+            out[key] = value.repeat(batch, *([1] * (value.ndim - 1)))
         else:
             raise ValueError(f"conditioning {key!r} has batch {value.shape[0]}; expected 1 or the latent batch {batch}")
     return out
