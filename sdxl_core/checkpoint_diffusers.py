@@ -123,10 +123,11 @@ def _as_conv1x1(tensor: LazyTensor) -> LazyTensor:
 
 def vae_from_diffusers(tensors: Mapping[str, LazyTensor], prefix: str = VAE_PREFIX) -> dict[str, LazyTensor]:
     """A diffusers VAE state (lazy) -> ldm names with `prefix`."""
-    levels = {int(m[1]) for key in tensors if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", key))}
+    levels = 1 + max((int(m[1]) for key in tensors if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", key))),
+                     default=-1)
     out = {}
     for key, tensor in tensors.items():
-        name = vae_key_from_diffusers(key, len(levels))
+        name = vae_key_from_diffusers(key, levels)
         out[prefix + name] = _as_conv1x1(tensor) if ".mid.attn_1." in name and name.endswith(".weight") and \
             not name.endswith("norm.weight") else tensor
     return out
