@@ -32,9 +32,9 @@ from .config import VAE_DOWNSCALE
 from .denoiser import EpsDenoiser
 from .guidance import CFGDenoiser
 from .models import SDXLModel
-from .noise import is_max_denoise, noise_scaling, prepare_noise
+from .noise import prepare_noise
 from .prompt_encoding import encode_base_prompt, encode_refiner_prompt
-from .samplers import STOCHASTIC_SAMPLERS, get_sampler
+from .samplers import get_sampler, run_sampler
 from .schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range
 from .vae import AutoencoderKL
 from .vae_decoding import comfy_to_images, decode_latents, encode_images, images_to_comfy
@@ -154,10 +154,10 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
     device, _ = _unet_device_dtype(model)
     noise = prepare_noise(samples, seed, latent.get("batch_index")) if add_noise else torch.zeros_like(samples)
     scale = model.config.vae.scale_factor
-    x = noise_scaling(sigmas[0], noise.to(device), samples.to(device) * scale,
-                      is_max_denoise(sigmas, schedule.sigma_max))
-    x = denoise_from(model, x, sigmas, positive, negative, cfg=cfg, sampler=sampler, seed=seed, callback=callback,
-                     cancel=cancel)
+    denoiser = _guided_denoiser(model, positive, negative, cfg, tuple(samples.shape[-2:]))
+    with torch.inference_mode():
+        x = run_sampler(sampler, denoiser, samples.to(device) * scale, noise.to(device), sigmas.to(device),
+                        sigma_max=schedule.sigma_max, seed=seed, callback=callback, cancel=cancel)
     out = (x / scale).float().cpu()
     if not torch.isfinite(out).all():
         raise FloatingPointError(f"the {model.kind} sampler produced non-finite latents; run the UNet in bf16 or fp32")
@@ -167,17 +167,22 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
 def denoise_from(model: SDXLModel, x: torch.Tensor, sigmas: torch.Tensor, positive: list, negative: list, *,
                  cfg: float, sampler: str, seed: int | None = None, callback: StepCallback | None = None,
                  cancel: Cancel | None = None) -> torch.Tensor:
-    """Integrate from a noised latent `x` (model scale, at sigmas[0]) down the grid `sigmas` with guided UNet calls;
-    the core of `sample_latent`, exposed for callers that prepare their own start (e.g. diffusers parity)."""
+    """Integrate from an already noised latent `x` (model scale, at sigmas[0]) down the grid `sigmas` with guided
+    UNet calls; for callers that prepare their own start (e.g. diffusers parity, whose start is noise·√(σ0²+1))."""
+    device, _ = _unet_device_dtype(model)
+    denoiser = _guided_denoiser(model, positive, negative, cfg, tuple(x.shape[-2:]))
+    with torch.inference_mode():
+        return get_sampler(sampler)(denoiser, x.to(device), sigmas.to(device), callback=callback, cancel=cancel,
+                                    seed=seed)
+
+
+def _guided_denoiser(model: SDXLModel, positive: list, negative: list, cfg: float,
+                     latent_hw: tuple[int, int]) -> CFGDenoiser:
+    """x -> guided x0 for this stage: UNet as an eps denoiser, both conditionings, one batched call per step."""
     device, dtype = _unet_device_dtype(model)
-    latent_hw = tuple(x.shape[-2:])
     cond = _branch(model, positive, "positive", latent_hw, device)
     uncond = _branch(model, negative, "negative", latent_hw, device)
-    denoiser = CFGDenoiser(EpsDenoiser(_UNetEps(model.unet), eps_schedule(), dtype=dtype), cond, uncond, cfg)
-    run = get_sampler(sampler)
-    stochastic = {"seed": seed} if sampler in STOCHASTIC_SAMPLERS else {}
-    with torch.inference_mode():
-        return run(denoiser, x.to(device), sigmas.to(device), callback=callback, cancel=cancel, **stochastic)
+    return CFGDenoiser(EpsDenoiser(_UNetEps(model.unet), eps_schedule(), dtype=dtype), cond, uncond, cfg)
 
 
 class _UNetEps:
