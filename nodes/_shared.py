@@ -1,0 +1,87 @@
+"""What every node family of the pack shares: type names, categories, widget checks and value plumbing.
+
+Kept free of ComfyUI (see comfy_host.py) and of heavy core imports, so the pack imports in milliseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# Our own socket types for our own model objects (core MODEL/CLIP/VAE are ComfyUI objects we do not produce).
+# IMAGE, LATENT and CONDITIONING are ComfyUI's own, so core nodes connect on either side of ours.
+SDXL_MODEL = "SDXL_MODEL"
+SDXL_VAE = "SDXL_VAE"
+
+NODE_ID_PREFIX = "SDXLTwoStage."
+CATEGORY = "sdxl_two_stage"
+
+# Largest side ComfyUI's own size widgets accept (nodes.MAX_RESOLUTION).
+MAX_RESOLUTION = 16384
+# Pixels per latent cell: image sides must be multiples of this.
+LATENT_CELL = 8
+# The largest seed ComfyUI's seed widgets allow.
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def node_id(name: str) -> str:
+    return NODE_ID_PREFIX + name
+
+
+def check_widgets(node_class: type, **values: Any) -> None:
+    """Raise a ValueError in a sentence unless each value respects its widget's min/max/options in INPUT_TYPES.
+
+    ComfyUI skips its own range checks for inputs named in VALIDATE_INPUTS, so nodes that validate a combination
+    of widgets (K <= N, ...) re-check the ranges here; the same check guards direct calls made without ComfyUI.
+    Values that are None (a linked input not known before execution) are skipped.
+    """
+    declared = {}
+    for section in ("required", "optional"):
+        declared.update(node_class.INPUT_TYPES().get(section, {}))
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name not in declared:
+            raise KeyError(f"{node_class.__name__} has no input named {name!r}")
+        spec, options = declared[name][0], (declared[name][1] if len(declared[name]) > 1 else {})
+        if isinstance(spec, (list, tuple)):
+            if value not in spec:
+                raise ValueError(f"{name} must be one of {list(spec)[:12]}{' ...' if len(spec) > 12 else ''}, "
+                                 f"got {value!r}")
+            continue
+        if "min" in options and value < options["min"]:
+            raise ValueError(f"{name} must be at least {options['min']}, got {value}")
+        if "max" in options and value > options["max"]:
+            raise ValueError(f"{name} must be at most {options['max']}, got {value}")
+
+
+def validation_result(check, *args: Any, **kwargs: Any) -> bool | str:
+    """Run a check that raises ValueError and turn it into what VALIDATE_INPUTS returns (True or a sentence)."""
+    try:
+        check(*args, **kwargs)
+    except ValueError as error:
+        return str(error)
+    return True
+
+
+def conditioning_on(conditioning: list, device: torch.device) -> list:
+    """A CONDITIONING with every tensor on `device` (ComfyUI keeps conditioning on its intermediate device)."""
+    def move(value: Any) -> Any:
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    return [[move(context), {key: move(value) for key, value in options.items()}] for context, options in conditioning]
+
+
+def require_stage(model: Any, kind: str, slot: str) -> None:
+    """Refuse, in a sentence, an SDXL model of the other stage wired into a slot meant for `kind`."""
+    found = getattr(model, "kind", None)
+    if found is None:
+        raise ValueError(f"{slot} needs an SDXL {kind} model from the SDXL checkpoint loader, got "
+                         f"{type(model).__name__}")
+    if found != kind:
+        raise ValueError(f"{slot} needs the SDXL {kind} checkpoint, but the connected model is the SDXL {found} "
+                         f"(from {getattr(model, 'source', None) or 'memory'}); load the {kind} checkpoint "
+                         f"(e.g. sd_xl_{kind}_1.0.safetensors) and wire it here")

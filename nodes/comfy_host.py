@@ -1,0 +1,243 @@
+"""The one door from this node pack to ComfyUI's services, opened lazily and optional.
+
+Inside ComfyUI every function here delegates to ComfyUI itself: model files come from `folder_paths`, progress goes
+through `comfy.utils.ProgressBar` (whose global hook is also ComfyUI's interruption point), interruption is read
+from `comfy.model_management`, networks are placed on devices by ComfyUI's model management (each one wrapped in a
+`comfy.model_patcher.ModelPatcher`, as ComfyUI's own VAE is), and latent previews follow `--preview-method`.
+
+Without ComfyUI (CI, scripts, the tests) the same functions fall back to plain behaviour: model folders are the
+ones given to `set_standalone_model_folders` (or the SDXL_TWOSTAGE_<FOLDER> environment variables, os.pathsep
+separated), the device is the CPU, progress and previews are dropped and nothing is ever interrupted. Nothing else
+in the pack imports ComfyUI, and nothing here imports it at module load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import types
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# File extensions ComfyUI lists for model folders; only safetensors and diffusers folders are loadable here,
+# so the standalone listing shows just those.
+_STANDALONE_EXTENSIONS = (".safetensors",)
+_ENV_PREFIX = "SDXL_TWOSTAGE_"
+_standalone_folders: dict[str, list[Path]] = {}
+_host: types.SimpleNamespace | None = None
+_host_checked = False
+# Attribute under which a network's ModelPatcher is kept on the network itself, so it lives exactly as long as
+# the network (a side table keyed by the network would keep it alive forever: the patcher references it).
+_PATCHER_ATTRIBUTE = "_sdxl_twostage_patcher"
+
+
+def _load_host() -> types.SimpleNamespace | None:
+    """ComfyUI's modules, or None when this process is not running inside ComfyUI."""
+    global _host, _host_checked
+    if _host_checked:
+        return _host
+    _host_checked = True
+    try:
+        modules = {name.rsplit(".", 1)[-1]: importlib.import_module(name) for name in (
+            "folder_paths", "comfy.model_management", "comfy.model_patcher", "comfy.utils", "comfy.cli_args")}
+    except ImportError:
+        _host = None
+    else:
+        _host = types.SimpleNamespace(**modules)
+    return _host
+
+
+def comfy_available() -> bool:
+    """True inside a ComfyUI process."""
+    return _load_host() is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model files
+
+
+def set_standalone_model_folders(folders: dict[str, Sequence[str | os.PathLike]]) -> None:
+    """Outside ComfyUI: the directories to list for each model folder key ("checkpoints", "vae", ...)."""
+    _standalone_folders.clear()
+    for key, paths in folders.items():
+        _standalone_folders[key] = [Path(p) for p in paths]
+
+
+def _standalone_dirs(folder: str) -> list[Path]:
+    if folder in _standalone_folders:
+        return _standalone_folders[folder]
+    value = os.environ.get(_ENV_PREFIX + folder.upper(), "")
+    return [Path(p) for p in value.split(os.pathsep) if p]
+
+
+def model_filenames(folder: str) -> list[str]:
+    """Names (relative paths) of the model files in one of ComfyUI's model folders, for a combo input."""
+    host = _load_host()
+    if host is not None:
+        return list(host.folder_paths.get_filename_list(folder))
+    names = set()
+    for directory in _standalone_dirs(folder):
+        if directory.is_dir():
+            for path in directory.rglob("*"):
+                if path.is_file() and path.suffix in _STANDALONE_EXTENSIONS:
+                    names.add(path.relative_to(directory).as_posix())
+    return sorted(names)
+
+
+def model_path(folder: str, name: str) -> Path:
+    """The full path of a model file chosen from `model_filenames(folder)`; a clear error when it is gone."""
+    host = _load_host()
+    if host is not None:
+        return Path(host.folder_paths.get_full_path_or_raise(folder, name))
+    for directory in _standalone_dirs(folder):
+        candidate = directory / name
+        if candidate.is_file():
+            return candidate
+    searched = ", ".join(str(d) for d in _standalone_dirs(folder)) or "no folder configured"
+    raise FileNotFoundError(f"model file {name!r} was not found in the {folder!r} folders ({searched})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Devices, dtypes and memory
+
+
+def compute_device() -> torch.device:
+    """Where the networks run: ComfyUI's torch device (honours --cpu, MPS, DirectML), else the CPU."""
+    host = _load_host()
+    return host.model_management.get_torch_device() if host is not None else torch.device("cpu")
+
+
+def storage_device() -> torch.device:
+    """Where loaded weights wait between runs (ComfyUI's offload device), and where they are first loaded."""
+    host = _load_host()
+    return host.model_management.unet_offload_device() if host is not None else torch.device("cpu")
+
+
+def output_device() -> torch.device:
+    """Where LATENT and IMAGE tensors handed to other nodes live (ComfyUI's intermediate device: the CPU)."""
+    host = _load_host()
+    return host.model_management.intermediate_device() if host is not None else torch.device("cpu")
+
+
+def default_dtypes() -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(UNet/text-encoder dtype, VAE dtype) ComfyUI would pick for the compute device; (None, None) lets the core
+    choose for the CPU outside ComfyUI."""
+    host = _load_host()
+    if host is None:
+        return None, None
+    mm = host.model_management
+    device = mm.get_torch_device()
+    # The SDXL VAE overflows in float16; ComfyUI's SD/SDXL VAE working dtypes are bf16 and fp32 (COMFYUI.md §2).
+    return mm.unet_dtype(device), mm.vae_dtype(device, [torch.bfloat16, torch.float32])
+
+
+class _Holder(torch.nn.Module):
+    """A plain container a ModelPatcher may write its bookkeeping attributes onto (`device`, ...), which our own
+    networks expose as read-only properties."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+
+def _patcher_for(host: types.SimpleNamespace, network: torch.nn.Module):
+    patcher = network.__dict__.get(_PATCHER_ATTRIBUTE)
+    if patcher is None:
+        mm = host.model_management
+        patcher = host.model_patcher.ModelPatcher(_Holder(network), load_device=mm.get_torch_device(),
+                                                  offload_device=storage_device())
+        network.__dict__[_PATCHER_ATTRIBUTE] = patcher
+    return patcher
+
+
+def prepare_networks(networks: Iterable[torch.nn.Module], memory_required: int = 0) -> None:
+    """Make these networks resident on the compute device before use. Inside ComfyUI this goes through
+    `model_management.load_models_gpu`, so ComfyUI evicts other models to make room, counts ours, and moves them
+    back to the offload device when it needs the memory or is asked to free it."""
+    networks = list(networks)
+    host = _load_host()
+    if host is None:
+        device = compute_device()
+        for network in networks:
+            network.to(device)
+        return
+    patchers = [_patcher_for(host, network) for network in networks]
+    host.model_management.load_models_gpu(patchers, memory_required=memory_required)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interruption, progress and previews
+
+
+def interrupted() -> bool:
+    """True once the user pressed Cancel in ComfyUI (never outside ComfyUI); usable as the core's `cancel`."""
+    host = _load_host()
+    return bool(host is not None and host.model_management.processing_interrupted())
+
+
+def raise_if_interrupted() -> None:
+    """Raise ComfyUI's own InterruptProcessingException if the user cancelled, so the run ends as interrupted."""
+    host = _load_host()
+    if host is not None:
+        host.model_management.throw_exception_if_processing_interrupted()
+
+
+def _preview_method(host: types.SimpleNamespace) -> str:
+    method = getattr(host.cli_args.args, "preview_method", None)
+    return str(getattr(method, "value", method) or "none")
+
+
+class StepProgress:
+    """A per-step progress bar for one node, with a latent preview when ComfyUI has previews switched on."""
+
+    def __init__(self, total: int):
+        self.total = max(int(total), 1)
+        host = _load_host()
+        self._bar = host.utils.ProgressBar(self.total) if host is not None else None
+        self._preview_size = 512
+        self._previewer = None
+        if host is not None:
+            method = _preview_method(host)
+            self._preview_size = int(getattr(host.cli_args.args, "preview_size", 512) or 512)
+            if method == "taesd":
+                # ComfyUI's own TAESD previewer for SDXL (models/vae_approx/taesdxl_decoder*), if installed.
+                self._previewer = _comfy_taesd_previewer()
+            if self._previewer is None and method != "none":
+                self._previewer = _latent_rgb_previewer
+        self.done = 0
+
+    def update(self, step: int, denoised: torch.Tensor | None = None) -> None:
+        """Report that `step` steps are done; `denoised` is the current x0 in the model's (scaled) latent space.
+        Inside ComfyUI this raises InterruptProcessingException when the user cancelled."""
+        self.done = min(int(step), self.total)
+        if self._bar is None:
+            return
+        preview = None
+        if self._previewer is not None and denoised is not None:
+            preview = ("JPEG", self._previewer(denoised), self._preview_size)
+        self._bar.update_absolute(self.done, self.total, preview)
+
+
+def _latent_rgb_previewer(denoised: torch.Tensor):
+    from PIL import Image
+
+    from sdxl_core.preview import latent_to_rgb
+
+    return Image.fromarray(latent_to_rgb(denoised[0]).numpy())
+
+
+def _comfy_taesd_previewer():
+    try:
+        latent_preview = importlib.import_module("latent_preview")
+        latent_formats = importlib.import_module("comfy.latent_formats")
+    except ImportError:
+        return None
+    previewer = latent_preview.get_previewer(compute_device(), latent_formats.SDXL())
+    if previewer is None:
+        return None
+    return previewer.decode_latent_to_preview

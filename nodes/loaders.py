@@ -1,0 +1,131 @@
+"""Loader nodes: an SDXL checkpoint (base or refiner) and a separate SDXL VAE.
+
+Memory: the loaded networks live on ComfyUI's offload device (system RAM) and are moved onto the GPU by ComfyUI's
+model management right before each use (`comfy_host.prepare_networks`), so ComfyUI evicts them like its own models.
+Loaded files are shared through a weak-valued cache: two loader nodes naming the same file (or a re-queued prompt)
+get the same object while ComfyUI's output cache still holds it, and once ComfyUI drops it (another file chosen,
+"Free model and node cache", `POST /free {"free_memory": true}`) the RAM is released with no second copy held here.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+from . import comfy_host
+from ._shared import CATEGORY, SDXL_MODEL, SDXL_VAE, WEIGHT_DTYPES, node_id
+
+_WEIGHT_DTYPE_TOOLTIP = ("Precision of the weights once loaded. 'default' lets ComfyUI choose for your device "
+                         "(fp16 on most GPUs, fp32 on the CPU; the VAE never uses fp16, which overflows into black "
+                         "images). fp32 is the safe, slow choice; bf16 needs a recent GPU.")
+
+_cache: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_cache_lock = threading.Lock()
+
+
+def _file_key(path: Path, *parts: Any) -> tuple:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size, *parts)
+
+
+def _cached(key: tuple, load):
+    with _cache_lock:
+        found = _cache.get(key)
+        if found is None:
+            found = load()
+            _cache[key] = found
+        return found
+
+
+def _dtypes(choice: str):
+    if choice not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {choice!r}")
+    import torch
+
+    from sdxl_core.checkpoint import default_dtype, default_vae_dtype
+
+    model_default, vae_default = comfy_host.default_dtypes()
+    device = comfy_host.compute_device()
+    model_default = model_default or default_dtype(device)
+    vae_default = vae_default or default_vae_dtype(device)
+    chosen = WEIGHT_DTYPES[choice]
+    if chosen is None:
+        return model_default, vae_default
+    # An explicit fp16 is honoured for the UNet and text encoders only: the SDXL VAE overflows in fp16.
+    return chosen, (vae_default if chosen == torch.float16 else chosen)
+
+
+class CheckpointLoader:
+    """Load an SDXL base or refiner single-file checkpoint from ComfyUI's checkpoints folder."""
+
+    DESCRIPTION = ("Loads an SDXL base or refiner checkpoint (.safetensors) with this pack's own SDXL core. The file "
+                   "is checked before any weight is read: SD 1.x/2.x, Flux, LoRAs and VAE-only files are refused "
+                   "with a message. Connect MODEL to this pack's text-encode and sampler nodes and VAE to its "
+                   "decode/encode nodes.")
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (SDXL_MODEL, SDXL_VAE)
+    RETURN_NAMES = ("model", "vae")
+    OUTPUT_TOOLTIPS = ("The SDXL stage (base or refiner, told from the file's tensors): UNet, text encoders and "
+                       "tokenizer.", "The VAE baked into the checkpoint.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "ckpt_name": (comfy_host.model_filenames("checkpoints"), {
+                "tooltip": "SDXL checkpoint from models/checkpoints: the base (e.g. sd_xl_base_1.0.safetensors) "
+                           "or the refiner (sd_xl_refiner_1.0.safetensors). Which one it is is read from the "
+                           "file's contents, not its name."}),
+            "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": _WEIGHT_DTYPE_TOOLTIP}),
+        }}
+
+    def load(self, ckpt_name: str, weight_dtype: str = "default"):
+        from sdxl_core.checkpoint import load_checkpoint
+
+        path = comfy_host.model_path("checkpoints", ckpt_name)
+        dtype, vae_dtype = _dtypes(weight_dtype)
+        key = _file_key(path, "checkpoint", str(dtype), str(vae_dtype))
+        model = _cached(key, lambda: load_checkpoint(path, dtype=dtype, vae_dtype=vae_dtype,
+                                                     device=comfy_host.storage_device()))
+        return (model, model.vae)
+
+
+class VAELoader:
+    """Load a separate SDXL VAE (e.g. the fp16-fix VAE) from ComfyUI's vae folder."""
+
+    DESCRIPTION = ("Loads a separate SDXL VAE file (original or diffusers layout), e.g. sdxl_vae.safetensors or "
+                   "the fp16-fix VAE, to use instead of a checkpoint's own VAE in this pack's decode/encode nodes.")
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (SDXL_VAE,)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The SDXL VAE.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": (comfy_host.model_filenames("vae"), {
+                "tooltip": "SDXL VAE file from models/vae. SD 1.x and Flux/SD3 VAEs are refused: their latents "
+                           "differ."}),
+            "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": _WEIGHT_DTYPE_TOOLTIP}),
+        }}
+
+    def load(self, vae_name: str, weight_dtype: str = "default"):
+        from sdxl_core.checkpoint import load_vae
+
+        path = comfy_host.model_path("vae", vae_name)
+        _, vae_dtype = _dtypes(weight_dtype)
+        key = _file_key(path, "vae", str(vae_dtype))
+        return (_cached(key, lambda: load_vae(path, dtype=vae_dtype, device=comfy_host.storage_device())),)
+
+
+NODE_CLASS_MAPPINGS = {
+    node_id("CheckpointLoader"): CheckpointLoader,
+    node_id("VAELoader"): VAELoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    node_id("CheckpointLoader"): "Load SDXL Checkpoint (base or refiner)",
+    node_id("VAELoader"): "Load SDXL VAE",
+}

@@ -1,0 +1,184 @@
+"""Sampler nodes: the base (steps 0..K, handing its noisy latent on) and the latent refiner (steps K..N, or an
+img2img strength), with ComfyUI KSamplerAdvanced semantics so the numbers mean what they mean in core workflows."""
+
+from __future__ import annotations
+
+from sdxl_core.samplers import SAMPLERS
+from sdxl_core.schedules import SCHEDULERS
+
+from . import comfy_host
+from ._shared import CATEGORY, MAX_SEED, SDXL_MODEL, check_widgets, node_id, require_stage, validation_result
+
+MAX_STEPS = 10000
+SAMPLER_NAMES = list(SAMPLERS)
+SCHEDULER_NAMES = list(SCHEDULERS)
+DEFAULT_STEPS = 25
+DEFAULT_HANDOFF = 20  # the refiner takes the last fifth, as in the paper's and ComfyUI's SDXL examples
+
+_COMMON_TOOLTIPS = {
+    "positive": "What the image should show: CONDITIONING from this stage's own text-encode node.",
+    "negative": "What to steer away from: CONDITIONING from this stage's own text-encode node (may be an empty "
+                "prompt).",
+    "seed": "Seed of the starting noise (ComfyUI draws it the same way, so seeds carry over from core workflows).",
+    "steps": "N, the total steps of the whole base + refiner schedule. Use the same N in both samplers.",
+    "cfg": "Classifier-free guidance: how strongly to follow the prompt over the negative. SDXL works best around "
+           "5-8; higher burns colours.",
+    "sampler_name": "The solver (ComfyUI's names). Use the same one in both samplers for a clean handoff.",
+    "scheduler": "How the noise levels are spaced over the N steps (ComfyUI's names). Use the same in both "
+                 "samplers: the handoff step K means 'step K of this schedule'.",
+}
+
+
+def _sampling_inputs(model_tooltip: str) -> dict:
+    return {
+        "model": (SDXL_MODEL, {"tooltip": model_tooltip}),
+        "positive": ("CONDITIONING", {"tooltip": _COMMON_TOOLTIPS["positive"]}),
+        "negative": ("CONDITIONING", {"tooltip": _COMMON_TOOLTIPS["negative"]}),
+        "latent_image": ("LATENT", {"tooltip": "The latent to denoise."}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                         "tooltip": _COMMON_TOOLTIPS["seed"]}),
+        "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": MAX_STEPS, "tooltip": _COMMON_TOOLTIPS["steps"]}),
+        "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                          "tooltip": _COMMON_TOOLTIPS["cfg"]}),
+        "sampler_name": (SAMPLER_NAMES, {"default": "euler", "tooltip": _COMMON_TOOLTIPS["sampler_name"]}),
+        "scheduler": (SCHEDULER_NAMES, {"default": "normal", "tooltip": _COMMON_TOOLTIPS["scheduler"]}),
+    }
+
+
+def _check_base(steps=None, end_at_step=None, denoise=None) -> None:
+    check_widgets(BaseSampler, steps=steps, end_at_step=end_at_step, denoise=denoise)
+    if steps is not None and end_at_step is not None and end_at_step > steps:
+        raise ValueError(f"end_at_step (K = {end_at_step}) is past the last step (N = {steps}): the base can stop at "
+                         f"most at step {steps}; set K between 1 and N (K = N runs the base alone)")
+
+
+def _check_refiner(steps=None, start_at_step=None, denoise=None) -> None:
+    check_widgets(RefinerSampler, steps=steps, start_at_step=start_at_step, denoise=denoise)
+    if steps is not None and start_at_step is not None and start_at_step > steps:
+        raise ValueError(f"start_at_step (K = {start_at_step}) is past the last step (N = {steps}); set K to the "
+                         f"base sampler's end_at_step, between 0 and N")
+    if start_at_step and denoise is not None and denoise < 1.0:
+        raise ValueError(f"use either start_at_step (continue the base's noisy latent from step K) or denoise < 1 "
+                         f"(refine a finished image), not both: got start_at_step {start_at_step} and denoise "
+                         f"{denoise}")
+
+
+def _run(model, latent: dict, positive: list, negative: list, total_steps: int, **settings) -> tuple[dict]:
+    """Validate the conditioning, put the UNet on the device, sample with per-step progress and interruption."""
+    from sdxl_core.pipeline import sample_latent, validate_conditioning_for
+    from sdxl_core.samplers import SamplingCancelled
+
+    validate_conditioning_for(model, positive, "positive")
+    validate_conditioning_for(model, negative, "negative")
+    comfy_host.prepare_networks([model.unet])
+    progress = comfy_host.StepProgress(total_steps)
+
+    def on_step(info: dict) -> None:
+        progress.update(info["i"] + 1, info["denoised"])
+
+    try:
+        out = sample_latent(model, latent, positive, negative, callback=on_step, cancel=comfy_host.interrupted,
+                            **settings)
+    except SamplingCancelled:
+        comfy_host.raise_if_interrupted()  # ComfyUI's own exception, so the run ends as "interrupted"
+        raise
+    return ({**out, "samples": out["samples"].to(comfy_host.output_device())},)
+
+
+class BaseSampler:
+    """Run the SDXL base over steps 0..K of an N-step schedule and hand its latent on with the noise left in."""
+
+    DESCRIPTION = ("Denoises with the SDXL base. In the two-stage setup it runs the first K of N steps "
+                   "(end_at_step) and passes a still-noisy latent to the SDXL Latent Refiner, which runs steps K..N "
+                   "with the same seed, N, sampler and scheduler. With end_at_step = steps it finishes the image "
+                   "alone.")
+    CATEGORY = f"{CATEGORY}/sampling"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The latent after step K (still noisy when handing off), in ComfyUI's LATENT format.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = _sampling_inputs("The SDXL base from 'Load SDXL Checkpoint' (the refiner goes into the SDXL Latent "
+                                  "Refiner node).")
+        inputs["end_at_step"] = ("INT", {
+            "default": DEFAULT_HANDOFF, "min": 1, "max": MAX_STEPS,
+            "tooltip": "K: the step at which the base stops and the refiner takes over (1..steps). About 80% of "
+                       "steps is usual (20 of 25); K = steps runs the base alone."})
+        inputs["leftover_noise"] = ("BOOLEAN", {
+            "default": True, "label_on": "hand off (keep noise)", "label_off": "finish at K",
+            "tooltip": "When stopping before the last step: keep the remaining noise in the latent for the refiner "
+                       "(on, the two-stage setup), or squeeze the rest of the denoising into step K and return a "
+                       "finished latent (off)."})
+        inputs["denoise"] = ("FLOAT", {
+            "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+            "tooltip": "1.0 for text-to-image. Below 1, image-to-image: how much of the input latent to repaint "
+                       "(0.3 keeps the composition, 0.8 keeps little)."})
+        return {"required": inputs}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, steps=None, end_at_step=None, denoise=None):
+        return validation_result(_check_base, steps, end_at_step, denoise)
+
+    def sample(self, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
+               scheduler: str, end_at_step: int, leftover_noise: bool = True, denoise: float = 1.0):
+        _check_base(steps, end_at_step, denoise)
+        check_widgets(BaseSampler, sampler_name=sampler_name, scheduler=scheduler)
+        require_stage(model, "base", "SDXL Base Sampler")
+        end = end_at_step if end_at_step < steps else None
+        return _run(model, latent_image, positive, negative, end or steps, seed=seed, steps=steps, cfg=cfg,
+                    sampler=sampler_name, scheduler=scheduler, end_step=end,
+                    return_with_leftover_noise=bool(leftover_noise) and end is not None, denoise=denoise)
+
+
+class RefinerSampler:
+    """Run the SDXL refiner over steps K..N of the base's schedule, or refine a finished image by a strength."""
+
+    DESCRIPTION = ("Denoises with the SDXL refiner, which was trained only on the last, low-noise part of the "
+                   "schedule. Two-stage: wire in the base sampler's latent and set start_at_step to the base's "
+                   "end_at_step K (no new noise is added). Refining a finished image: start_at_step 0 and a denoise "
+                   "strength around 0.2-0.3 (noise is added for that strength).")
+    CATEGORY = f"{CATEGORY}/sampling"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The fully denoised latent, ready for SDXL VAE Decode (or ComfyUI's VAE Decode).",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = _sampling_inputs("The SDXL refiner from 'Load SDXL Checkpoint'. The base does not belong here: it "
+                                  "goes into the SDXL Base Sampler.")
+        inputs["start_at_step"] = ("INT", {
+            "default": DEFAULT_HANDOFF, "min": 0, "max": MAX_STEPS,
+            "tooltip": "K: the step to continue from, equal to the base sampler's end_at_step. 0 means refine a "
+                       "finished latent by the denoise strength instead."})
+        inputs["denoise"] = ("FLOAT", {
+            "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+            "tooltip": "Only with start_at_step 0: how strongly to re-noise and refine a finished image (0.2-0.3 "
+                       "polishes detail; higher starts to change content). Keep 1.0 for the two-stage handoff."})
+        return {"required": inputs}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, steps=None, start_at_step=None, denoise=None):
+        return validation_result(_check_refiner, steps, start_at_step, denoise)
+
+    def sample(self, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
+               scheduler: str, start_at_step: int, denoise: float = 1.0):
+        _check_refiner(steps, start_at_step, denoise)
+        check_widgets(RefinerSampler, sampler_name=sampler_name, scheduler=scheduler)
+        require_stage(model, "refiner", "SDXL Latent Refiner")
+        # A handoff continues the base's own noise; a strength-based refine starts from clean pixels and needs fresh
+        # noise (KSamplerAdvanced add_noise disable / enable).
+        handoff = start_at_step > 0
+        return _run(model, latent_image, positive, negative, max(steps - start_at_step, 1), seed=seed, steps=steps,
+                    cfg=cfg, sampler=sampler_name, scheduler=scheduler, start_step=start_at_step,
+                    add_noise=not handoff, denoise=denoise)
+
+
+NODE_CLASS_MAPPINGS = {
+    node_id("BaseSampler"): BaseSampler,
+    node_id("RefinerSampler"): RefinerSampler,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    node_id("BaseSampler"): "SDXL Base Sampler (steps 0..K)",
+    node_id("RefinerSampler"): "SDXL Latent Refiner (steps K..N)",
+}

@@ -1,0 +1,94 @@
+"""VAE nodes: decode a LATENT to an IMAGE and encode an IMAGE to a LATENT with an SDXL VAE, tiled on request and
+automatically when memory is short (the core's `vae_decoding` plans tiles and retries after out-of-memory)."""
+
+from __future__ import annotations
+
+from . import comfy_host
+from ._shared import CATEGORY, SDXL_VAE, check_widgets, node_id
+
+TILING = {"auto": None, "always": True, "never": False}
+_TILING_TOOLTIP = ("'auto' processes the whole image at once and switches to overlapping tiles when memory would "
+                   "run out (or did); 'always' forces tiles (lowest memory, tiny seams possible); 'never' refuses "
+                   "to tile and fails instead when memory runs out.")
+# The posterior sample of an encode is drawn with a fixed seed so one image always gives one latent: ComfyUI caches
+# node outputs by their inputs, and a fresh random draw per run would make that cache (and re-runs) disagree.
+_ENCODE_SEED = 0
+
+
+def _vae_module(vae):
+    from sdxl_core.vae import AutoencoderKL
+
+    if not isinstance(vae, AutoencoderKL):
+        raise ValueError(f"expected an SDXL VAE from 'Load SDXL Checkpoint' or 'Load SDXL VAE', got "
+                         f"{type(vae).__name__}; ComfyUI's own VAE goes into ComfyUI's VAE Decode/Encode nodes")
+    return vae
+
+
+class VAEDecode:
+    """Decode latents to images with an SDXL VAE."""
+
+    DESCRIPTION = ("Turns a latent into pixels with the SDXL VAE. Runs in bf16 or fp32 (never fp16, which turns the "
+                   "original SDXL VAE's output black) and redoes a decode in higher precision if it ever produces "
+                   "NaNs.")
+    CATEGORY = f"{CATEGORY}/vae"
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The images in ComfyUI's IMAGE format (batch, height, width, RGB in 0..1): wire into Save "
+                       "Image or Preview Image.",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": (SDXL_VAE, {"tooltip": "The SDXL VAE: the checkpoint loader's vae output or 'Load SDXL VAE'."}),
+            "samples": ("LATENT", {"tooltip": "The latent to decode (from a sampler, or any SDXL LATENT)."}),
+            "tiling": (list(TILING), {"default": "auto", "tooltip": _TILING_TOOLTIP}),
+        }}
+
+    def decode(self, vae, samples: dict, tiling: str = "auto"):
+        from sdxl_core.pipeline import decode
+
+        check_widgets(VAEDecode, tiling=tiling)
+        vae = _vae_module(vae)
+        comfy_host.prepare_networks([vae])
+        comfy_host.raise_if_interrupted()
+        return (decode(vae, samples, tiled=TILING[tiling]).to(comfy_host.output_device()),)
+
+
+class VAEEncode:
+    """Encode images to latents with an SDXL VAE (for image-to-image refining)."""
+
+    DESCRIPTION = ("Turns an image into an SDXL latent, e.g. to refine a finished picture with the SDXL Latent "
+                   "Refiner. Image sides must be multiples of 8 pixels. An alpha channel is ignored.")
+    CATEGORY = f"{CATEGORY}/vae"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The latent in ComfyUI's LATENT format.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": (SDXL_VAE, {"tooltip": "The SDXL VAE: the checkpoint loader's vae output or 'Load SDXL VAE'."}),
+            "pixels": ("IMAGE", {"tooltip": "The image(s) to encode, e.g. from Load Image; width and height must be "
+                                            "multiples of 8."}),
+            "tiling": (list(TILING), {"default": "auto", "tooltip": _TILING_TOOLTIP}),
+        }}
+
+    def encode(self, vae, pixels, tiling: str = "auto"):
+        from sdxl_core.pipeline import encode
+
+        check_widgets(VAEEncode, tiling=tiling)
+        vae = _vae_module(vae)
+        comfy_host.prepare_networks([vae])
+        comfy_host.raise_if_interrupted()
+        latent = encode(vae, pixels[..., :3], tiled=TILING[tiling], seed=_ENCODE_SEED)
+        return ({"samples": latent["samples"].to(comfy_host.output_device())},)
+
+
+NODE_CLASS_MAPPINGS = {
+    node_id("VAEDecode"): VAEDecode,
+    node_id("VAEEncode"): VAEEncode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    node_id("VAEDecode"): "SDXL VAE Decode",
+    node_id("VAEEncode"): "SDXL VAE Encode",
+}
