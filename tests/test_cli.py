@@ -1,0 +1,79 @@
+"""The command line: generate on tiny checkpoints, the demo, and a clear message for every bad argument."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from sdxl_core.cli import main
+
+
+def _generate_args(paths, out, *extra):
+    return ["generate", "--base", str(paths["base"]), "--refiner", str(paths["refiner"]), "--prompt", "a red cube",
+            "--width", "64", "--height", "48", "--steps", "3", "--refiner-start", "2", "--cfg", "2.5",
+            "--seed", "3", "--out", str(out), *extra]
+
+
+def test_generate_writes_a_png_with_its_parameters(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "cube.png"
+    assert main(_generate_args(tiny_checkpoints, out, "--original-size", "128x96", "--crop-top-left", "4,8")) == 0
+    image = Image.open(out)
+    assert image.size == (64, 48)
+    settings = json.loads(image.text["sdxl_core"])
+    assert settings["original_size"] == [96, 128]  # stored as (h, w), as sgm orders it
+    assert settings["crop_top_left"] == [4, 8]
+    assert settings["target_size"] == [48, 64]
+    assert settings["refiner_start"] == 2 and settings["seed"] == 3
+    assert "Steps: 3" in image.text["parameters"]
+    assert "wrote" in capsys.readouterr().out
+    # Same seed, same picture.
+    again = tmp_path / "again.png"
+    assert main(_generate_args(tiny_checkpoints, again, "--original-size", "128x96", "--crop-top-left", "4,8")) == 0
+    assert Image.open(again).tobytes() == image.tobytes()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--width", "100"], "give both --width and --height"),
+    (["--bucket", "wide"], "W:H"),
+    (["--original-size", "big"], "WIDTHxHEIGHT"),
+    (["--crop-top-left", "1"], "TOP,LEFT"),
+    (["--refiner-switch", "1.5"], "fraction"),
+    (["--sampler", "nope"], "invalid choice"),
+])
+def test_bad_arguments_say_what_was_expected(extra, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(tmp_path / "x.png"), *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_size_not_a_multiple_of_8_and_refiner_start_past_the_end(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "x.png"), "--width", "100", "--height", "64"])
+    assert "multiple of 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "x.png"), "--steps", "4", "--refiner-start", "9"])
+    assert "refiner start step" in capsys.readouterr().err
+
+
+def test_wrong_checkpoint_in_a_slot_is_an_error_not_a_traceback(tiny_checkpoints, tmp_path, capsys):
+    swapped = {"base": tiny_checkpoints["refiner"], "refiner": tiny_checkpoints["base"]}
+    out = tmp_path / "x.png"
+    assert main(_generate_args(swapped, out)) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "refiner" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_missing_output_folder_is_refused_before_loading(tiny_checkpoints, tmp_path, capsys):
+    assert main(_generate_args(tiny_checkpoints, tmp_path / "nowhere" / "x.png")) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_runs_the_whole_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDXL_CORE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(out), "--width", "64", "--height", "64", "--steps", "2"]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*/*.safetensors")) == [
+        "tiny_sdxl_base.safetensors", "tiny_sdxl_refiner.safetensors"]
