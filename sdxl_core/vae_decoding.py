@@ -111,11 +111,20 @@ def _free_cached_memory(device: torch.device) -> None:
 # Tiling
 
 
-def _tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """(start, stop) of tiles covering [0, length): stride tile - overlap, the last tile flush with the end."""
+def _tile_spans(length: int, tile: int, overlap: int, grid: int = 1) -> list[tuple[int, int]]:
+    """(start, stop) of the fewest tiles covering [0, length) with at least `overlap` between neighbours.
+
+    Starts are spread evenly (multiples of `grid`), so the first and last tiles sit flush with the ends, every
+    tile has full size and the extra overlap a non-multiple length needs is shared out instead of piling up on
+    one near-duplicate tile at the end.
+    """
     if length <= tile:
         return [(0, length)]
-    starts = list(range(0, length - tile, tile - overlap)) + [length - tile]
+    count = -(-(length - overlap) // (tile - overlap))  # ceil
+    cells = (length - tile) // grid
+    starts = [grid * (i * cells // (count - 1)) for i in range(count)]
+    if starts[-1] != length - tile:
+        raise ValueError(f"length {length} and tile {tile} must be multiples of the tile grid {grid}")
     return [(s, s + tile) for s in starts]
 
 
@@ -123,32 +132,36 @@ def _crossfade_weights(spans: list[tuple[int, int]], index: int, scale: float, d
                        ) -> torch.Tensor:
     """1-D blend weights of tile `index` in output units: linear ramps over the real overlap with each neighbour.
 
-    Neighbouring ramps are complementary ((i+1)/(n+1) rising, (n-i)/(n+1) falling), so each output position's
-    weights sum to 1 where two tiles meet; the blend divides by the summed weights anyway.
+    Neighbouring ramps are complementary ((i+1)/(n+1) rising, (n-i)/(n+1) falling), so the weights of two tiles
+    that meet sum to 1. Where a short tile's two ramps overlap they multiply; the blend divides by the summed
+    weights, so any positive weights give a normalised result.
     """
     start, stop = spans[index]
     size = round((stop - start) * scale)
     weights = torch.ones(size, dtype=torch.float32, device=device)
     if index > 0:
         n = round((spans[index - 1][1] - start) * scale)
-        weights[:n] = torch.arange(1, n + 1, dtype=torch.float32, device=device) / (n + 1)
+        weights[:n] *= torch.arange(1, n + 1, dtype=torch.float32, device=device) / (n + 1)
     if index < len(spans) - 1:
         n = round((stop - spans[index + 1][0]) * scale)
-        weights[size - n:] = torch.arange(n, 0, -1, dtype=torch.float32, device=device) / (n + 1)
+        weights[size - n:] *= torch.arange(n, 0, -1, dtype=torch.float32, device=device) / (n + 1)
     return weights
 
 
 def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
-              scale: float) -> torch.Tensor:
+              scale: float, grid: int = 1) -> torch.Tensor:
     """Apply `fn` to overlapping tiles of x [B, C, H, W] and cross-fade the outputs (float32, sides x `scale`).
 
-    `tile` and `overlap` are in input units; `fn` must map an h x w tile to (h*scale) x (w*scale). Tiles at the
-    bottom and right are shifted inwards so every tile has full size when the image is larger than a tile.
+    `tile` and `overlap` are in input units, tile starts multiples of `grid` (8 when encoding, so that each tile
+    maps onto whole latent cells); `fn` must map an h x w tile to (h*scale) x (w*scale).
     """
     if not 0 <= overlap < tile:
         raise ValueError(f"tile overlap must be in [0, tile), got overlap {overlap} for tile {tile}")
-    rows = _tile_spans(x.shape[-2], tile, overlap)
-    cols = _tile_spans(x.shape[-1], tile, overlap)
+    rows = _tile_spans(x.shape[-2], tile, overlap, grid)
+    cols = _tile_spans(x.shape[-1], tile, overlap, grid)
+    if any(abs(v * scale - round(v * scale)) > 1e-9 for span in rows + cols for v in span):
+        raise ValueError(f"tiles {rows} x {cols} do not map onto whole output cells at scale {scale}; "
+                         f"choose a grid that makes every tile start and end a multiple of {1 / scale:g}")
     out = weight = None
     for r, (top, bottom) in enumerate(rows):
         for c, (left, right) in enumerate(cols):
@@ -321,8 +334,7 @@ def encode_images(vae: AutoencoderKL, images: torch.Tensor, *, sample: bool = Tr
     def run(model: AutoencoderKL, x: torch.Tensor, tile_px: int, overlap_px: int) -> torch.Tensor:
         if not tile_px:
             return moments(model, x)
-        # Image, tile and overlap are multiples of 8 pixels, so every tile starts on the latent grid.
-        return run_tiled(lambda t: moments(model, t), x, tile_px, overlap_px, 1.0 / down)
+        return run_tiled(lambda t: moments(model, t), x, tile_px, overlap_px, 1.0 / down, grid=down)
 
     def estimate(batch: int) -> int:
         return estimate_encode_bytes(vae, batch, images.shape[-2], images.shape[-1], dtype)

@@ -81,7 +81,7 @@ def test_cross_fade_leaves_no_seams_where_hard_tile_edges_would(vae, untiled):
     print(f"\ncolumn-jump excess over the untiled image (its mean jump {reference_jump:.3f}): at cross-faded tile "
           f"edges {excess[seams].max():.4f}, elsewhere up to {excess[elsewhere].abs().max():.4f}; at hard tile "
           f"edges {hard:.4f}")
-    # Measured over latent seeds 0-3: cross-faded edges 0.008-0.039, hard edges 0.11-0.16 (mean jump 0.25).
+    # Measured over latent seeds 0-5: cross-faded edges 0.017-0.036, hard edges 0.11-0.16 (mean jump 0.25).
     assert hard > 0.4 * reference_jump  # the metric does see a seam when there is one
     assert excess[seams].max() < 0.2 * reference_jump
     assert excess[seams].max() <= excess[elsewhere].abs().max()  # tile edges do not stand out
@@ -118,8 +118,10 @@ def test_run_tiled_reassembles_a_local_function_exactly(shape, tile, overlap):
 
     torch.testing.assert_close(run_tiled(upsample, x, tile, overlap, 8.0), upsample(x), rtol=1e-6, atol=1e-6)
     pixels = torch.randn(shape[0], shape[1], shape[2] * 8, shape[3] * 8)
-    torch.testing.assert_close(run_tiled(lambda t: F.avg_pool2d(t, 8), pixels, tile * 8, overlap * 8, 1 / 8),
-                               F.avg_pool2d(pixels, 8), rtol=1e-6, atol=1e-6)
+    downsampled = run_tiled(lambda t: F.avg_pool2d(t, 8), pixels, tile * 8, overlap * 8, 1 / 8, grid=8)
+    torch.testing.assert_close(downsampled, F.avg_pool2d(pixels, 8), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="whole output cells"):
+        run_tiled(lambda t: F.avg_pool2d(t, 8), pixels, tile * 8 + 4, overlap * 8, 1 / 8)
 
 
 def test_tiled_encode_samples_one_noise_field_for_the_whole_image(vae):
