@@ -145,10 +145,10 @@ def _raise_if_invalid(report: ValidationReport, name: str, what: str) -> None:
                                      report=report)
 
 
-def inspect_checkpoint(path: Path | str, *, expect: str | None = None, vae_config: VAEConfig | None = None
-                       ) -> tuple[CheckpointSource, SDXLConfig, ValidationReport]:
+def inspect_checkpoint(path: Path | str | CheckpointSource, *, expect: str | None = None,
+                       vae_config: VAEConfig | None = None) -> tuple[CheckpointSource, SDXLConfig, ValidationReport]:
     """Identify, infer the config of and validate a checkpoint from its header(s) alone; raise if unusable."""
-    source = open_source(path)
+    source = path if isinstance(path, CheckpointSource) else open_source(path)
     kind = refuse_unless_sdxl(source, expect)
     has_vae = any(key.startswith(VAE_PREFIX) for key in source.tensors)
     if vae_config is None and not has_vae:
@@ -203,9 +203,9 @@ def load_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, devic
                      source=source.path, dtype=dtype)
 
 
-def inspect_vae(path: Path | str) -> tuple[CheckpointSource, VAEConfig, ValidationReport]:
+def inspect_vae(path: Path | str | CheckpointSource) -> tuple[CheckpointSource, VAEConfig, ValidationReport]:
     """Identify and validate a separate VAE file or folder from its header(s) alone; raise if unusable."""
-    source = open_source(path)
+    source = path if isinstance(path, CheckpointSource) else open_source(path)
     name = source.path.name
     kind = source.identification.kind
     if kind in ("sdxl-base", "sdxl-refiner"):
