@@ -239,3 +239,25 @@ def test_refiner_matches_diffusers_img2img_encode_prompt(clip_g, diffusers_token
     assert (context - embeds).abs().max() <= 1e-6 and (our_pooled - pooled).abs().max() <= 1e-6
     empty, empty_pooled = encode_refiner_prompt(clip_g, "")
     assert (empty - negative).abs().max() <= 1e-6 and (empty_pooled - negative_pooled).abs().max() <= 1e-6
+
+
+@pytest.mark.heavy
+def test_full_size_encoders_match_diffusers(diffusers_tokenizers):
+    """Full-size CLIP-L + bigG with random weights (about 3.3 GB fp32 on CPU) against diffusers."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdxl_core.config import CLIP_BIG_G, CLIP_L
+
+    clip_l, clip_g = TextEncoder(CLIP_L), TextEncoder(CLIP_BIG_G)
+    tokenizer, tokenizer_2 = diffusers_tokenizers
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=clip_l.hf_model, text_encoder_2=clip_g.hf_model,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=None, scheduler=None,
+                                     add_watermarker=False)
+    prompt = "a majestic lion jumping from a big stone at night, photorealistic, 8k"
+    embeds, pooled, _, _ = _diffusers_encode(pipe, prompt)
+    context, our_pooled = encode_base_prompt(clip_l, clip_g, prompt)
+    assert context.shape == (1, 77, 2048) and our_pooled.shape == (1, 1280)
+    assert ((context - embeds).norm() / embeds.norm()).item() <= 1e-6
+    assert ((our_pooled - pooled).norm() / pooled.norm()).item() <= 1e-6
+    long_context, _ = encode_base_prompt(clip_l, clip_g, ("(" + prompt + ":1.2), ") * 6)
+    assert long_context.shape == (1, 154, 2048) and torch.isfinite(long_context).all()
