@@ -1,0 +1,206 @@
+"""Write example_workflows/: each example graph in ComfyUI's UI format (v0.4, for the template browser) and its
+API-format twin (example_workflows/api/, for scripts and POST /prompt), from one description per graph.
+
+Run from the repository root: `python3 scripts/build_example_workflows.py`. tests/test_workflows.py checks the
+files against the node definitions, independently of this script.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+UI_DIR = ROOT / "example_workflows"
+API_DIR = UI_DIR / "api"
+PACK_ID = "sdxl-twostage-nodes"
+P = "SDXLTwoStage."
+
+POSITIVE = ("a majestic lighthouse on a rocky coast at sunset, dramatic clouds, golden light, highly detailed "
+            "photograph")
+NEGATIVE = "blurry, low quality, watermark, text"
+REFINE_POSITIVE = "a detailed photograph, sharp focus, fine texture"
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple[int, int]
+    size: tuple[int, int]
+    widgets: list  # widget values in the frontend's order (seed widgets carry their control value after them)
+    api_widgets: dict  # the same values by input name, as the API format has them
+    inputs: list[tuple[str, str, tuple[int, int]]] = field(default_factory=list)  # (name, type, (src id, slot))
+    outputs: list[tuple[str, str]] = field(default_factory=list)  # (name, type)
+    title: str | None = None
+    color: str | None = None
+    bgcolor: str | None = None
+
+
+def _checkpoint_loader(id, pos, name, title):
+    return Node(id, P + "CheckpointLoader", pos, (380, 106), [name, "default"],
+                {"ckpt_name": name, "weight_dtype": "default"}, outputs=[("model", "SDXL_MODEL"), ("vae", "SDXL_VAE")],
+                title=title)
+
+
+def _base_encode(id, pos, model, text, title, color):
+    return Node(id, P + "TextEncodeBase", pos, (400, 260), [text, "", "encode"],
+                {"text_g": text, "text_l": "", "empty_prompt": "encode"}, inputs=[("model", "SDXL_MODEL", model)],
+                outputs=[("CONDITIONING", "CONDITIONING")], title=title, **color)
+
+
+def _refiner_encode(id, pos, model, text, title, color):
+    return Node(id, P + "TextEncodeRefiner", pos, (400, 200), [text, "encode"],
+                {"text": text, "empty_prompt": "encode"}, inputs=[("model", "SDXL_MODEL", model)],
+                outputs=[("CONDITIONING", "CONDITIONING")], title=title, **color)
+
+
+GREEN = {"color": "#232", "bgcolor": "#353"}
+RED = {"color": "#322", "bgcolor": "#533"}
+NO_COLOR = {}
+
+
+def txt2img() -> tuple[list[Node], list[dict]]:
+    steps, handoff, seed, cfg = 25, 20, 42, 7.0
+    nodes = [
+        _checkpoint_loader(1, (20, 80), "sd_xl_base_1.0.safetensors", "Load SDXL Base"),
+        _checkpoint_loader(2, (20, 700), "sd_xl_refiner_1.0.safetensors", "Load SDXL Refiner"),
+        Node(3, P + "EmptyLatent", (20, 240), (380, 150), ["1024x1024 (1:1)", 1024, 1024, 1],
+             {"resolution": "1024x1024 (1:1)", "width": 1024, "height": 1024, "batch_size": 1},
+             outputs=[("latent", "LATENT"), ("width", "INT"), ("height", "INT")]),
+        _base_encode(4, (440, 80), (1, 0), POSITIVE, "Positive (base)", GREEN),
+        _base_encode(5, (440, 380), (1, 0), NEGATIVE, "Negative (base)", RED),
+        Node(6, P + "MicroConditioning", (880, 80), (340, 230), [1024, 1024, 0, 0, 1024, 1024],
+             {"width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0, "target_width": 1024, "target_height": 1024},
+             inputs=[("conditioning", "CONDITIONING", (4, 0))], outputs=[("CONDITIONING", "CONDITIONING")]),
+        Node(7, P + "BaseSampler", (1260, 80), (340, 330),
+             [seed, "fixed", steps, cfg, "euler", "normal", handoff, True, 1.0],
+             {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+              "end_at_step": handoff, "leftover_noise": True, "denoise": 1.0},
+             inputs=[("model", "SDXL_MODEL", (1, 0)), ("positive", "CONDITIONING", (6, 0)),
+                     ("negative", "CONDITIONING", (5, 0)), ("latent_image", "LATENT", (3, 0))],
+             outputs=[("LATENT", "LATENT")]),
+        _refiner_encode(8, (440, 700), (2, 0), POSITIVE, "Positive (refiner)", GREEN),
+        _refiner_encode(9, (440, 940), (2, 0), NEGATIVE, "Negative (refiner)", RED),
+        Node(10, P + "AestheticScore", (880, 940), (340, 82), [2.5], {"aesthetic_score": 2.5},
+             inputs=[("conditioning", "CONDITIONING", (9, 0))], outputs=[("CONDITIONING", "CONDITIONING")]),
+        Node(11, P + "RefinerSampler", (1260, 700), (340, 310),
+             [seed, "fixed", steps, cfg, "euler", "normal", handoff, 1.0],
+             {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+              "start_at_step": handoff, "denoise": 1.0},
+             inputs=[("model", "SDXL_MODEL", (2, 0)), ("positive", "CONDITIONING", (8, 0)),
+                     ("negative", "CONDITIONING", (10, 0)), ("latent_image", "LATENT", (7, 0))],
+             outputs=[("LATENT", "LATENT")]),
+        Node(12, P + "VAEDecode", (1640, 80), (260, 80), ["auto"], {"tiling": "auto"},
+             inputs=[("vae", "SDXL_VAE", (1, 1)), ("samples", "LATENT", (11, 0))], outputs=[("IMAGE", "IMAGE")]),
+        Node(13, "SaveImage", (1640, 220), (520, 560), ["sdxl_two_stage"], {"filename_prefix": "sdxl_two_stage"},
+             inputs=[("images", "IMAGE", (12, 0))]),
+    ]
+    groups = [
+        {"title": "Base: steps 0..K (K = end_at_step)", "bounding": [0, 0, 1620, 600], "color": "#3f789e"},
+        {"title": "Refiner: steps K..N, its own text encode", "bounding": [0, 620, 1620, 440], "color": "#8A8"},
+    ]
+    return nodes, groups
+
+
+def img2img_refine() -> tuple[list[Node], list[dict]]:
+    steps, denoise, seed, cfg = 20, 0.25, 7, 7.0
+    nodes = [
+        Node(1, "LoadImage", (20, 80), (320, 330), ["example.png", "image"], {"image": "example.png"},
+             outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+        _checkpoint_loader(2, (20, 460), "sd_xl_refiner_1.0.safetensors", "Load SDXL Refiner"),
+        Node(3, P + "VAEEncode", (440, 80), (260, 80), ["auto"], {"tiling": "auto"},
+             inputs=[("vae", "SDXL_VAE", (2, 1)), ("pixels", "IMAGE", (1, 0))], outputs=[("LATENT", "LATENT")]),
+        _refiner_encode(4, (440, 220), (2, 0), REFINE_POSITIVE, "Positive (refiner)", GREEN),
+        _refiner_encode(5, (440, 460), (2, 0), NEGATIVE, "Negative (refiner)", RED),
+        Node(6, P + "RefinerSampler", (880, 80), (340, 310),
+             [seed, "fixed", steps, cfg, "euler", "normal", 0, denoise],
+             {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+              "start_at_step": 0, "denoise": denoise},
+             inputs=[("model", "SDXL_MODEL", (2, 0)), ("positive", "CONDITIONING", (4, 0)),
+                     ("negative", "CONDITIONING", (5, 0)), ("latent_image", "LATENT", (3, 0))],
+             outputs=[("LATENT", "LATENT")]),
+        Node(7, P + "VAEDecode", (1260, 80), (260, 80), ["auto"], {"tiling": "auto"},
+             inputs=[("vae", "SDXL_VAE", (2, 1)), ("samples", "LATENT", (6, 0))], outputs=[("IMAGE", "IMAGE")]),
+        Node(8, "SaveImage", (1260, 220), (520, 560), ["sdxl_refined"], {"filename_prefix": "sdxl_refined"},
+             inputs=[("images", "IMAGE", (7, 0))]),
+    ]
+    return nodes, []
+
+
+def _order(nodes: list[Node]) -> dict[int, int]:
+    """Execution order (a topological order), which the frontend stores per node."""
+    done: dict[int, int] = {}
+    by_id = {n.id: n for n in nodes}
+
+    def visit(node: Node) -> None:
+        if node.id in done:
+            return
+        for _, _, (src, _) in node.inputs:
+            visit(by_id[src])
+        done[node.id] = len(done)
+
+    for node in nodes:
+        visit(node)
+    return done
+
+
+def to_ui(nodes: list[Node], groups: list[dict]) -> dict:
+    links = []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    in_links: dict[tuple[int, str], int] = {}
+    for node in nodes:
+        for slot, (name, type_, (src, src_slot)) in enumerate(node.inputs):
+            link_id = len(links) + 1
+            links.append([link_id, src, src_slot, node.id, slot, type_])
+            out_links.setdefault((src, src_slot), []).append(link_id)
+            in_links[(node.id, name)] = link_id
+    order = _order(nodes)
+    ui_nodes = []
+    for node in nodes:
+        entry = {
+            "id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size), "flags": {},
+            "order": order[node.id], "mode": 0,
+            "inputs": [{"name": name, "type": type_, "link": in_links[(node.id, name)]}
+                       for name, type_, _ in node.inputs],
+            "outputs": [{"name": name, "type": type_, "links": out_links.get((node.id, slot), []),
+                         "slot_index": slot} for slot, (name, type_) in enumerate(node.outputs)],
+            "properties": {"Node name for S&R": node.type,
+                           "cnr_id": PACK_ID if node.type.startswith(P) else "comfy-core"},
+            "widgets_values": node.widgets,
+        }
+        for key in ("title", "color", "bgcolor"):
+            if getattr(node, key) is not None:
+                entry[key] = getattr(node, key)
+        ui_nodes.append(entry)
+    return {"last_node_id": max(n.id for n in nodes), "last_link_id": len(links), "nodes": ui_nodes,
+            "links": links, "groups": [{"id": i + 1, "font_size": 24, "flags": {}, **g} for i, g in enumerate(groups)],
+            "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}}, "version": 0.4}
+
+
+def to_api(nodes: list[Node]) -> dict:
+    prompt = {}
+    for node in nodes:
+        inputs = dict(node.api_widgets)
+        for name, _, (src, slot) in node.inputs:
+            inputs[name] = [str(src), slot]
+        prompt[str(node.id)] = {"class_type": node.type, "inputs": inputs,
+                                "_meta": {"title": node.title or node.type.removeprefix(P)}}
+    return prompt
+
+
+EXAMPLES = {"sdxl_two_stage_txt2img": txt2img, "sdxl_refiner_img2img": img2img_refine}
+
+
+def main() -> None:
+    API_DIR.mkdir(parents=True, exist_ok=True)
+    for name, build in EXAMPLES.items():
+        nodes, groups = build()
+        (UI_DIR / f"{name}.json").write_text(json.dumps(to_ui(nodes, groups), indent=2) + "\n")
+        (API_DIR / f"{name}_api.json").write_text(json.dumps(to_api(nodes), indent=2) + "\n")
+        print(f"wrote {name}.json and api/{name}_api.json")
+
+
+if __name__ == "__main__":
+    main()
