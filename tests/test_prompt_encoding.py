@@ -261,3 +261,73 @@ def test_full_size_encoders_match_diffusers(diffusers_tokenizers):
     assert ((our_pooled - pooled).norm() / pooled.norm()).item() <= 1e-6
     long_context, _ = encode_base_prompt(clip_l, clip_g, ("(" + prompt + ":1.2), ") * 6)
     assert long_context.shape == (1, 154, 2048) and torch.isfinite(long_context).all()
+
+
+# --- parity with ComfyUI itself (comfy/sd1_clip.py, comfy/sdxl_clip.py, CLIPTextEncodeSDXL) ------------------------
+
+COMFY_PROMPTS = [
+    "a photo of a cat",
+    "",
+    "a (red:1.3) car, ((blue sky)), (wet street:0.7) at night!",
+    r"\(escaped\) (nested (inner:1.5) outer:0.8) ((foo):1.2) (unclosed",
+    "a ) stray paren (and: text) (time: 12:30) line\nbreak\ttab  spaces",
+    "cat " * 74 + "(red sports car:1.3)",
+    "cat " * 70 + "(a red sports car parked near the old house:1.3), (blue:0.5) sky",
+    ("(a majestic lion jumping from a big stone at night:1.2), photorealistic, 8k, " * 5).strip(),
+    "café naïve résumé, 日本語, emoji 🐱 " * 12,
+]
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("prompt", COMFY_PROMPTS)
+def test_chunks_and_weights_match_comfyui(prompt):
+    from tests._comfyui_reference import comfy_sdxl_clip
+
+    comfy_tokens = comfy_sdxl_clip().SDXLTokenizer().tokenize_with_weights(prompt)
+    for key, tokenizer in (("l", TOK.clip_l), ("g", TOK.clip_g)):
+        ours = tokenize_weighted(tokenizer, prompt)
+        assert ours.tokens.tolist() == [[t for t, _ in chunk] for chunk in comfy_tokens[key]]
+        expected = torch.tensor([[w for _, w in chunk] for chunk in comfy_tokens[key]], dtype=torch.float32)
+        assert torch.equal(ours.weights, expected)
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("text_l, text_g", [
+    ("a photo of a cat", "a photo of a cat"),
+    ("a (red:1.3) car, ((blue sky))", "cat " * 70 + "(a red sports car parked near the old house:1.3), (blue:0.5)"),
+    ("cat " * 160, "(dog:0.5)"),
+    ("", ""),
+])
+def test_base_encoding_matches_comfyui(text_l, text_g):
+    """Our encoders and ComfyUI's own CLIP code on identical tiny weights, via CLIPTextEncodeSDXL's steps."""
+    from sdxl_core.config import TextEncoderConfig
+    from sdxl_core.openclip_conversion import openclip_to_transformers
+    from tests._comfyui_reference import comfy_sdxl_clip
+
+    sdxl_clip = comfy_sdxl_clip()
+    # ComfyUI's CLIP has a square text_projection, so the tiny bigG projects to its own width here.
+    tiny_g = TextEncoderConfig(hidden_size=64, num_layers=3, num_heads=2, intermediate_size=128, hidden_act="gelu",
+                               projection_dim=64)
+    clip_l, clip_g = _randomized(TINY_CLIP_L, 3), _randomized(tiny_g, 4)
+    shape = {"num_hidden_layers": 3, "num_attention_heads": 2}
+    comfy = sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32, model_options={
+        "clip_l_model_config": {**shape, "hidden_size": 32, "intermediate_size": 64},
+        "clip_g_model_config": {**shape, "hidden_size": 64, "intermediate_size": 128, "projection_dim": 64}})
+    missing_l, unexpected_l = comfy.clip_l.load_sd(dict(clip_l.state_dict()))
+    missing_g, unexpected_g = comfy.clip_g.load_sd(openclip_to_transformers(clip_g.state_dict()))
+    assert missing_l == ["text_projection.weight"] and missing_g == [] and not unexpected_l and not unexpected_g
+
+    tokenizer = sdxl_clip.SDXLTokenizer()
+    tokens = tokenizer.tokenize_with_weights(text_g)
+    tokens["l"] = tokenizer.tokenize_with_weights(text_l)["l"]
+    empty = tokenizer.tokenize_with_weights("")
+    while len(tokens["l"]) < len(tokens["g"]):
+        tokens["l"] += empty["l"]
+    while len(tokens["l"]) > len(tokens["g"]):
+        tokens["g"] += empty["g"]
+    with torch.no_grad():
+        want, want_pooled = comfy.encode_token_weights(tokens)
+    got, got_pooled = encode_base_prompt(clip_l, clip_g, text_l, text_g)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (got_pooled - want_pooled).abs().max() <= 1e-5 * want_pooled.abs().max()
