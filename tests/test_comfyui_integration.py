@@ -1,0 +1,250 @@
+"""The pack inside a real ComfyUI (CPU), driven over its HTTP API exactly as a user's script would.
+
+Skipped unless COMFYUI_PATH names a ComfyUI checkout. COMFYUI_PYTHON names the interpreter that has ComfyUI's
+requirements (default: this one). The test starts `main.py --cpu` on a free local port with the pack loaded from a
+temporary custom_nodes folder (through --extra-model-paths-config, like ComfyUI's own execution tests), tiny
+checkpoints written by the test in its checkpoints folder, and queues every API-format example.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+COMFYUI = os.environ.get("COMFYUI_PATH")
+pytestmark = [pytest.mark.comfyui,
+              pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run")]
+
+sys.path.insert(0, str(REPO / "scripts"))
+import queue_workflow as client  # noqa: E402
+
+API_DIR = REPO / "example_workflows" / "api"
+PACK_FOLDER = "sdxl_two_stage"
+TINY = {"sd_xl_base_1.0.safetensors": "tiny_sdxl_base.safetensors",
+        "sd_xl_refiner_1.0.safetensors": "tiny_sdxl_refiner.safetensors"}
+W, H, STEPS, HANDOFF = 64, 96, 4, 3
+STARTUP_TIMEOUT = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfyui")
+    for sub in ("custom_nodes", "models/checkpoints", "models/vae", "input", "output", "temp", "user"):
+        (root / sub).mkdir(parents=True)
+    (root / "custom_nodes" / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
+    for kind, path in tiny_checkpoints.items():
+        shutil.copyfile(path, root / "models" / "checkpoints" / f"tiny_sdxl_{kind}.safetensors")
+    pixels = (np.indices((H, W, 3)).sum(axis=0) * 7 % 256).astype(np.uint8)
+    Image.fromarray(pixels).save(root / "input" / "example.png")
+    (root / "extra_model_paths.yaml").write_text(
+        f"sdxl_two_stage_test:\n  base_path: {root}\n  custom_nodes: custom_nodes\n"
+        "  checkpoints: models/checkpoints\n  vae: models/vae\n")
+    port = _free_port()
+    log = open(root / "comfyui.log", "w")
+    command = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
+               "--port", str(port), "--extra-model-paths-config", str(root / "extra_model_paths.yaml"),
+               "--output-directory", str(root / "output"), "--input-directory", str(root / "input"),
+               "--temp-directory", str(root / "temp"), "--user-directory", str(root / "user"),
+               "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb"]
+    process = subprocess.Popen(command, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {process.returncode}:\n{(root / 'comfyui.log').read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url + "/system_stats", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ComfyUI did not answer in {STARTUP_TIMEOUT} s")
+                time.sleep(1)
+        yield {"url": url, "root": root, "log": root / "comfyui.log"}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _get(server, path):
+    with urllib.request.urlopen(server["url"] + path, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _example(name: str, **overrides) -> dict:
+    prompt = json.loads((API_DIR / f"{name}_api.json").read_text())
+    for node in prompt.values():
+        if "ckpt_name" in node["inputs"]:
+            node["inputs"]["ckpt_name"] = TINY[node["inputs"]["ckpt_name"]]
+    for key, value in overrides.items():
+        node_id, name_ = key.split(".")
+        prompt[node_id]["inputs"][name_] = value
+    return prompt
+
+
+def _run(server, prompt) -> tuple[list[Path], dict]:
+    prompt_id = client.queue(server["url"], prompt)
+    entry = client.wait(server["url"], prompt_id, timeout=600)
+    images = [client.download(server["url"], image, server["root"] / "downloads")
+              for image in client.output_images(entry)]
+    return images, entry
+
+
+def test_pack_loads_and_object_info_lists_every_node(server):
+    import nodes
+
+    log = server["log"].read_text()
+    assert "IMPORT FAILED" not in log, log[-3000:]
+    info = _get(server, "/object_info")
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        assert name in info, f"{name} missing from /object_info"
+        entry = info[name]
+        assert entry["category"] == cls.CATEGORY and entry["output"] == list(cls.RETURN_TYPES)
+        assert entry["display_name"] == nodes.NODE_DISPLAY_NAME_MAPPINGS[name]
+        for input_name, spec in entry["input"]["required"].items():
+            assert spec[1]["tooltip"], f"{name}.{input_name}"
+    loader = info["SDXLTwoStage.CheckpointLoader"]["input"]["required"]["ckpt_name"][0]
+    assert set(TINY.values()) <= set(loader)
+    assert any("sdxl_two_stage" in path for path in _get(server, "/extensions")), "web extension not served"
+    templates = _get(server, "/workflow_templates")
+    assert sorted(templates[PACK_FOLDER]) == ["sdxl_refiner_img2img", "sdxl_two_stage_txt2img"]
+
+
+def _local_two_stage(root: Path) -> np.ndarray:
+    """The same graph run in this process through the node classes (the reference for the server's PNG)."""
+    from nodes import comfy_host
+
+    from _nodes_helpers import node
+
+    comfy_host.set_standalone_model_folders({"checkpoints": [str(root / "models" / "checkpoints")]})
+    try:
+        base, vae = node("CheckpointLoader").load("tiny_sdxl_base.safetensors", "default")
+        refiner, _ = node("CheckpointLoader").load("tiny_sdxl_refiner.safetensors", "default")
+    finally:
+        comfy_host.set_standalone_model_folders({})
+    prompt = _example("sdxl_two_stage_txt2img")
+    text = prompt["4"]["inputs"]["text_g"]
+    negative = prompt["5"]["inputs"]["text_g"]
+    positive = node("MicroConditioning").apply(node("TextEncodeBase").encode(base, text, "", "encode")[0],
+                                               1024, 1024, 0, 0, 1024, 1024)[0]
+    negative_base = node("TextEncodeBase").encode(base, negative, "", "encode")[0]
+    latent = node("EmptyLatent").generate("custom", W, H, 1)[0]
+    seed, cfg = prompt["7"]["inputs"]["seed"], prompt["7"]["inputs"]["cfg"]
+    handoff = node("BaseSampler").sample(base, positive, negative_base, latent, seed, STEPS, cfg, "euler", "normal",
+                                         HANDOFF, True, 1.0)[0]
+    refiner_positive = node("TextEncodeRefiner").encode(refiner, text, "encode")[0]
+    refiner_negative = node("AestheticScore").apply(node("TextEncodeRefiner").encode(refiner, negative,
+                                                                                      "encode")[0], 2.5)[0]
+    refined = node("RefinerSampler").sample(refiner, refiner_positive, refiner_negative, handoff, seed, STEPS, cfg,
+                                            "euler", "normal", HANDOFF, 1.0)[0]
+    image = node("VAEDecode").decode(vae, refined, "auto")[0]
+    return np.clip(255.0 * image[0].numpy(), 0, 255).astype(np.uint8)
+
+
+def test_two_stage_txt2img_example_runs_and_matches_the_nodes_in_process(server):
+    prompt = _example("sdxl_two_stage_txt2img", **{
+        "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
+        "11.steps": STEPS, "11.start_at_step": HANDOFF})
+    images, entry = _run(server, prompt)
+    assert len(images) == 1
+    with Image.open(images[0]) as png:
+        assert png.size == (W, H)
+        assert json.loads(png.info["prompt"])["7"]["class_type"] == "SDXLTwoStage.BaseSampler"
+        served = np.asarray(png.convert("RGB"))
+    expected = _local_two_stage(server["root"])
+    # Another torch build runs inside ComfyUI, so allow rounding to land one level apart.
+    assert np.abs(served.astype(int) - expected.astype(int)).max() <= 2
+
+
+def test_refiner_img2img_example_runs(server):
+    prompt = _example("sdxl_refiner_img2img", **{"6.steps": STEPS})
+    images, _ = _run(server, prompt)
+    with Image.open(images[0]) as png, Image.open(server["root"] / "input" / "example.png") as source:
+        assert png.size == source.size
+        refined, original = np.asarray(png.convert("RGB")), np.asarray(source.convert("RGB"))
+    assert not np.array_equal(refined, original)
+
+
+def test_core_nodes_before_and_after_ours(server):
+    """Core ConditioningConcat, RepeatLatentBatch, ImageScaleBy and PreviewImage around the pack's nodes."""
+    prompt = _example("sdxl_two_stage_txt2img", **{
+        "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": STEPS})
+    prompt["20"] = {"class_type": "ConditioningConcat", "inputs": {"conditioning_to": ["6", 0],
+                                                                   "conditioning_from": ["4", 0]}}
+    prompt["21"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["3", 0], "amount": 2}}
+    prompt["7"]["inputs"].update(positive=["20", 0], latent_image=["21", 0])
+    prompt["12"]["inputs"]["samples"] = ["7", 0]
+    prompt["22"] = {"class_type": "ImageScaleBy", "inputs": {"image": ["12", 0], "upscale_method": "nearest-exact",
+                                                             "scale_by": 2.0}}
+    prompt["13"] = {"class_type": "PreviewImage", "inputs": {"images": ["22", 0]}}
+    for unused in ("8", "9", "10", "11", "2"):
+        del prompt[unused]
+    images, _ = _run(server, prompt)
+    assert len(images) == 2
+    with Image.open(images[0]) as first, Image.open(images[1]) as second:
+        assert first.size == (2 * W, 2 * H)
+        assert not np.array_equal(np.asarray(first), np.asarray(second))  # each batch item has its own noise
+
+
+def test_validation_errors_are_node_errors_with_sentences(server):
+    prompt = _example("sdxl_two_stage_txt2img", **{"7.end_at_step": 30, "7.steps": 25})
+    with pytest.raises(client.WorkflowError, match=r"past the last step"):
+        client.queue(server["url"], prompt)
+    prompt = _example("sdxl_two_stage_txt2img", **{"3.resolution": "custom", "3.width": 100})
+    with pytest.raises(client.WorkflowError, match=r"multiple of 8"):
+        client.queue(server["url"], prompt)
+
+
+def test_wiring_mistakes_fail_with_a_sentence_at_run_time(server):
+    prompt = _example("sdxl_two_stage_txt2img", **{
+        "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
+        "11.steps": STEPS, "11.start_at_step": HANDOFF})
+    prompt["11"]["inputs"]["positive"] = ["6", 0]  # base conditioning into the refiner
+    with pytest.raises(client.WorkflowError, match="this is base conditioning wired into the refiner model"):
+        _run(server, prompt)
+    prompt = _example("sdxl_two_stage_txt2img", **{
+        "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
+        "11.steps": STEPS, "11.start_at_step": HANDOFF})
+    prompt["11"]["inputs"]["model"] = ["1", 0]  # the base checkpoint in the refiner's slot
+    with pytest.raises(client.WorkflowError, match="needs the SDXL refiner checkpoint"):
+        _run(server, prompt)
+
+
+def test_interrupt_stops_sampling_within_a_step(server):
+    prompt = _example("sdxl_two_stage_txt2img", **{
+        "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": 2000, "7.end_at_step": 2000,
+        "7.seed": 99})
+    prompt_id = client.queue(server["url"], prompt)
+    deadline = time.monotonic() + 120
+    while not _get(server, "/queue")["queue_running"]:
+        assert time.monotonic() < deadline, "the prompt never started"
+        time.sleep(0.2)
+    time.sleep(3)  # let the loaders and encoders finish and the sampler start
+    request = urllib.request.Request(server["url"] + "/interrupt", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).close()
+    stopped = time.monotonic()
+    with pytest.raises(client.WorkflowError, match="execution_interrupted|interrupted"):
+        client.wait(server["url"], prompt_id, timeout=120)
+    assert time.monotonic() - stopped < 30
