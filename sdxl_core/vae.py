@@ -258,6 +258,9 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"{what} must be a [B, {channels}, H, W] tensor, got {found}")
         if not x.is_floating_point():
             raise TypeError(f"{what} must be a floating-point tensor, got {x.dtype}")
+        if self.device.type == "meta":
+            raise RuntimeError("this VAE was built on the meta device and has no weights yet: load a state dict "
+                               "into it (load_state_dict(..., assign=True)) before encoding or decoding")
         if x.shape[-2] % multiple or x.shape[-1] % multiple:
             raise ValueError(f"{what} height and width must be multiples of {multiple}, got "
                              f"{x.shape[-2]}x{x.shape[-1]}; crop or pad the image first")

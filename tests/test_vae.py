@@ -37,6 +37,8 @@ def test_full_size_keys_and_shapes_match_the_checkpoint_manifest():
 def test_meta_construction_allocates_nothing_and_loads_by_assignment():
     vae = AutoencoderKL(TINY_VAE, device="meta")
     assert all(p.is_meta for p in vae.parameters())
+    with pytest.raises(RuntimeError, match="meta device and has no weights"):
+        vae.decode(torch.zeros(1, 4, 4, 4))
     source = random_vae(TINY_VAE, seed=3)
     vae.load_state_dict(source.state_dict(), strict=True, assign=True)
     assert not any(p.is_meta for p in vae.parameters())
@@ -166,6 +168,7 @@ def test_config_validation():
 
 @pytest.mark.heavy
 def test_full_size_matches_diffusers():
+    """Full-size SDXL VAE, random weights, fp32 on the CPU (about 10 s)."""
     vae = random_vae(SDXL_VAE, seed=11)
     reference = diffusers_vae_from(vae)
     images = torch.rand(1, 3, 128, 128) * 2 - 1
