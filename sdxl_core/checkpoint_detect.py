@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping
 
 from .checkpoint_errors import CorruptCheckpointError, StateDictMismatchError
@@ -275,8 +275,3 @@ def config_hints(config: SDXLConfig) -> dict[str, str]:
     if config.clip_l is not None:
         hints[HINT_CLIP_L_HEADS] = str(config.clip_l.num_heads)
     return hints
-
-
-def with_vae(config: SDXLConfig, vae: VAEConfig) -> SDXLConfig:
-    """`config` with its VAE replaced (a separate VAE file overrides the checkpoint's)."""
-    return replace(config, vae=vae)

@@ -250,7 +250,8 @@ def read_diffusers_folder(folder: Path) -> tuple[dict[str, LazyTensor], dict[str
     tensors.update(unet_from_diffusers(load("unet", _UNET_WEIGHTS, "UNet")))
     if "vae" in parts:
         vae = load("vae", _UNET_WEIGHTS, "VAE")
-        tensors.update(vae_from_diffusers(vae) if is_diffusers_vae(vae) else {VAE_PREFIX + k: v for k, v in vae.items()})
+        tensors.update(vae_from_diffusers(vae) if is_diffusers_vae(vae)
+                       else {VAE_PREFIX + k: v for k, v in vae.items()})
         vae_config = _read_json(folder / "vae" / "config.json")
         if "norm_num_groups" in vae_config:
             hints[HINT_VAE_NORM_GROUPS] = str(vae_config["norm_num_groups"])

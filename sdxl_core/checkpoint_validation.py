@@ -21,7 +21,8 @@ BOOKKEEPING_KEYS = {
     "clip_l": frozenset({"text_model.embeddings.position_ids"}),
     "clip_g": frozenset({"logit_scale", "text_model.embeddings.position_ids"}),
 }
-COMPONENT_NAMES = {"unet": "UNet", "vae": "VAE", "clip_l": "CLIP-L text encoder", "clip_g": "OpenCLIP bigG text encoder"}
+COMPONENT_NAMES = {"unet": "UNet", "vae": "VAE", "clip_l": "CLIP-L text encoder",
+                   "clip_g": "OpenCLIP bigG text encoder"}
 
 
 def build_component(name: str, config: SDXLConfig | VAEConfig, *, device="meta", dtype=None) -> nn.Module:
@@ -101,7 +102,3 @@ def validate(found: Mapping[str, tuple], expected: Mapping[str, tuple], prefixes
             continue
         (report.ignored if key in bookkeeping else report.unexpected).append(key)
     return report
-
-
-def vae_prefixes() -> dict[str, str]:
-    return {"vae": VAE_PREFIX}

@@ -187,3 +187,31 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+# --- full-size synthetic checkpoints (heavy tests) -------------------------------------------------------------------
+
+def write_from_manifest(manifest: Path, path: Path, seed: int = 0) -> int:
+    """A full-size random checkpoint with exactly the manifest's keys, shapes and dtypes; returns its weight bytes.
+
+    Values are slices of one 64M-element random block (finite, small), so synthesis runs at disk speed instead of
+    drawing billions of random numbers; `write_safetensors` streams them, one tensor in memory at a time.
+    """
+    from sdxl_core.checkpoint_files import LazyTensor, write_safetensors
+
+    entries = json.loads(manifest.read_text())
+    block = (torch.randn(1 << 26, generator=torch.Generator().manual_seed(seed)) * 0.02).to(torch.float16)
+    tensors, offset, total = {}, 0, 0
+    for key, entry in entries.items():
+        shape, dtype = tuple(entry["shape"]), getattr(torch, entry["dtype"])
+        numel = int(torch.Size(shape).numel())
+        if key.endswith("position_ids"):
+            loader = (lambda: torch.arange(77, dtype=torch.int64).reshape(1, 77))
+        else:
+            start = offset % (block.numel() - numel)
+            offset += 7919  # vary where each tensor starts in the block
+            loader = (lambda s=start, n=numel, sh=shape, dt=dtype: block[s:s + n].reshape(sh).to(dt))
+        tensors[key] = LazyTensor(shape=shape, dtype=dtype, origin=key, loader=loader)
+        total += numel * torch.empty((), dtype=dtype).element_size()
+    write_safetensors(path, tensors)
+    return total

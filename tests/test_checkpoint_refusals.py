@@ -47,7 +47,8 @@ def _with(base, tmp_path, name, edit):
 
 
 def test_truncated_file(files, tmp_path):
-    message = _refused(CorruptCheckpointError, "truncated", write_truncated(files["base"], tmp_path / "cut.safetensors"))
+    cut = write_truncated(files["base"], tmp_path / "cut.safetensors")
+    message = _refused(CorruptCheckpointError, "truncated", cut)
     assert "bytes missing" in message and "Download the file again" in message
 
 
