@@ -46,7 +46,12 @@ def euler_scheduler():
 
 
 def dpmpp_2m_scheduler():
-    """DPM-Solver++(2M) on the same spacing, final sigma 0 (so the last step is first order), no Karras sigmas."""
+    """DPM-Solver++(2M) on the same spacing, no Karras sigmas, final sigma 0.
+
+    Its order switches match our `dpmpp_2m`: a fresh scheduler's first step is first order (so is the refiner's,
+    since img2img calls `set_timesteps` anew), and the last step is first order because `final_sigmas_type` is
+    "zero" (`lower_order_final` would force it anyway below 15 steps); `lower_order_second` only affects order 3.
+    Its "leading" spacing uses 1000 // (N + 1), not Euler's 1000 // N, hence a different grid (901, 811, ... 91)."""
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler(**SDXL_SCHEDULER_CONFIG, algorithm_type="dpmsolver++", solver_order=2,

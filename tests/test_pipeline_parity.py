@@ -18,28 +18,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
+from sdxl_core.conditioning import with_micro_conditioning
+from sdxl_core.pipeline import (denoise_from, encode_base_conditioning, encode_refiner_conditioning, eps_schedule,
+                                sample_latent)
+
+from _diffusers_reference import (SCHEDULERS, UNetCalls, compare_calls, diffusers_clip_tokenizers, euler_scheduler,
+                                  relative_error)
+from _diffusers_reference import base_pipeline as _base_pipeline
+from _diffusers_reference import refiner_pipeline as _refiner_pipeline
+from _vae_helpers import diffusers_vae_from
+from test_unet import diffusers_twin
+
+pytest.importorskip("diffusers")  # the helpers above import it only when called
 # diffusers 0.42 schedulers call np.array(tensor, copy=False) on torch tensors; harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-from sdxl_core.conditioning import with_micro_conditioning  # noqa: E402
-from sdxl_core.pipeline import (denoise_from, encode_base_conditioning, encode_refiner_conditioning,  # noqa: E402
-                                eps_schedule, sample_latent)
-
-from _diffusers_reference import (SCHEDULERS, UNetCalls, compare_calls, diffusers_clip_tokenizers,  # noqa: E402
-                                  euler_scheduler, relative_error)
-from _diffusers_reference import base_pipeline as _base_pipeline  # noqa: E402
-from _diffusers_reference import refiner_pipeline as _refiner_pipeline  # noqa: E402
-from _vae_helpers import diffusers_vae_from  # noqa: E402
-from test_unet import diffusers_twin  # noqa: E402
 
 SIZE = 64  # pixels: 8x8 latents
 STEPS = 10
 CFG = 5.0
 SEED = 7
 PROMPT = "a lighthouse on a cliff at dusk, dramatic clouds"
-# Non-empty so diffusers' force_zeros_for_empty_prompt stays out of it; no "!" anywhere, because diffusers'
-# tokenizer_2 pads with "!" and so maps a typed "!" to the pad id 0 (tests/test_prompt_encoding.py).
+# Non-empty so diffusers' force_zeros_for_empty_prompt stays out of it. No "!" anywhere: diffusers' tokenizer_2
+# (pad token "!") encodes it as id 0 where bigG's tokenizer keeps 256 (tests/test_prompt_encoding.py).
 NEGATIVE = "blurry, low quality, watermark"
 REFINER_SPLIT = 0.8  # diffusers' denoising_end / denoising_start
 POSITIVE_AESTHETIC, NEGATIVE_AESTHETIC = 6.0, 2.5
