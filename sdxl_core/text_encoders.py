@@ -15,6 +15,10 @@ directions, through state-dict hooks, so the encoder also loads and saves correc
   transformers uses: version 5 drops the `text_model.` level of `CLIPTextModel`);
 - bigG: OpenCLIP names (`token_embedding.weight`, `transformer.resblocks.N.attn.in_proj_weight`, `text_projection`,
   ...), converted by `openclip_conversion`.
+Precision: the encoder computes in its parameter dtype. ComfyUI computes CLIP in float32 whatever the stored dtype
+(fp32 embeddings, weights cast per layer), so build with dtype=torch.float32 to reproduce its numbers; sgm and
+diffusers run fp16 text encoders.
+
 Bookkeeping keys are accepted and dropped on load: `text_model.embeddings.position_ids` (always arange(77) here;
 merged checkpoints often carry float or shuffled ids) and `logit_scale`. `state_dict()` omits both.
 """
@@ -89,9 +93,7 @@ class TextEncoder(nn.Module):
         self._hf_keys = frozenset(self.hf_model.state_dict().keys())
         self._hf_text_prefix = _TEXT_MODEL if any(k.startswith(_TEXT_MODEL) for k in self._hf_keys) else ""
         self._load_prefix = ""
-        self.register_state_dict_post_hook(_save_single_file_layout)
-        self.register_load_state_dict_pre_hook(_load_single_file_layout)
-        self.register_load_state_dict_post_hook(_after_load)
+        _register_layout_hooks(self)
 
     def _text_model(self) -> nn.Module:
         return getattr(self.hf_model, "text_model", self.hf_model)
@@ -154,6 +156,17 @@ class TextEncoder(nn.Module):
         if self.has_projection:
             known = openclip_to_transformers(known)
         return {self._transformers_to_hf(k): v for k, v in known.items()}, unknown
+
+
+def _register_layout_hooks(module: TextEncoder) -> None:
+    # The public registration methods arrived in torch 2.5; older torch has the same hooks under private names.
+    if hasattr(module, "register_state_dict_post_hook"):
+        module.register_state_dict_post_hook(_save_single_file_layout)
+        module.register_load_state_dict_pre_hook(_load_single_file_layout)
+    else:
+        module._register_state_dict_hook(_save_single_file_layout)
+        module._register_load_state_dict_pre_hook(_load_single_file_layout, with_module=True)
+    module.register_load_state_dict_post_hook(_after_load)
 
 
 def _save_single_file_layout(module: TextEncoder, state_dict, prefix: str, local_metadata) -> None:

@@ -2,8 +2,8 @@
 
 The vocabulary is derived from `data/bpe_simple_vocab_16e6.txt.gz` exactly as OpenAI CLIP's `simple_tokenizer.py`
 derives it (256 byte symbols, the same with `</w>`, the first 48,894 merges, then the two special tokens: 49,408 ids);
-the BPE itself runs in HF `tokenizers` through transformers' `CLIPTokenizer`, so the text normalisation is the one
-transformers 5 (and therefore diffusers and ComfyUI on transformers 5) applies: NFC, whitespace runs to one space,
+the BPE itself runs in HF `tokenizers`, configured as transformers' (fast) `CLIPTokenizer` configures it, so the
+text normalisation is the one diffusers and ComfyUI get from transformers 5: NFC, whitespace runs to one space,
 lower-case. OpenAI's tokenizer additionally runs `ftfy.fix_text` and `html.unescape`; for text that those leave
 unchanged (anything without mojibake or HTML entities) the ids are identical.
 
@@ -58,13 +58,32 @@ def clip_vocabulary() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     return vocab, merges
 
 
+# OpenAI CLIP's pre-tokenisation pattern (`simple_tokenizer.py`); input is lower-cased before it applies.
+_CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
 @functools.lru_cache(maxsize=1)
 def _bpe_backend():
-    """One shared transformers `CLIPTokenizer` over the bundled vocabulary (no files, no network)."""
-    from transformers import CLIPTokenizer
+    """One shared HF `tokenizers` BPE over the bundled vocabulary, set up as transformers' CLIPTokenizer sets it up.
+
+    Built directly on `tokenizers` (a transformers dependency in every version) rather than through a transformers
+    tokenizer class, whose constructor arguments changed between transformers 4 and 5.
+    """
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
 
     vocab, merges = clip_vocabulary()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
+    backend = Tokenizer(BPE(vocab=dict(vocab), merges=list(merges), continuing_subword_prefix="",
+                            end_of_word_suffix="</w>", fuse_unk=False, unk_token="<|endoftext|>"))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    # Typed special-token strings map to their ids, as in OpenAI's tokenizer and transformers.
+    backend.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    return backend
 
 
 @dataclass(frozen=True)
@@ -80,7 +99,7 @@ class ClipTokenizer:
         """Token ids of `text`, without BOS/EOS and without truncation."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return list(_bpe_backend()(text, add_special_tokens=False)["input_ids"])
+        return list(_bpe_backend().encode(text, add_special_tokens=False).ids)
 
     def pad_chunk(self, ids: list[int]) -> list[int]:
         """[BOS] + ids + [EOS] + pads, exactly `context_length` long."""

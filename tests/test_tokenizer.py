@@ -61,6 +61,7 @@ def test_vocabulary_matches_openai_derivation():
     ("!", [256]),
     ("", []),
     ("photorealistic, 8k, masterpiece", [1153, 16157, 267, 279, 330, 267, 12066]),
+    ("<|endoftext|>x", [EOS_TOKEN_ID, 343]),  # typed special tokens keep their ids (OpenAI, transformers)
 ])
 def test_pinned_ids(text, ids):
     assert SDXLTokenizer().clip_l.encode(text) == ids
