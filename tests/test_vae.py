@@ -176,3 +176,21 @@ def test_full_size_matches_diffusers():
     with torch.no_grad():
         assert relative_error(vae.encode(images, sample=False), reference.encode(images).latent_dist.mean) <= 1e-5
         assert relative_error(vae.decode(latents), reference.decode(latents).sample) <= 1e-5
+
+
+def test_upsampling_splits_the_batch_below_the_32_bit_index_limit(monkeypatch):
+    import sdxl_core.vae as vae_module
+
+    x = torch.randn(5, 2, 3, 4)
+    expected = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    calls = []
+    original = torch.nn.functional.interpolate
+
+    def counting(t, **kwargs):
+        calls.append(t.shape[0])
+        return original(t, **kwargs)
+
+    monkeypatch.setattr(vae_module.F, "interpolate", counting)
+    monkeypatch.setattr(vae_module, "_MAX_INTERPOLATE_ELEMENTS", 2 * 2 * 3 * 4 * 4)  # two samples per call
+    torch.testing.assert_close(vae_module._upsample_nearest(x), expected, rtol=0, atol=0)
+    assert calls == [2, 2, 1]
