@@ -14,7 +14,7 @@ _PACK_DIR = os.path.dirname(os.path.abspath(__file__))
 if _PACK_DIR not in sys.path:
     sys.path.append(_PACK_DIR)
 
-WEB_DIRECTORY = "./web"
+WEB_DIRECTORY = "./web/js"  # the extension imports ../../scripts/app.js, so it must be served at this root
 
 try:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS

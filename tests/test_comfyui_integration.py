@@ -126,7 +126,10 @@ def test_pack_loads_and_object_info_lists_every_node(server):
             assert spec[1]["tooltip"], f"{name}.{input_name}"
     loader = info["SDXLTwoStage.CheckpointLoader"]["input"]["required"]["ckpt_name"][0]
     assert set(TINY.values()) <= set(loader)
-    assert any("sdxl_two_stage" in path for path in _get(server, "/extensions")), "web extension not served"
+    extensions = _get(server, "/extensions")
+    assert f"/extensions/{PACK_FOLDER}/sdxl_two_stage.js" in extensions, extensions
+    with urllib.request.urlopen(server["url"] + f"/extensions/{PACK_FOLDER}/sdxl_buckets.js", timeout=30) as reply:
+        assert b"export function parseBucketLabel" in reply.read()
     templates = _get(server, "/workflow_templates")
     assert sorted(templates[PACK_FOLDER]) == ["sdxl_refiner_img2img", "sdxl_two_stage_txt2img"]
 

@@ -99,9 +99,9 @@ def test_pack_imports_like_comfyui_without_heavy_modules():
         "print(len(pack.NODE_CLASS_MAPPINGS), pack.WEB_DIRECTORY)\n"
         "print('heavy:', sorted(m for m in ('transformers', 'sdxl_core.pipeline', 'sdxl_core.unet', 'comfy') "
         "if m in sys.modules))\n")
-    assert "11 ./web" in out
+    assert "11 ./web/js" in out
     assert "heavy: []" in out
-    assert (REPO / "web").is_dir()
+    assert (REPO / "web" / "js" / "sdxl_two_stage.js").is_file()
 
 
 def test_a_broken_family_leaves_the_others_loaded():
