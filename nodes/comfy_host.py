@@ -167,7 +167,9 @@ def prepare_networks(networks: Iterable[torch.nn.Module], memory_required: int =
             network.to(device)
         return
     patchers = [_patcher_for(host, network) for network in networks]
-    host.model_management.load_models_gpu(patchers, memory_required=memory_required)
+    # Always whole: ComfyUI's partial (low-VRAM) loading streams only layers built with comfy.ops, and ours are
+    # plain torch layers, which a partial load would leave behind on the offload device.
+    host.model_management.load_models_gpu(patchers, memory_required=memory_required, force_full_load=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

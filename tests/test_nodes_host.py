@@ -1,0 +1,199 @@
+"""nodes/comfy_host.py inside a stand-in ComfyUI: the same module names and the few functions the pack calls.
+
+The stand-in records what the pack asks of ComfyUI (model folders, model management, progress, interruption) so
+the tests can check the conversation; tests/test_comfyui_integration.py runs the pack in the real thing.
+"""
+
+import enum
+import sys
+import types
+
+import pytest
+import torch
+
+from nodes import comfy_host
+
+from _nodes_helpers import node
+
+W, H, STEPS, HANDOFF = 64, 96, 4, 3
+
+
+class FakeInterrupt(Exception):
+    """Stands for comfy.model_management.InterruptProcessingException."""
+
+
+class PreviewMethod(enum.Enum):
+    NoPreviews = "none"
+    Latent2RGB = "latent2rgb"
+
+
+class FakeComfy:
+    def __init__(self, preview=PreviewMethod.Latent2RGB):
+        self.interrupt = False
+        self.interrupt_after = None  # set the flag once this many progress updates were made
+        self.loads, self.patchers, self.updates, self.bars = [], [], [], []
+        fake = self
+
+        class ProgressBar:
+            def __init__(self, total, node_id=None):
+                self.total = total
+                fake.bars.append(self)
+
+            def update_absolute(self, value, total=None, preview=None):
+                # main.py's hook: every progress update is first an interruption point
+                mm.throw_exception_if_processing_interrupted()
+                fake.updates.append((value, total, preview))
+                if fake.interrupt_after is not None and len(fake.updates) >= fake.interrupt_after:
+                    fake.interrupt = True
+
+        class ModelPatcher:
+            def __init__(self, model, load_device, offload_device, size=0):
+                self.model, self.load_device, self.offload_device = model, load_device, offload_device
+                fake.patchers.append(self)
+
+        def throw():
+            if fake.interrupt:
+                fake.interrupt = False
+                raise FakeInterrupt()
+
+        mm = types.SimpleNamespace(
+            get_torch_device=lambda: torch.device("cpu"), unet_offload_device=lambda: torch.device("cpu"),
+            intermediate_device=lambda: torch.device("cpu"), unet_dtype=lambda device=None: torch.float32,
+            vae_dtype=lambda device=None, allowed_dtypes=(): allowed_dtypes[-1],
+            load_models_gpu=lambda models, **kw: fake.loads.append((list(models), kw)),
+            processing_interrupted=lambda: fake.interrupt, throw_exception_if_processing_interrupted=throw)
+        self.modules = {
+            "folder_paths": types.SimpleNamespace(
+                get_filename_list=lambda folder: [f"{folder}/one.safetensors"],
+                get_full_path_or_raise=lambda folder, name: f"/models/{folder}/{name}"),
+            "comfy": types.ModuleType("comfy"),
+            "comfy.model_management": mm,
+            "comfy.model_patcher": types.SimpleNamespace(ModelPatcher=ModelPatcher),
+            "comfy.utils": types.SimpleNamespace(ProgressBar=ProgressBar),
+            "comfy.cli_args": types.SimpleNamespace(args=types.SimpleNamespace(preview_method=preview,
+                                                                              preview_size=256)),
+        }
+
+
+@pytest.fixture
+def comfy(monkeypatch):
+    fake = FakeComfy()
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(comfy_host, "_host", None)
+    monkeypatch.setattr(comfy_host, "_host_checked", False)
+    yield fake
+    comfy_host._host, comfy_host._host_checked = None, False
+    for patcher in fake.patchers:  # the stand-in's patchers must not outlive it on the shared tiny model
+        patcher.model.network.__dict__.pop(comfy_host._PATCHER_ATTRIBUTE, None)
+
+
+@pytest.fixture(scope="module")
+def stage(tiny_checkpoints):
+    from sdxl_core.checkpoint import load_checkpoint
+
+    base = load_checkpoint(tiny_checkpoints["base"])
+    positive = node("TextEncodeBase").encode(base, "a red cube", "", "encode")[0]
+    negative = node("TextEncodeBase").encode(base, "", "", "encode")[0]
+    return base, positive, negative
+
+
+def _sample(stage, end=HANDOFF):
+    base, positive, negative = stage
+    latent, _, _ = node("EmptyLatent").generate("custom", W, H, 1)
+    return node("BaseSampler").sample(base, positive, negative, latent, 1, STEPS, 4.0, "euler", "normal", end,
+                                      True, 1.0)[0]
+
+
+def test_without_comfyui_everything_is_plain():
+    assert not comfy_host.comfy_available()
+    assert comfy_host.compute_device() == torch.device("cpu")
+    assert comfy_host.default_dtypes() == (None, None)
+    assert not comfy_host.interrupted()
+    comfy_host.raise_if_interrupted()  # nothing to raise
+    progress = comfy_host.StepProgress(3)
+    progress.update(2, torch.zeros(1, 4, 8, 8))
+    assert progress.done == 2
+
+
+def test_standalone_model_folders_from_the_environment(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m.safetensors").write_bytes(b"x")
+    (tmp_path / "readme.md").write_text("x")
+    comfy_host.set_standalone_model_folders({})
+    monkeypatch.setenv("SDXL_TWOSTAGE_CHECKPOINTS", str(tmp_path))
+    assert comfy_host.model_filenames("checkpoints") == ["sub/m.safetensors"]
+    assert comfy_host.model_path("checkpoints", "sub/m.safetensors") == tmp_path / "sub" / "m.safetensors"
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        comfy_host.model_path("checkpoints", "other.safetensors")
+
+
+def test_inside_comfyui_files_and_devices_come_from_comfyui(comfy):
+    assert comfy_host.comfy_available()
+    assert comfy_host.model_filenames("checkpoints") == ["checkpoints/one.safetensors"]
+    assert str(comfy_host.model_path("vae", "x.safetensors")) == "/models/vae/x.safetensors"
+    assert comfy_host.default_dtypes() == (torch.float32, torch.float32)  # VAE: never fp16, from [bf16, fp32]
+    choices = node("CheckpointLoader").INPUT_TYPES()["required"]["ckpt_name"][0]
+    assert choices == ["checkpoints/one.safetensors"]
+
+
+def test_networks_go_through_model_management_once_wrapped(comfy, stage):
+    base = stage[0]
+    comfy_host.prepare_networks([base.unet, base.clip_g])
+    comfy_host.prepare_networks([base.unet])
+    assert len(comfy.patchers) == 2  # one ModelPatcher per network, reused
+    (first, options), (second, _) = comfy.loads
+    assert second[0] is first[0] and options["force_full_load"] is True
+    assert first[0].model.network is base.unet  # wrapped, because our networks' `device` is read-only
+
+
+def test_sampler_reports_every_step_with_a_latent_preview(comfy, stage):
+    _sample(stage)
+    assert [(value, total) for value, total, _ in comfy.updates] == [(i, HANDOFF) for i in range(1, HANDOFF + 1)]
+    kind, image, size = comfy.updates[-1][2]
+    assert kind == "JPEG" and size == 256 and image.size == (W // 8, H // 8)
+    assert any(patcher.model.network is stage[0].unet for patcher in comfy.patchers)
+
+
+def test_no_previews_when_comfyui_has_them_off(comfy, stage):
+    comfy.modules["comfy.cli_args"].args.preview_method = PreviewMethod.NoPreviews
+    _sample(stage, end=2)
+    assert [preview for _, _, preview in comfy.updates] == [None, None]
+
+
+def test_interrupt_stops_within_one_step(comfy, stage):
+    comfy.interrupt_after = 1  # the user presses Cancel during the first step
+    with pytest.raises(FakeInterrupt):
+        _sample(stage, end=STEPS)
+    assert len(comfy.updates) == 1
+    assert not comfy.interrupt  # ComfyUI's flag is consumed by its own exception
+
+
+def test_interrupt_before_the_first_step_ends_as_comfyui_interrupt(comfy, stage):
+    comfy.interrupt = True  # set while the text encoders ran: the sampler's cancel() sees it first
+    with pytest.raises(FakeInterrupt):
+        _sample(stage)
+    assert comfy.updates == []
+
+
+def test_latent_to_rgb_uses_the_sdxl_factors():
+    from sdxl_core.preview import SDXL_LATENT_RGB_BIAS, latent_to_rgb
+
+    zero = latent_to_rgb(torch.zeros(4, 2, 3))
+    assert zero.shape == (2, 3, 3) and zero.dtype == torch.uint8
+    expected = [int((b + 1) / 2 * 255) for b in SDXL_LATENT_RGB_BIAS]
+    assert zero[0, 0].tolist() == expected
+    first_channel = latent_to_rgb(torch.tensor([1.0, 0, 0, 0]).view(4, 1, 1))[0, 0].tolist()
+    assert first_channel == [int((0.3651 + 0.1084 + 1) / 2 * 255), int((0.4232 - 0.0175 + 1) / 2 * 255),
+                             int((0.4341 - 0.0011 + 1) / 2 * 255)]
+    with pytest.raises(ValueError, match=r"\[4, height, width\]"):
+        latent_to_rgb(torch.zeros(1, 4, 2, 2))
+
+
+def test_requirements_leave_torch_to_comfyui():
+    from pathlib import Path
+
+    lines = [line.split("#")[0].strip() for line in
+             (Path(__file__).resolve().parents[1] / "requirements.txt").read_text().splitlines()]
+    names = {line.split(">")[0].split("=")[0].split("<")[0].strip().lower() for line in lines if line}
+    assert "transformers" in names and not names & {"torch", "torchvision", "torchaudio"}
