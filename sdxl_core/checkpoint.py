@@ -221,6 +221,8 @@ def load_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, devic
             _note_position_ids(source, prefix, report)
     for note in report.notes:
         logger.warning("%s: %s", source.path.name, note)
+    logger.info("loaded %s: SDXL %s (%s, %s) as %s on %s%s", source.path.name, config.kind, source.format,
+                source.layout, dtype, device, f", VAE from {vae_plan[0].path.name}" if vae_plan else "")
     return SDXLModel(config=config, unet=modules["unet"], vae=modules["vae"], clip_g=modules["clip_g"],
                      clip_l=modules.get("clip_l"), tokenizer=SDXLTokenizer(), source=source.path, dtype=dtype)
 

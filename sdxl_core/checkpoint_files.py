@@ -174,15 +174,20 @@ def _reader(path: Path, offset: int, nbytes: int, dtype: torch.dtype,
     def read() -> torch.Tensor:
         buffer = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buffer.numpy()) if nbytes else memoryview(b"")
-        with open(path, "rb", buffering=0) as handle:
-            handle.seek(offset)
-            done = 0
-            while done < nbytes:
-                got = handle.readinto(view[done:])
-                if not got:
-                    raise CorruptCheckpointError(f"{path.name} ended while reading tensor data at byte "
-                                                 f"{offset + done}: the file was truncated after it was opened")
-                done += got
+        done = 0
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                handle.seek(offset)
+                while done < nbytes:
+                    got = handle.readinto(view[done:])
+                    if not got:
+                        raise CorruptCheckpointError(f"{path.name} ended while reading tensor data at byte "
+                                                     f"{offset + done}: the file was truncated after it was opened")
+                    done += got
+        except OSError as error:
+            raise CorruptCheckpointError(f"{path.name}: reading tensor data at byte {offset + done} failed "
+                                         f"({error.strerror or error}); is the disk or network share healthy?"
+                                         ) from None
         return buffer.view(dtype).reshape(shape)
 
     return read

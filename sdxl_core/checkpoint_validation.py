@@ -21,6 +21,14 @@ BOOKKEEPING_KEYS = {
     "clip_l": frozenset({"text_model.embeddings.position_ids"}),
     "clip_g": frozenset({"logit_scale", "text_model.embeddings.position_ids"}),
 }
+# Top-level non-weights that trainers and merge tools leave in SDXL files: sgm's discretised sigma tables, EMA
+# counters and LDM noise-schedule buffers. The schedule is computed (schedules.py), never read from a file.
+FILE_BOOKKEEPING_KEYS = frozenset({
+    "denoiser.sigmas", "denoiser.log_sigmas", "model_ema.decay", "model_ema.num_updates", "betas", "alphas_cumprod",
+    "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
+})
 COMPONENT_NAMES = {"unet": "UNet", "vae": "VAE", "clip_l": "CLIP-L text encoder",
                    "clip_g": "OpenCLIP bigG text encoder"}
 
@@ -89,7 +97,7 @@ def validate(found: Mapping[str, tuple], expected: Mapping[str, tuple], prefixes
     """Compare found key shapes with the expected ones; keys under `skip_prefixes` are neither needed nor judged."""
     report = ValidationReport()
     bookkeeping = {prefixes[name] + key for name, keys in BOOKKEEPING_KEYS.items() if name in prefixes
-                   for key in keys}
+                   for key in keys} | FILE_BOOKKEEPING_KEYS
     for key in sorted(expected):
         if key.startswith(skip_prefixes):
             continue

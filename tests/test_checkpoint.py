@@ -134,10 +134,14 @@ def test_bookkeeping_keys_are_tolerated_and_bad_position_ids_repaired(base, tmp_
     ids = torch.arange(77, dtype=torch.float32)[None]
     ids[0, 5], ids[0, 6] = 6.0, 5.0
     state["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = ids
+    state["denoiser.sigmas"] = torch.linspace(0.03, 14.6, 1000)  # left by some trainers and merge tools
     path = write_tensors(tmp_path / "merged.safetensors", state, metadata=config_hints(base.config))
     with caplog.at_level(logging.WARNING):
         loaded = load_checkpoint(path)
     assert "position_ids was not arange(77)" in caplog.text
+    from sdxl_core.checkpoint import inspect_checkpoint
+
+    assert "denoiser.sigmas" in inspect_checkpoint(path)[2].ignored
     assert torch.equal(loaded.clip_l.hf_model.text_model.embeddings.position_ids.reshape(-1)
                        if hasattr(loaded.clip_l.hf_model, "text_model")
                        else loaded.clip_l.hf_model.embeddings.position_ids.reshape(-1), torch.arange(77))
@@ -153,3 +157,10 @@ def test_save_checkpoint_casts_and_roundtrips_a_loaded_model(refiner, tmp_path):
     second = load_checkpoint(tmp_path / "b.safetensors", dtype=torch.float32)
     _assert_same_weights(refiner, second, torch.bfloat16)
     assert not (tmp_path / "b.safetensors.partial").exists()
+
+
+def test_diffusers_fp16_variant_files(refiner, tmp_path):
+    folder = write_diffusers_folder(refiner, tmp_path / "variant", dtype=torch.float16)
+    for weights in folder.glob("*/*.safetensors"):
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+    _assert_same_weights(refiner, load_checkpoint(folder, dtype=torch.float32), torch.float16)
