@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from sdxl_core.config import VAEConfig
@@ -60,3 +61,13 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|, in float64."""
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_torch_thread():
+    """Run a module on one intra-op thread: these small convolutions gain nothing from more, and on a shared,
+    oversubscribed CPU the OpenMP workers spin-wait (the VAE files took 5x longer with 2 threads under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

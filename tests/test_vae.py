@@ -11,7 +11,9 @@ import torch
 from sdxl_core.config import SDXL_VAE, TINY_VAE, VAEConfig
 from sdxl_core.vae import AutoencoderKL, sample_posterior
 
-from _vae_helpers import diffusers_vae_from, random_vae, relative_error
+from _vae_helpers import diffusers_vae_from, one_torch_thread, random_vae, relative_error  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MANIFEST = pathlib.Path("/work/shared/reference/manifests/sdxl_base_manifest.json")
 PREFIX = "first_stage_model."

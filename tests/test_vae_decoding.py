@@ -18,7 +18,9 @@ from sdxl_core.vae_decoding import (comfy_to_images, decode_latents, default_vae
                                     estimate_decode_bytes, estimate_encode_bytes, images_to_comfy,
                                     resolve_vae_dtype, run_tiled, to_pil, to_uint8)
 
-from _vae_helpers import random_vae, relative_error
+from _vae_helpers import one_torch_thread, random_vae, relative_error  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Measured on the tiny VAE with the random weights below (seed 5), latent 24x48 (192x384 px), 256-px tiles with
 # 64-px overlap, over latent seeds 0-7: max |tiled - untiled| 0.31-0.86 and mean 0.027-0.034, on images of std
@@ -47,8 +49,9 @@ def _column_jumps(images: torch.Tensor) -> torch.Tensor:
 
 def _seam_columns(latent_width: int, tile_px: int, overlap_px: int) -> list[int]:
     spans = vd._tile_spans(latent_width, tile_px // 8, overlap_px // 8)
-    edges = {8 * start - 1 for start, _ in spans if start > 0} | {8 * stop - 1 for _, stop in spans if stop < latent_width}
-    return sorted(edges)
+    starts = {8 * start - 1 for start, _ in spans if start > 0}
+    stops = {8 * stop - 1 for _, stop in spans if stop < latent_width}
+    return sorted(starts | stops)
 
 
 # --- tiling ------------------------------------------------------------------------------------------------------
