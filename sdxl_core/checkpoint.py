@@ -70,6 +70,10 @@ def refuse_unless_sdxl(source: CheckpointSource, expect: str | None = None) -> s
     if found.kind in ("sd1", "sd2", "sd3", "flux", "cascade"):
         raise WrongArchitectureError(f"{name} is {found.description}; these nodes run SDXL (base and refiner). "
                                      "Load it with a loader for its own model family.")
+    if found.kind == "sdxl-other-schedule":
+        raise WrongArchitectureError(f"{name} is {found.description}; these nodes sample SDXL's eps-prediction "
+                                     "schedule, which would turn this model's output into noise or washed-out "
+                                     "images. Use ComfyUI's own checkpoint loader for it.")
     if found.kind == "sdxl-vae":
         raise WrongComponentError(f"{name} is a VAE-only file, not a checkpoint (a checkpoint has a UNet, text "
                                   "encoders and a VAE). Select it as the separate VAE instead (models/vae).")

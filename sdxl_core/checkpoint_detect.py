@@ -39,6 +39,12 @@ DEFAULT_HEAD_WIDTH = 64
 DEFAULT_NORM_GROUPS = 32
 
 
+# Marker keys of SDXL-architecture models with another noise schedule or prediction target.
+_SCHEDULE_MARKERS = (("edm_mean", "the EDM schedule of Playground v2.5"),
+                     ("edm_vpred", "v-prediction on an EDM schedule (CosXL)"),
+                     ("v_pred", "v-prediction"))
+
+
 @dataclass(frozen=True)
 class Identification:
     """The verdict on a set of tensors: `kind` is a short tag, `description` a phrase for messages."""
@@ -91,12 +97,19 @@ def identify(shapes: Shapes) -> Identification:
     if _has_prefix(shapes, "embedder.") or _has_prefix(shapes, "model.diffusion_model.down_blocks.0.0.channelwise"):
         return Identification("cascade", "a Stable Cascade checkpoint")
     has_unet = f"{UNET_PREFIX}input_blocks.0.0.weight" in shapes
-    if has_unet and _has_prefix(shapes, BASE_CLIP_G_PREFIX + "transformer.resblocks.") and _has_prefix(
-            shapes, BASE_CLIP_L_PREFIX + "text_model."):
-        return Identification("sdxl-base", "an SDXL base checkpoint")
-    if has_unet and _has_prefix(shapes, REFINER_CLIP_G_PREFIX + "transformer.resblocks.") and not _has_prefix(
-            shapes, "conditioner.embedders.1."):
-        return Identification("sdxl-refiner", "an SDXL refiner checkpoint")
+    is_base = has_unet and _has_prefix(shapes, BASE_CLIP_G_PREFIX + "transformer.resblocks.") and _has_prefix(
+        shapes, BASE_CLIP_L_PREFIX + "text_model.")
+    is_refiner = has_unet and _has_prefix(shapes, REFINER_CLIP_G_PREFIX + "transformer.resblocks.") and not \
+        _has_prefix(shapes, "conditioner.embedders.1.")
+    if is_base or is_refiner:
+        # Fine-tunes that keep the SDXL architecture but change the noise schedule mark it with a key (the markers
+        # ComfyUI's `supported_models.SDXL.model_type` reads); sampled as eps-prediction they give broken images.
+        for marker, what in _SCHEDULE_MARKERS:
+            if any(key == marker or key.startswith(marker + ".") for key in keys):
+                return Identification("sdxl-other-schedule", f"an SDXL-architecture checkpoint trained for {what} "
+                                                             f"(marker key {marker!r})")
+        return Identification("sdxl-base", "an SDXL base checkpoint") if is_base else \
+            Identification("sdxl-refiner", "an SDXL refiner checkpoint")
     if has_unet:
         width = {768: " (768-wide context: SD 1.x)", 1024: " (1024-wide context: SD 2.x)",
                  2048: " (2048-wide context: an SDXL base UNet)", 1280: " (1280-wide context: an SDXL refiner UNet)"}
