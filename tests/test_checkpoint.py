@@ -164,3 +164,11 @@ def test_diffusers_fp16_variant_files(refiner, tmp_path):
     for weights in folder.glob("*/*.safetensors"):
         weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
     _assert_same_weights(refiner, load_checkpoint(folder, dtype=torch.float32), torch.float16)
+
+
+def test_default_dtypes_per_device():
+    from sdxl_core.checkpoint import default_dtype, default_vae_dtype
+
+    assert default_dtype("cuda") == torch.float16 and default_dtype("cpu") == torch.float32
+    # Never fp16 for the VAE by default: the original SDXL VAE overflows there (black images).
+    assert default_vae_dtype("cuda:0") == torch.bfloat16 and default_vae_dtype("cpu") == torch.float32

@@ -224,3 +224,11 @@ def test_bad_arguments(files):
         load_checkpoint(files["base"], expect="xl")
     with pytest.raises(ValueError, match="floating-point torch.dtype"):
         load_checkpoint(files["base"], dtype=torch.int8)
+
+
+def test_inpainting_variant(tmp_path):
+    from dataclasses import replace
+
+    config = replace(TINY_BASE, unet=replace(TINY_BASE.unet, in_channels=9))
+    path = write_checkpoint(tiny_model(config), tmp_path / "inpaint.safetensors")
+    _refused(WrongArchitectureError, "9-channel UNet input", path)
