@@ -251,3 +251,27 @@ def test_interrupt_stops_sampling_within_a_step(server):
     with pytest.raises(client.WorkflowError, match="execution_interrupted|interrupted"):
         client.wait(server["url"], prompt_id, timeout=120)
     assert time.monotonic() - stopped < 30
+
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+PLAYWRIGHT_CORE = os.environ.get("PLAYWRIGHT_CORE")
+
+
+@pytest.mark.skipif(not (PLAYWRIGHT_CORE and Path(CHROMIUM).exists() and shutil.which("node")),
+                    reason="set PLAYWRIGHT_CORE to an npm playwright-core folder (and have Debian's chromium)")
+def test_real_frontend_loads_the_example_and_the_picker_works(server):
+    """ComfyUI's own frontend in headless Chromium: see tests/frontend/check_in_chromium.mjs for the checks."""
+    result = subprocess.run(
+        [shutil.which("node"), str(REPO / "tests" / "frontend" / "check_in_chromium.mjs"), server["url"],
+         str(REPO / "example_workflows" / "sdxl_two_stage_txt2img.json"), TINY["sd_xl_base_1.0.safetensors"],
+         TINY["sd_xl_refiner_1.0.safetensors"]],
+        capture_output=True, text=True, timeout=400, env={**os.environ, "CHROMIUM": CHROMIUM})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    findings = json.loads(result.stdout.strip().splitlines()[-1])
+    entry = client.wait(server["url"], findings["promptId"], timeout=600)
+    images = client.output_images(entry)
+    assert len(images) == 1
+    path = client.download(server["url"], images[0], server["root"] / "downloads")
+    with Image.open(path) as png:
+        assert png.size == (64, 64)
+        assert "workflow" in png.info  # the frontend sent the UI workflow along, as it does for users
