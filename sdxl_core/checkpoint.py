@@ -65,6 +65,8 @@ def _check_dtype(dtype: torch.dtype, what: str) -> torch.dtype:
 
 def refuse_unless_sdxl(source: CheckpointSource, expect: str | None = None) -> str:
     """Raise the fitting CheckpointError unless `source` is an SDXL base/refiner (of the `expect`ed kind)."""
+    if expect not in (None, "base", "refiner"):
+        raise ValueError(f"expect must be None, 'base' or 'refiner', got {expect!r}")
     found: Identification = source.identification
     name = source.path.name
     if found.kind in ("sd1", "sd2", "sd3", "flux", "cascade"):
@@ -85,8 +87,6 @@ def refuse_unless_sdxl(source: CheckpointSource, expect: str | None = None) -> s
                                      "checkpoints (keys model.diffusion_model.*, conditioner.embedders.*, "
                                      "first_stage_model.*).")
     kind = found.kind.removeprefix("sdxl-")
-    if expect not in (None, "base", "refiner"):
-        raise ValueError(f"expect must be None, 'base' or 'refiner', got {expect!r}")
     if expect is not None and kind != expect:
         role = ("the base turns text into an image from pure noise; the refiner only polishes the last, low-noise "
                 "steps")
