@@ -1,7 +1,6 @@
 """The node pack without ComfyUI: contract of every node, the two-stage graph on tiny checkpoints, validation."""
 
 import gc
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
