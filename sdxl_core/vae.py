@@ -169,15 +169,22 @@ class Encoder(nn.Module):
         self.norm_out = _group_norm(widths[-1], groups, factory)
         self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1, **factory)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def downsampling(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution-only part: image -> features at latent resolution (local, so it can be tiled)."""
         h = self.conv_in(x)
         for level in self.down:
             for block in level.block:
                 h = block(h)
             if level.downsample is not None:
                 h = level.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
+        return h
+
+    def bottleneck(self, h: torch.Tensor) -> torch.Tensor:
+        """The mid block (global attention) and the output head, at latent resolution."""
+        return self.conv_out(F.silu(self.norm_out(self.mid(h)), inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bottleneck(self.downsampling(x))
 
 
 class Decoder(nn.Module):
@@ -198,14 +205,21 @@ class Decoder(nn.Module):
         self.norm_out = _group_norm(widths[0], groups, factory)
         self.conv_out = nn.Conv2d(widths[0], config.image_channels, 3, padding=1, **factory)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+    def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
+        """conv_in and the mid block (global attention), at latent resolution."""
+        return self.mid(self.conv_in(z))
+
+    def upsampling(self, h: torch.Tensor) -> torch.Tensor:
+        """The convolution-only part: features at latent resolution -> image (local, so it can be tiled)."""
         for level in reversed(self.up):
             for block in level.block:
                 h = block(h)
             if level.upsample is not None:
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h), inplace=True))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.upsampling(self.bottleneck(z))
 
 
 def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
@@ -266,11 +280,31 @@ class AutoencoderKL(nn.Module):
                              f"{x.shape[-2]}x{x.shape[-1]}; crop or pad the image first")
         return x.to(device=self.device, dtype=self.dtype)
 
+    # The two halves of each direction: the full-resolution, convolution-only part (local: tiled processing may cut
+    # it into tiles) and the latent-resolution part holding the mid block's global attention (run whole).
+
+    def encode_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> encoder features [B, C, H/8, W/8] before the mid block."""
+        return self.encoder.downsampling(
+            self._check(images, self.config.image_channels, "images", self.config.downscale))
+
+    def moments_from_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder features -> posterior parameters (mean, logvar), each [B, z, H/8, W/8]."""
+        mean, logvar = self.quant_conv(self.encoder.bottleneck(features)).chunk(2, dim=1)
+        return mean, logvar
+
+    def decode_features(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw latents [B, z, h, w] -> decoder features [B, C, h, w] after the mid block."""
+        z = self._check(latents, self.config.latent_channels, "latents", 1)
+        return self.decoder.bottleneck(self.post_quant_conv(z))
+
+    def images_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Decoder features [B, C, h, w] -> images [B, 3, 8h, 8w]."""
+        return self.decoder.upsampling(features)
+
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior parameters (mean, logvar), each [B, z, H/8, W/8], for images [B, 3, H, W] in [-1, 1]."""
-        x = self._check(images, self.config.image_channels, "images", self.config.downscale)
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
-        return mean, logvar
+        return self.moments_from_features(self.encode_features(images))
 
     def encode(self, images: torch.Tensor, *, sample: bool = True, generator: torch.Generator | None = None
                ) -> torch.Tensor:
@@ -280,5 +314,4 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, 8h, 8w], nominally in [-1, 1] but NOT clamped: clamping is the caller's choice."""
-        z = self._check(latents, self.config.latent_channels, "latents", 1)
-        return self.decoder(self.post_quant_conv(z))
+        return self.images_from_features(self.decode_features(latents))

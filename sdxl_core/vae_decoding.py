@@ -255,8 +255,10 @@ def _guarded(attempt: Callable[[AutoencoderKL], torch.Tensor], vae: AutoencoderK
     bad_weights = _count_nonfinite_weights(vae)
     if bad_weights:
         cause = f"the VAE weights contain {bad_weights} NaN or infinite values: the checkpoint is corrupt"
+    elif dtype != torch.float32:
+        cause = "weights and input are finite, so the arithmetic overflowed; try dtype=torch.float32"
     else:
-        cause = "weights and input are finite, so the arithmetic overflowed; try float32"
+        cause = "weights and input are finite but overflow even float32: they are far outside the trained range"
     raise FloatingPointError(f"VAE {what} in {dtype} produced non-finite output ({_nonfinite_summary(result)}); "
                              f"{cause}")
 
@@ -296,7 +298,10 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, *, tiled: bool | N
     def run(model: AutoencoderKL, z: torch.Tensor, tile_px: int, overlap_px: int) -> torch.Tensor:
         if not tile_px:
             return model.decode(z).float()
-        return run_tiled(model.decode, z, tile_px // down, overlap_px // down, float(down))
+        # The mid block's attention is global and cheap at latent resolution: run it on the whole latent and tile
+        # only the full-resolution convolutions after it (halves the tiling error of tiling everything).
+        features = model.decode_features(z)
+        return run_tiled(model.images_from_features, features, tile_px // down, overlap_px // down, float(down))
 
     def estimate(batch: int) -> int:
         return estimate_decode_bytes(vae, batch, latents.shape[-2] * down, latents.shape[-1] * down, dtype)
@@ -316,8 +321,9 @@ def encode_images(vae: AutoencoderKL, images: torch.Tensor, *, sample: bool = Tr
     """Images [B, 3, H, W] in [-1, 1] -> float32 raw latents [B, 4, H/8, W/8] on the VAE's device.
 
     A posterior sample by default (`generator` as in `AutoencoderKL.encode`), the mean with sample=False. Tiles
-    blend the posterior's mean and log-variance and the sample is drawn once for the whole image, so tiling adds
-    no seams to the noise. Other arguments as in `decode_latents`.
+    cover only the full-resolution convolutions; the mid block and the posterior see the whole latent, and the
+    sample is drawn once for the whole image, so tiling adds no seams to the noise. Other arguments as in
+    `decode_latents`.
     """
     down = vae.config.downscale
     _check_input(images, vae.config.image_channels, "images", "fix the image before encoding it")
@@ -328,13 +334,14 @@ def encode_images(vae: AutoencoderKL, images: torch.Tensor, *, sample: bool = Tr
     dtype = resolve_vae_dtype(vae, dtype)
     images = images.to(vae.device)
 
-    def moments(model: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat(model.encode_moments(x), dim=1).float()
-
     def run(model: AutoencoderKL, x: torch.Tensor, tile_px: int, overlap_px: int) -> torch.Tensor:
-        if not tile_px:
-            return moments(model, x)
-        return run_tiled(lambda t: moments(model, t), x, tile_px, overlap_px, 1.0 / down, grid=down)
+        if tile_px:
+            # Tile the full-resolution convolutions only; the mid block's global attention sees the whole latent.
+            features = run_tiled(model.encode_features, x, tile_px, overlap_px, 1.0 / down, grid=down)
+            moments = model.moments_from_features(features.to(model.dtype))
+        else:
+            moments = model.encode_moments(x)
+        return torch.cat(moments, dim=1).float()
 
     def estimate(batch: int) -> int:
         return estimate_encode_bytes(vae, batch, images.shape[-2], images.shape[-1], dtype)

@@ -23,11 +23,14 @@ from _vae_helpers import one_torch_thread, random_vae, relative_error  # noqa: F
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Measured on the tiny VAE with the random weights below (seed 5), latent 24x48 (192x384 px), 256-px tiles with
-# 64-px overlap, over latent seeds 0-7: max |tiled - untiled| 0.31-0.86 and mean 0.027-0.034, on images of std
-# 0.65 (seed 0, the one the test draws: max 0.66, mean 0.033). Random GroupNorm statistics and a global attention
-# make tiles differ far more than trained weights do; neither ComfyUI nor diffusers tiles exactly either.
-TILED_MAX_DIFF = 1.0
-TILED_MEAN_DIFF = 0.04
+# 64-px overlap, over latent seeds 0-5: max |tiled - untiled| 0.14-0.24 and mean 0.015-0.023, on images of std
+# 0.65 (seed 0, the one the tests draw: max 0.19, mean 0.018). Tiling everything, mid-block attention included,
+# gave 0.31-0.86 / 0.027-0.034. The rest comes from per-tile GroupNorm statistics, which random weights make far
+# larger than trained ones do; neither ComfyUI nor diffusers tiles exactly either. With 128-px tiles (32-px
+# overlap) the max is 0.49-0.69.
+TILED_MAX_DIFF = 0.3
+TILED_MEAN_DIFF = 0.03
+SMALL_TILE_MAX_DIFF = 0.9
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def test_tiled_decode_differs_from_untiled_by_a_bounded_amount(vae, untiled):
     print(f"\ntiled (256 px, overlap 64) vs untiled decode, tiny VAE: max {diff.max():.4f}, mean {diff.mean():.4f},"
           f" image std {full.std():.3f}")
     assert tiled.shape == full.shape == (1, 3, 192, 384)
-    assert diff.max() > 0  # tiles really ran (GroupNorm statistics differ per tile)
+    assert diff.max() > 0.01  # tiles really ran (GroupNorm statistics differ per tile)
     assert diff.max() <= TILED_MAX_DIFF
     assert diff.mean() <= TILED_MEAN_DIFF
 
@@ -84,11 +87,11 @@ def test_cross_fade_leaves_no_seams_where_hard_tile_edges_would(vae, untiled):
     print(f"\ncolumn-jump excess over the untiled image (its mean jump {reference_jump:.3f}): at cross-faded tile "
           f"edges {excess[seams].max():.4f}, elsewhere up to {excess[elsewhere].abs().max():.4f}; at hard tile "
           f"edges {hard:.4f}")
-    # Measured over latent seeds 0-5: cross-faded edges 0.017-0.036, hard edges 0.11-0.16 (mean jump 0.25).
+    # Measured over latent seeds 0-5: cross-faded edges 0.005-0.024, hard edges 0.14-0.17 (mean jump 0.25).
     assert hard > 0.4 * reference_jump  # the metric does see a seam when there is one
     assert excess[seams].max() < 0.2 * reference_jump
     assert excess[seams].max() <= excess[elsewhere].abs().max()  # tile edges do not stand out
-    assert (blended - full)[..., seams].abs().max() <= 2 * TILED_MAX_DIFF  # smaller tiles: larger, bounded error
+    assert (blended - full).abs().max() <= SMALL_TILE_MAX_DIFF
 
 
 def test_non_multiple_of_tile_sizes_decode_and_encode(vae):
@@ -102,7 +105,7 @@ def test_non_multiple_of_tile_sizes_decode_and_encode(vae):
     mean_tiled = encode_images(vae, images, sample=False, tiled=True, tile_size=128, overlap=32)
     mean_full = encode_images(vae, images, sample=False, tiled=False)
     assert mean_tiled.shape == (1, 4, 19, 27) and torch.isfinite(mean_tiled).all()
-    assert (mean_tiled - mean_full).abs().mean() <= 0.15 * mean_full.abs().mean()
+    assert (mean_tiled - mean_full).abs().mean() <= 0.1 * mean_full.abs().mean()  # measured 0.056-0.062
 
 
 def test_a_single_tile_is_exactly_the_untiled_result(vae):
@@ -199,7 +202,8 @@ def test_fp16_encode_overflow_is_redone():
 
 
 def test_nan_latents_are_reported_before_decoding(vae, monkeypatch):
-    monkeypatch.setattr(vae, "decode", lambda z: pytest.fail("decode must not run on a NaN latent"))
+    monkeypatch.setattr(vae, "decode_features", lambda z: pytest.fail("decoding must not start on a NaN latent"))
+    monkeypatch.setattr(vae, "decode", lambda z: pytest.fail("decoding must not start on a NaN latent"))
     latents = torch.randn(1, 4, 8, 8)
     latents[0, 1, 2, 3] = float("nan")
     with pytest.raises(ValueError, match=r"latents contain NaN .*1 of 256.*sampler"):
@@ -212,6 +216,16 @@ def test_corrupt_weights_raise_a_clear_error():
         model.decoder.up[0].block[0].conv1.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="weights contain 1 NaN or infinite"):
         decode_latents(model, torch.randn(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize("dtype, message", [(torch.float32, "overflow even float32"),
+                                            (torch.bfloat16, "try dtype=torch.float32")])
+def test_overflow_with_finite_weights_says_so(dtype, message):
+    model = random_vae(TINY_VAE, seed=7)
+    with torch.no_grad():
+        model.decoder.conv_in.weight.mul_(1e37)  # finite in fp32 and bf16, but the convolution's sums are not
+    with pytest.raises(FloatingPointError, match=message):
+        decode_latents(model, torch.randn(1, 4, 4, 4), dtype=dtype)
 
 
 def test_default_dtype_is_never_fp16(monkeypatch):
@@ -295,13 +309,14 @@ def test_memory_estimate_constants_match_a_meta_dry_run_of_the_full_vae():
 
 
 def _recording(model, calls):
-    original = model.decode
+    """`model.decoder.upsampling`, the full-resolution part both decode paths run, recording its input shapes."""
+    original = model.decoder.upsampling
 
-    def decode(z):
-        calls.append(tuple(z.shape))
-        return original(z)
+    def upsampling(h):
+        calls.append(tuple(h.shape))
+        return original(h)
 
-    return decode
+    return upsampling
 
 
 def test_batch_is_split_when_one_image_fits_but_the_batch_does_not(vae, monkeypatch):
@@ -309,9 +324,9 @@ def test_batch_is_split_when_one_image_fits_but_the_batch_does_not(vae, monkeypa
     per_image = estimate_decode_bytes(vae, 1, 64, 64, torch.float32)
     monkeypatch.setattr(vd, "available_device_memory", lambda device: int(1.5 * per_image))
     calls = []
-    monkeypatch.setattr(vae, "decode", _recording(vae, calls))
+    monkeypatch.setattr(vae.decoder, "upsampling", _recording(vae, calls))
     images = decode_latents(vae, latents)
-    assert calls == [(1, 4, 8, 8)] * 3
+    assert [c[0] for c in calls] == [1, 1, 1] and all(c[-2:] == (8, 8) for c in calls)
     monkeypatch.undo()
     torch.testing.assert_close(images, decode_latents(vae, latents, tiled=False), rtol=1e-5, atol=1e-5)
 
@@ -326,22 +341,23 @@ def test_tiles_are_used_when_one_image_does_not_fit(vae, monkeypatch):
 
 
 def _oom_above(model, max_side, calls):
-    original = model.decode
+    """`model.decoder.upsampling` running out of memory on inputs wider or taller than `max_side` latents."""
+    original = model.decoder.upsampling
 
-    def decode(z):
-        calls.append(tuple(z.shape[-2:]))
-        if max(z.shape[-2:]) > max_side:
+    def upsampling(h):
+        calls.append(tuple(h.shape[-2:]))
+        if max(h.shape[-2:]) > max_side:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(z)
+        return original(h)
 
-    return decode
+    return upsampling
 
 
 def test_out_of_memory_falls_back_to_tiles(vae, monkeypatch, caplog):
     latents = torch.randn(1, 4, 16, 16)
     expected = decode_latents(vae, latents, tiled=True, tile_size=64, overlap=16)
     calls = []
-    monkeypatch.setattr(vae, "decode", _oom_above(vae, 8, calls))
+    monkeypatch.setattr(vae.decoder, "upsampling", _oom_above(vae, 8, calls))
     with caplog.at_level(logging.WARNING, logger="sdxl_core.vae_decoding"):
         images = decode_latents(vae, latents, tile_size=64, overlap=16)
     torch.testing.assert_close(images, expected, rtol=0, atol=0)
@@ -352,11 +368,11 @@ def test_out_of_memory_falls_back_to_tiles(vae, monkeypatch, caplog):
 def test_out_of_memory_in_tiles_shrinks_them_then_gives_up(vae, monkeypatch):
     latents = torch.randn(1, 4, 12, 12)
     calls = []
-    monkeypatch.setattr(vae, "decode", _oom_above(vae, 8, calls))
+    monkeypatch.setattr(vae.decoder, "upsampling", _oom_above(vae, 8, calls))
     images = decode_latents(vae, latents, tiled=True, tile_size=128, overlap=64)
     # 128-px tiles (one 12x12 tile) run out of memory; 64-px tiles with the overlap cut to 16 px fit.
     assert images.shape == (1, 3, 96, 96) and calls == [(12, 12)] + [(8, 8)] * 4
-    monkeypatch.setattr(vae, "decode", _oom_above(vae, 4, calls))
+    monkeypatch.setattr(vae.decoder, "upsampling", _oom_above(vae, 4, calls))
     with pytest.raises(torch.OutOfMemoryError):  # 64 px is the smallest tile
         decode_latents(vae, latents, tiled=True, tile_size=128, overlap=64)
     with pytest.raises(torch.OutOfMemoryError):  # tiled=False never tiles
