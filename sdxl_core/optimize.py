@@ -229,8 +229,8 @@ def compile_unet(unet: nn.Module, example_inputs: tuple[torch.Tensor, ...], *, m
                  dynamic: bool = False, fullgraph: bool = False) -> CompileReport:
     """`nn.Module.compile` the UNet in place and pay the compile cost now, on `example_inputs` (x, t, context, y
     at the sampling shape: batch 2 for guidance). Static shapes: a new latent size recompiles once more."""
-    if not hasattr(torch, "compile"):
-        raise RuntimeError(f"torch {torch.__version__} has no torch.compile; PyTorch 2.0 or newer is needed")
+    if not hasattr(unet, "compile"):
+        raise RuntimeError(f"torch {torch.__version__} has no nn.Module.compile; PyTorch 2.2 or newer is needed")
     device = example_inputs[0].device
     unet.compile(mode=mode, dynamic=dynamic, fullgraph=fullgraph)
     timings = []
@@ -321,19 +321,22 @@ class CUDAGraphStep:
 # Attention backend
 
 
-def _sdpa_backends() -> dict[str, list | None]:
-    from torch.nn.attention import SDPBackend
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def _sdpa_backends() -> dict[str, list]:
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError as error:
+        raise RuntimeError(f"torch {torch.__version__} cannot choose SDPA kernels (torch.nn.attention.sdpa_kernel "
+                           "arrived in PyTorch 2.3); use attention='auto'") from error
 
     return {
-        "auto": None,  # PyTorch's own choice (flash for SDXL's 64-wide heads on recent GPUs)
         "flash": [SDPBackend.FLASH_ATTENTION],
         "efficient": [SDPBackend.EFFICIENT_ATTENTION],
         "cudnn": [SDPBackend.CUDNN_ATTENTION],
         "math": [SDPBackend.MATH],
     }
-
-
-ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 
 
 @contextlib.contextmanager
@@ -343,12 +346,12 @@ def attention_backend(name: str) -> Iterator[None]:
     An unsupported choice (e.g. flash on the CPU for some shapes, cuDNN on an old GPU) fails at the first attention
     call with PyTorch's "No available kernel" / "No viable backend" error rather than silently using another kernel.
     """
-    backends = _sdpa_backends()
-    if name not in backends:
+    if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {ATTENTION_BACKENDS}")
-    if backends[name] is None:
+    if name == "auto":
         yield
         return
+    backends = _sdpa_backends()
     from torch.nn.attention import sdpa_kernel
 
     with sdpa_kernel(backends[name]):

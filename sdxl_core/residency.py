@@ -208,6 +208,18 @@ class ResidencyPlan:
                 entry.in_use -= 1
                 entry.last_used = stamp
 
+    def register(self, modules: Mapping[str, nn.Module]) -> None:
+        """Put modules under the plan now, without loading them: their weights go to the offload device (so a
+        memory cap set afterwards does not count them)."""
+        for name, module in modules.items():
+            entry = self._manage(name, module)
+            if entry.resident and not entry.in_use:
+                self._offload(entry)
+
+    def register_model(self, model) -> None:
+        """`register` every component of an SDXLModel, named like `stage` names them."""
+        self.register({f"{model.kind}.{name}": module for name, module in model.modules().items()})
+
     def offload_all(self) -> None:
         """Evict everything that is not in use (e.g. before handing the GPU to another program)."""
         for entry in list(self._managed.values()):

@@ -1,0 +1,913 @@
+#!/usr/bin/env python3
+"""SDXL speed and memory benchmark: this project against diffusers, in one process, on identical random weights.
+
+On a GPU (full-size SDXL, 1024x1024, fp16, CFG batch 2) it times, with CUDA events and the median of many runs:
+the base UNet step (plain and with each lever of sdxl_core/optimize.py), the refiner step, the VAE decode, and a
+whole two-stage run (base steps + refiner steps + decode), for this project and for diffusers' UNet2DConditionModel
+/ AutoencoderKL converted from the same tensors by diffusers' own single-file conversion. It prints absolute times,
+ratios, the GPU's name and peak memory, and first runs the whole two-stage pipeline under an 8 GiB cap
+(torch.cuda.set_per_process_memory_fraction) with the residency plan of sdxl_core/residency.py.
+On a CPU it runs the tiny configs at 64x64 (fp32), so CI keeps every code path working (tests/test_bench.py).
+
+    python benchmarks/bench_sdxl.py --device cuda --compile --memory-cap-gb 8 --json bench.json
+    python benchmarks/bench_sdxl.py --device cpu --quick          # tiny configs, seconds
+
+Not a timed test: numbers hold only next to the card's name (PERF.md, "How to compare").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from sdxl_core.config import (ADM_SCALAR_EMBED_DIM, SDXL_BASE, SDXL_REFINER, TINY_BASE,  # noqa: E402
+                              TINY_REFINER, SDXLConfig, UNetConfig)
+from sdxl_core.denoiser import EpsDenoiser  # noqa: E402
+from sdxl_core.guidance import CFGDenoiser  # noqa: E402
+from sdxl_core.models import SDXLModel  # noqa: E402
+from sdxl_core.noise import noise_scaling  # noqa: E402
+from sdxl_core.optimize import (OptimizedStep, UNetOptimizations, fuse_qkv, is_compiled,  # noqa: E402
+                                is_qkv_fused, optimize_unet, to_channels_last, to_contiguous_format, unfuse_qkv)
+from sdxl_core.residency import GiB, ResidencyPlan, no_residency  # noqa: E402
+from sdxl_core.samplers import get_sampler  # noqa: E402
+from sdxl_core.schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range  # noqa: E402
+from sdxl_core.text_encoders import TextEncoder  # noqa: E402
+from sdxl_core.timestep_embedding import timestep_embedding  # noqa: E402
+from sdxl_core.tokenizer import SDXLTokenizer  # noqa: E402
+from sdxl_core.unet import UNetModel  # noqa: E402
+from sdxl_core.vae import AutoencoderKL  # noqa: E402
+from sdxl_core.vae_decoding import decode_latents, default_vae_dtype  # noqa: E402
+
+POOLED_DIM = 1280  # bigG projection width: the head of every SDXL ADM vector
+PROMPT, NEGATIVE = "a lighthouse on a cliff at dusk, dramatic light", "blurry, low quality"
+# Levers tried one at a time on the eager base step; a lever is kept when it beats plain eager by more than this
+# (about the run-to-run spread of a median on a GPU: METHOD.md, "a difference smaller than that spread is noise").
+KEEP_THRESHOLD = 0.01
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+
+
+class Report:
+    """Collects results, prints each line as it comes, and rewrites the JSON file after every section, so that a
+    run stopped by a time limit still leaves everything measured so far."""
+
+    def __init__(self, json_path: Path | None, verbose: bool = False):
+        self.json_path = json_path
+        self.verbose = verbose
+        self.data: dict = {"sections": {}, "notes": []}
+        self.rows: list[tuple[str, str, float | None, str]] = []
+
+    def note(self, text: str) -> None:
+        print(f"NOTE: {text}", flush=True)
+        self.data["notes"].append(text)
+
+    def put(self, section: str, key: str, value) -> None:
+        self.data["sections"].setdefault(section, {})[key] = value
+        self.flush()
+
+    def row(self, what: str, impl: str, ms: float | None, extra: str = "") -> None:
+        self.rows.append((what, impl, ms, extra))
+        shown = "-" if ms is None else f"{ms:10.2f} ms"
+        print(f"  {what:<34} {impl:<44} {shown:>14}  {extra}", flush=True)
+
+    def flush(self) -> None:
+        if self.json_path is not None:
+            self.json_path.parent.mkdir(parents=True, exist_ok=True)
+            self.json_path.write_text(json.dumps(self.data, indent=2, default=str))
+
+    def table(self) -> str:
+        lines = [f"| what | implementation | time (ms) | notes |", "|---|---|---:|---|"]
+        for what, impl, ms, extra in self.rows:
+            lines.append(f"| {what} | {impl} | {'-' if ms is None else f'{ms:.2f}'} | {extra} |")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    runs: int
+    peak_bytes: int | None  # device memory allocated at the peak of the timed runs (CUDA only)
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> Timing:
+    """Median of `iters` timed calls after `warmup` untimed ones: CUDA events on a GPU, a host clock on the CPU."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+            for start, end in pairs:
+                start.record()
+                fn()
+                end.record()
+            torch.cuda.synchronize(device)
+            times = [start.elapsed_time(end) for start, end in pairs]
+            peak = torch.cuda.max_memory_allocated(device)
+        else:
+            times = []
+            for _ in range(iters):
+                begin = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - begin) * 1e3)
+            peak = None
+    return Timing(statistics.median(times), min(times), max(times), iters, peak)
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref| in float64 (inf when either holds a non-finite value)."""
+    ours, ref = ours.double(), ref.double()
+    if not (torch.isfinite(ours).all() and torch.isfinite(ref).all()):
+        return math.inf
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models with random weights, built where they run
+
+
+def randomize_(module: nn.Module, seed: int) -> nn.Module:
+    """Every parameter drawn at a scale that keeps activations O(1) through the whole network (the default init,
+    or an un-initialised `to_empty`, would leave NaN, zeros or fp16 overflow, and zeros time unrealistically)."""
+    first = next(module.parameters())
+    generator = torch.Generator(device=first.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, device=param.device, dtype=torch.float32)
+            if param.ndim >= 2:
+                value = noise / math.sqrt(param[0].numel())
+            elif name.endswith("weight"):  # norm scales
+                value = 1.0 + 0.2 * noise
+            else:
+                value = 0.1 * noise
+            param.copy_(value)
+    return module.eval()
+
+
+def build_unet(config: UNetConfig, dtype: torch.dtype, device: torch.device, seed: int) -> UNetModel:
+    # Meta first: no default initialisation of 2.5 B parameters that randomize_ overwrites anyway.
+    return randomize_(UNetModel(config, dtype=dtype, device="meta").to_empty(device=device), seed)
+
+
+def build_vae(config, dtype: torch.dtype, device: torch.device, seed: int) -> AutoencoderKL:
+    return randomize_(AutoencoderKL(config, dtype=dtype, device="meta").to_empty(device=device), seed)
+
+
+def build_stage(config: SDXLConfig, dtype: torch.dtype, device: torch.device, seed: int,
+                vae: AutoencoderKL | None = None) -> SDXLModel:
+    """A whole SDXL stage with random weights (text encoders keep transformers' default init: it is finite)."""
+    unet = build_unet(config.unet, dtype, device, seed)
+    # The VAE is held in its working dtype (vae_decoding: bf16 on a GPU, fp32 on the CPU), so decodes make no copy.
+    vae = vae if vae is not None else build_vae(config.vae, default_vae_dtype(device), device, seed + 1)
+    torch.manual_seed(seed + 2)
+    clip_g = TextEncoder(config.clip_g, dtype=dtype, device=device).eval()
+    clip_l = TextEncoder(config.clip_l, dtype=dtype, device=device).eval() if config.clip_l else None
+    return SDXLModel(config=config, unet=unet, vae=vae, clip_g=clip_g, clip_l=clip_l, tokenizer=SDXLTokenizer(),
+                     source=None, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers twins of the same tensors
+
+
+def diffusers_available() -> tuple[bool, str]:
+    try:
+        import diffusers  # noqa: F401
+        from diffusers.loaders import single_file_utils  # noqa: F401
+    except Exception as error:  # ImportError, or a diffusers that breaks on this torch/transformers
+        return False, f"{type(error).__name__}: {error}"
+    return True, diffusers.__version__
+
+
+def _sgm_network_config(config: UNetConfig) -> dict:
+    """The sgm yaml fragment (`model.params.network_config`) describing `config`, as diffusers' converter reads it."""
+    levels_with_attention = [level for level, depth in enumerate(config.transformer_depth) if depth]
+    # diffusers reads the middle block's depth from the last level's entry; levels without attention ignore theirs.
+    depths = [depth or config.transformer_depth_middle for depth in config.transformer_depth]
+    if depths[-1] != config.transformer_depth_middle:
+        raise ValueError(f"diffusers cannot express this UNet (its middle depth is the last level's): {config}")
+    return {"model": {"params": {
+        "network_config": {"params": {
+            "in_channels": config.in_channels, "out_channels": config.out_channels,
+            "model_channels": config.model_channels, "channel_mult": list(config.channel_mult),
+            "num_res_blocks": config.num_res_blocks,
+            "attention_resolutions": [2 ** level for level in levels_with_attention],
+            "transformer_depth": depths, "num_head_channels": config.num_head_channels,
+            "context_dim": config.context_dim, "num_classes": "sequential",
+            "adm_in_channels": config.adm_in_channels, "use_linear_in_transformer": True,
+        }},
+        "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}},
+    }}}
+
+
+def diffusers_unet(unet: UNetModel):
+    """diffusers' UNet2DConditionModel holding `unet`'s tensors (shared, not copied), converted by diffusers."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as single_file
+
+    if is_qkv_fused(unet):
+        raise RuntimeError("build the diffusers twin before fusing QKV (it converts the plain layout)")
+    checkpoint = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    config = single_file.create_unet_diffusers_config_from_ldm(_sgm_network_config(unet.config), checkpoint)
+    # diffusers recognises SDXL's ADM only by context width 2048/1280; say it explicitly (the tiny configs differ).
+    config.update(class_embed_type=None, addition_embed_type="text_time",
+                  addition_time_embed_dim=ADM_SCALAR_EMBED_DIM)
+    converted = single_file.convert_ldm_unet_checkpoint(checkpoint, config)
+    with torch.device("meta"):
+        twin = UNet2DConditionModel(**config)
+    twin.load_state_dict(converted, strict=True, assign=True)
+    return twin.eval()
+
+
+def diffusers_vae(vae: AutoencoderKL, dtype: torch.dtype | None = None):
+    """diffusers' AutoencoderKL holding `vae`'s tensors, converted by diffusers; cast to `dtype` when given."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    cfg = vae.config
+    levels = len(cfg.channel_mult)
+    config = {
+        "in_channels": cfg.image_channels, "out_channels": cfg.image_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": [cfg.base_channels * m for m in cfg.channel_mult],
+        "latent_channels": cfg.latent_channels, "layers_per_block": cfg.num_res_blocks,
+        "norm_num_groups": cfg.norm_groups, "scaling_factor": cfg.scale_factor,
+    }
+    checkpoint = {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}
+    converted = convert_ldm_vae_checkpoint(checkpoint, config)
+    with torch.device("meta"):
+        twin = DiffusersAutoencoderKL(**config)
+    twin.load_state_dict(converted, strict=True, assign=True)
+    return (twin.to(dtype) if dtype is not None and dtype != vae.dtype else twin).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs: one CFG step's worth
+
+
+@dataclass
+class StepInputs:
+    x: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor
+    pooled: torch.Tensor
+    time_ids: torch.Tensor
+    y: torch.Tensor  # pooled + Fourier-embedded time_ids, as sgm and ComfyUI build it
+
+    def ours(self) -> tuple[torch.Tensor, ...]:
+        return self.x, self.t, self.context, self.y
+
+    def diffusers_kwargs(self) -> dict:
+        return {"encoder_hidden_states": self.context,
+                "added_cond_kwargs": {"text_embeds": self.pooled, "time_ids": self.time_ids}}
+
+
+def step_inputs(config: UNetConfig, latent_side: int, dtype: torch.dtype, device: torch.device, seed: int,
+                batch: int = 2) -> StepInputs:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n_scalars = (config.adm_in_channels - POOLED_DIM) // ADM_SCALAR_EMBED_DIM
+    x = torch.randn(batch, config.in_channels, latent_side, latent_side, generator=gen)
+    t = torch.full((batch,), 801.0)  # both guidance branches share the step's timestep
+    context = torch.randn(batch, 77, config.context_dim, generator=gen)
+    pooled = torch.randn(batch, POOLED_DIM, generator=gen)
+    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0][:n_scalars]] * batch)
+    if n_scalars == 5:  # refiner: original size, crop, aesthetic score
+        time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 6.0]] * batch)
+    y = torch.cat([pooled, timestep_embedding(time_ids.flatten(), ADM_SCALAR_EMBED_DIM).reshape(batch, -1)], dim=1)
+    cast = dict(device=device, dtype=dtype)
+    return StepInputs(x.to(**cast), t.to(device), context.to(**cast), pooled.to(**cast), time_ids.to(**cast),
+                      y.to(**cast))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two-stage run, identical for both implementations: the project's Euler sampler and guidance over either UNet
+
+
+def _ours_model(step: Callable) -> Callable:
+    return lambda x, t, *, context, y: step(x, t, context, y)
+
+
+def _diffusers_model(twin) -> Callable:
+    def call(x, t, *, context, text_embeds, time_ids):
+        return twin(x, t, encoder_hidden_states=context,
+                    added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}).sample
+    return call
+
+
+@dataclass
+class TwoStagePlan:
+    base_sigmas: torch.Tensor
+    refiner_sigmas: torch.Tensor
+    noise: torch.Tensor  # [1, 4, h, w] float32
+    cfg: float = 7.0
+
+
+def two_stage_plan(steps: int, refiner_steps: int, latent_side: int, device: torch.device, seed: int
+                   ) -> TwoStagePlan:
+    schedule = DiscreteEpsSchedule()
+    total = steps + refiner_steps
+    sigmas = ksampler_sigmas(schedule, "normal", "euler", total)
+    base = sigmas_for_range(sigmas, 0, steps, leftover_noise=True) if refiner_steps else sigmas
+    refiner = sigmas_for_range(sigmas, steps, None) if refiner_steps else sigmas[:0]
+    noise = torch.randn(1, 4, latent_side, latent_side, generator=torch.Generator().manual_seed(seed))
+    return TwoStagePlan(base.to(device), refiner.to(device), noise.to(device))
+
+
+def run_two_stage(plan: TwoStagePlan, base_model: Callable, base_cond: tuple[dict, dict], base_dtype: torch.dtype,
+                  refiner_model: Callable | None, refiner_cond: tuple[dict, dict] | None,
+                  decode: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euler + CFG over the base grid, then the refiner's, then decode; returns (latent, images)."""
+    schedule = DiscreteEpsSchedule()
+    euler = get_sampler("euler")
+    x = noise_scaling(plan.base_sigmas[0], plan.noise, torch.zeros_like(plan.noise), True)
+    denoiser = CFGDenoiser(EpsDenoiser(base_model, schedule, dtype=base_dtype), base_cond[0], base_cond[1], plan.cfg)
+    x = euler(denoiser, x, plan.base_sigmas)
+    if refiner_model is not None and len(plan.refiner_sigmas) > 1:
+        denoiser = CFGDenoiser(EpsDenoiser(refiner_model, schedule, dtype=base_dtype), refiner_cond[0],
+                               refiner_cond[1], plan.cfg)
+        x = euler(denoiser, x, plan.refiner_sigmas)
+    latent = x / SDXL_BASE.vae.scale_factor
+    return latent, decode(latent)
+
+
+def branch_conditioning(inputs: StepInputs, diffusers_layout: bool) -> tuple[dict, dict]:
+    """(cond, uncond) for CFGDenoiser from a batch-2 StepInputs (item 0 = negative, item 1 = positive)."""
+    def side(i: int) -> dict:
+        if diffusers_layout:
+            return {"context": inputs.context[i:i + 1], "text_embeds": inputs.pooled[i:i + 1],
+                    "time_ids": inputs.time_ids[i:i + 1]}
+        return {"context": inputs.context[i:i + 1], "y": inputs.y[i:i + 1]}
+    return side(1), side(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline, stage by stage (what `generate(..., residency=plan)` does)
+
+
+def pipeline_two_stage(base: SDXLModel, refiner: SDXLModel | None, size: int, steps: int, refiner_steps: int,
+                       stage=no_residency, seed: int = 0) -> tuple[dict, torch.Tensor]:
+    """Prompt to image through sdxl_core.pipeline's public stages, each inside `stage(model, part)`."""
+    from sdxl_core.pipeline import (decode, empty_latent, encode_base_conditioning, encode_refiner_conditioning,
+                                    sample_latent)
+
+    total = steps + (refiner_steps if refiner is not None else 0)
+    settings = dict(seed=seed, steps=total, cfg=7.0, sampler="euler", scheduler="normal")
+    with stage(base, "text"):
+        positive = encode_base_conditioning(base, PROMPT, width=size, height=size)
+        negative = encode_base_conditioning(base, NEGATIVE, width=size, height=size)
+    with stage(base, "unet"):
+        latent = sample_latent(base, empty_latent(size, size), positive, negative,
+                               end_step=steps if refiner is not None else None,
+                               return_with_leftover_noise=refiner is not None, **settings)
+    if refiner is not None:
+        with stage(refiner, "text"):
+            refiner_positive = encode_refiner_conditioning(refiner, PROMPT, width=size, height=size)
+            refiner_negative = encode_refiner_conditioning(refiner, NEGATIVE, width=size, height=size)
+        with stage(refiner, "unet"):
+            latent = sample_latent(refiner, latent, refiner_positive, refiner_negative, start_step=steps,
+                                   add_noise=False, **settings)
+    with stage(base, "vae"):
+        images = decode(base, latent)
+    return latent, images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+class _LogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def memory_section(args, report: Report, base: SDXLModel, refiner: SDXLModel) -> torch.Tensor | None:
+    """The whole two-stage pipeline under the residency plan, with the device capped at --memory-cap-gb."""
+    device = args.device
+    cap = args.memory_cap_gb
+    if device.type == "cuda":
+        plan = ResidencyPlan.for_device_memory(device, int(cap * GiB), reserve_bytes=int(args.reserve_gb * GiB),
+                                               pin_memory=True)
+        heading = f"device capped at {cap} GiB, weight budget {plan.budget_bytes / GiB:.2f} GiB"
+    else:
+        # CPU: nothing moves; a budget of one UNet plus the VAE exercises the same evictions as 8 GiB at full size.
+        sizes = {f"{m.kind}.{n}": sum(t.numel() * t.element_size() for t in (*c.parameters(), *c.buffers()))
+                 for m in (base, refiner) for n, c in m.modules().items()}
+        budget = max(sizes["base.unet"], sizes["refiner.unet"]) + sizes["base.vae"]
+        plan = ResidencyPlan(device, budget)
+        heading = f"CPU bookkeeping only, weight budget {budget / 2**20:.1f} MiB (one UNet + VAE)"
+    print(f"\n== memory: full two-stage run, {args.size}px, residency plan, {heading}", flush=True)
+    plan.register_model(base)  # everything to the host first: the cap counts what is already on the card
+    plan.register_model(refiner)
+    capture = _LogCapture()
+    logging.getLogger("sdxl_core.vae_decoding").addHandler(capture)
+    result = {"cap_gib": cap if device.type == "cuda" else None, "reserve_gib": args.reserve_gb}
+    latent = None
+    try:
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(cap * GiB / total, 1.0), device)
+            result["allocated_before_bytes"] = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        synchronize(device)
+        begin = time.perf_counter()
+        latent, images = pipeline_two_stage(base, refiner, args.size, args.steps, args.refiner_steps, plan.stage,
+                                            seed=args.seed)
+        synchronize(device)
+        result["seconds"] = time.perf_counter() - begin
+        result["images_finite"] = bool(torch.isfinite(images).all())
+        if device.type == "cuda":
+            result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+            result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        result["ok"] = True
+    except (torch.OutOfMemoryError, RuntimeError) as error:  # ResidencyError is a RuntimeError
+        result.update(ok=False, error=f"{type(error).__name__}: {str(error).splitlines()[0]}")
+    finally:
+        logging.getLogger("sdxl_core.vae_decoding").removeHandler(capture)
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        plan.offload_all()
+    result["plan"] = plan.summary()
+    result["load_order"] = [f"{e.action} {e.name}" for e in plan.events]
+    result["vae_messages"] = capture.messages
+    for model in (base, refiner):
+        for module in model.modules().values():
+            plan.release(module)
+    report.put("memory", "two_stage", result)
+    weights = f"weights resident at most {plan.peak_resident_bytes / GiB:.2f} GiB"
+    if result.get("ok"):
+        peak = result.get("peak_allocated_bytes")
+        memory = (f"peak allocated {peak / GiB:.2f} GiB, reserved {result['peak_reserved_bytes'] / GiB:.2f} GiB; "
+                  if peak is not None else "CPU, nothing moved; ")
+        tiled = "; VAE fell back to tiles" if any("tile" in m for m in capture.messages) else ""
+        report.row("two-stage run under memory cap", "ours + residency plan", result["seconds"] * 1e3,
+                   memory + weights + tiled)
+    else:
+        report.row("two-stage run under memory cap", "ours + residency plan", None, result["error"])
+    return None if latent is None else latent["samples"]
+
+
+def _try(report: Report, label: str, fn: Callable):
+    """Run one measurement; a failure is reported (with its reason) and the benchmark goes on."""
+    try:
+        return fn()
+    except Exception as error:  # one lever failing (no kernel, compile error) must not lose the other numbers
+        report.note(f"{label} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        if report.verbose:
+            traceback.print_exc()
+        return None
+
+
+def unet_section(args, report: Report, kind: str, unet: UNetModel, twin, inputs: StepInputs,
+                 try_levers: bool, chosen: UNetOptimizations | None) -> tuple[OptimizedStep, UNetOptimizations]:
+    """Time one UNet's CFG step: ours plain, each lever alone, the kept levers together, compiled on request; the
+    diffusers twin eager and compiled on request. Returns the fastest step and its settings."""
+    device, warmup, iters = args.device, args.warmup, args.iters
+    what = f"{kind} UNet step (batch 2)"
+    print(f"\n== {what}, {args.size}px, {args.dtype}", flush=True)
+    results = {}
+
+    def time_step(label: str, step: Callable, ref_out: torch.Tensor | None) -> Timing | None:
+        def run():
+            timing = measure(lambda: step(*inputs.ours()), device, warmup, iters)
+            with torch.inference_mode():
+                out = step(*inputs.ours())
+            err = None if ref_out is None else relative_error(out, ref_out)
+            results[label] = {**timing.as_dict(), "rel_err_vs_plain": err}
+            extra = "" if err is None else f"rel err vs plain {err:.1e}"
+            if err is not None and err > args.parity_tolerance:
+                extra += "  PARITY FAILED"
+                results[label]["parity_failed"] = True
+            report.row(what, f"ours {label}", timing.median_ms, extra)
+            return timing
+        return _try(report, f"{kind} {label}", run)
+
+    with torch.inference_mode():
+        plain_out = unet(*inputs.ours())
+    plain = time_step("eager", unet, None)
+    if twin is not None:
+        def run_twin():
+            timing = measure(lambda: twin(inputs.x, inputs.t, **inputs.diffusers_kwargs()), device, warmup, iters)
+            with torch.inference_mode():
+                ref = twin(inputs.x, inputs.t, **inputs.diffusers_kwargs()).sample
+            err = relative_error(plain_out, ref)
+            results["diffusers eager"] = {**timing.as_dict(), "rel_err_ours_vs_diffusers": err}
+            ratio = "" if plain is None else f"ours/diffusers {plain.median_ms / timing.median_ms:.3f}"
+            report.row(what, "diffusers eager", timing.median_ms, f"{ratio}; output rel err {err:.1e}")
+        _try(report, f"{kind} diffusers eager", run_twin)
+
+    if try_levers and plain is not None:
+        kept = {}
+        for lever, apply, undo in (("channels_last", to_channels_last, to_contiguous_format),
+                                   ("fuse_qkv", fuse_qkv, unfuse_qkv)):
+            apply(unet)
+            timing = time_step(lever, unet, plain_out)
+            undo(unet)
+            gained = (timing is not None and timing.median_ms < plain.median_ms * (1 - KEEP_THRESHOLD)
+                      and not results[lever].get("parity_failed"))
+            kept[lever] = gained
+        for backend in args.attention_backends:
+            if backend == "auto":
+                continue
+            settings = UNetOptimizations(attention=backend)
+            step = optimize_unet(unet, settings)
+            timing = time_step(f"attention {backend}", step, plain_out)
+            if timing is not None and timing.median_ms < plain.median_ms * (1 - KEEP_THRESHOLD) and \
+                    not results[f"attention {backend}"].get("parity_failed"):
+                best = kept.get("attention")
+                if best is None or timing.median_ms < results[f"attention {best}"]["median_ms"]:
+                    kept["attention"] = backend
+        chosen = UNetOptimizations(fuse_qkv=kept["fuse_qkv"], channels_last=kept["channels_last"],
+                                   attention=kept.get("attention") or "auto")
+        report.put("levers", f"{kind}_kept", {"fuse_qkv": chosen.fuse_qkv, "channels_last": chosen.channels_last,
+                                              "attention": chosen.attention})
+        report.note(f"{kind}: levers kept (each > {KEEP_THRESHOLD:.0%} faster than plain eager, parity held): "
+                    f"{chosen.label()}")
+    chosen = chosen or UNetOptimizations()
+    best_settings = chosen
+    best_step: OptimizedStep = optimize_unet(unet, chosen)
+    best_time = plain.median_ms if plain is not None else math.inf
+    if chosen.label() != "eager":
+        timing = time_step(chosen.label(), best_step, plain_out)
+        if timing is not None:
+            best_time = timing.median_ms
+    if device.type == "cuda" and args.cuda_graph:
+        settings = UNetOptimizations(fuse_qkv=chosen.fuse_qkv, channels_last=chosen.channels_last,
+                                     attention=chosen.attention, cuda_graph=True)
+        step = _try(report, f"{kind} CUDA graph", lambda: optimize_unet(unet, settings, inputs.ours()))
+        timing = time_step(settings.label(), step, plain_out) if step is not None else None
+        if timing is not None and timing.median_ms < best_time:
+            best_step, best_settings, best_time = step, settings, timing.median_ms
+    if args.compile:
+        settings = UNetOptimizations(fuse_qkv=chosen.fuse_qkv, channels_last=chosen.channels_last,
+                                     attention=chosen.attention, compile_mode=args.compile_mode)
+        print(f"  compiling ours ({settings.label()}) ...", flush=True)
+        step = _try(report, f"{kind} compile", lambda: optimize_unet(unet, settings, inputs.ours()))
+        if step is not None:
+            cost = step.compile_report
+            results["compile_cost_s"] = cost.compile_s
+            report.note(f"{kind}: torch.compile({args.compile_mode}) cost {cost.compile_s:.1f} s once "
+                        f"(first call {cost.first_call_s:.1f} s)")
+            timing = time_step(settings.label(), step, plain_out)
+            if (timing is not None and timing.median_ms < best_time) or not best_settings.cuda_graph:
+                # The module is compiled in place now: an eager `best_step` would run compiled code anyway.
+                best_step, best_settings = step, settings
+                best_time = timing.median_ms if timing is not None else best_time
+            if device.type == "cuda" and args.cuda_graph:
+                graph_settings = UNetOptimizations(fuse_qkv=chosen.fuse_qkv, channels_last=chosen.channels_last,
+                                                   attention=chosen.attention, compile_mode=args.compile_mode,
+                                                   cuda_graph=True)
+                # optimize_unet would compile again; the module is compiled in place already, so wrap it directly.
+                graph_step = _try(report, f"{kind} compiled CUDA graph",
+                                  lambda: OptimizedStep(unet, UNetOptimizations(
+                                      fuse_qkv=chosen.fuse_qkv, channels_last=chosen.channels_last,
+                                      attention=chosen.attention, cuda_graph=True), inputs.ours()))
+                timing = time_step(graph_settings.label(), graph_step, plain_out) if graph_step else None
+                if timing is not None and timing.median_ms < best_time:
+                    best_step, best_settings, best_time = graph_step, graph_settings, timing.median_ms
+    if twin is not None and args.compile_reference and (kind == "base" or args.compile_reference_refiner):
+        def compile_twin():
+            twin.to(memory_format=torch.channels_last)  # PERF.md's compiled diffusers: default mode, channels_last
+            twin.compile(mode=args.compile_mode)
+            synchronize(device)
+            begin = time.perf_counter()
+            with torch.inference_mode():
+                twin(inputs.x, inputs.t, **inputs.diffusers_kwargs())
+            synchronize(device)
+            first = time.perf_counter() - begin
+            timing = measure(lambda: twin(inputs.x, inputs.t, **inputs.diffusers_kwargs()), device, warmup, iters)
+            results["diffusers compiled"] = {**timing.as_dict(), "first_call_s": first}
+            ratio = f"ours best/diffusers compiled {best_time / timing.median_ms:.3f}"
+            report.row(what, f"diffusers compile:{args.compile_mode}+channels-last", timing.median_ms,
+                       f"{ratio}; first call {first:.1f} s")
+        print("  compiling diffusers ...", flush=True)
+        _try(report, f"{kind} diffusers compile", compile_twin)
+    results["best"] = {"settings": best_settings.label(), "median_ms": best_time}
+    report.put("unet", kind, results)
+    return best_step, best_settings
+
+
+def vae_section(args, report: Report, vae: AutoencoderKL, latent_side: int) -> Callable:
+    """Decode one latent: ours (bf16 with the NaN guard, fp16, channels_last) and diffusers fp16 / bf16."""
+    device, warmup, iters = args.device, args.warmup, args.iters
+    what = f"VAE decode {args.size}px"
+    print(f"\n== {what}", flush=True)
+    z = torch.randn(1, 4, latent_side, latent_side, generator=torch.Generator().manual_seed(3)).to(device)
+    results = {}
+    work_dtypes = [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float32]
+    available, _ = diffusers_available()
+    # One copy of the VAE per working dtype, made once: decode_latents would otherwise cast a copy per call.
+    copies = {dtype: vae if vae.dtype == dtype else _cast_copy(vae, dtype) for dtype in work_dtypes}
+    best = (math.inf, None)
+    for dtype in work_dtypes:
+        name = str(dtype).removeprefix("torch.")
+        model = copies[dtype]
+
+        def ours(model=model, dtype=dtype):
+            return decode_latents(model, z, tiled=False, dtype=dtype)
+        timing = _try(report, f"ours VAE {name}", lambda: measure(ours, device, warmup, iters))
+        if timing is None:
+            continue
+        with torch.inference_mode():
+            out = ours()
+        results[f"ours {name}"] = timing.as_dict()
+        extra = f"peak {timing.peak_bytes / GiB:.2f} GiB" if timing.peak_bytes else ""
+        twin = _try(report, f"diffusers VAE {name}", lambda: diffusers_vae(model)) \
+            if available and not args.no_reference else None
+        if twin is not None:
+            ref_timing = measure(lambda: twin.decode(z.to(dtype)).sample, device, warmup, iters)
+            with torch.inference_mode():
+                ref = twin.decode(z.to(dtype)).sample
+            err = relative_error(out, ref)
+            results[f"diffusers {name}"] = {**ref_timing.as_dict(), "rel_err": err}
+            report.row(what, f"ours {name} (NaN guard)", timing.median_ms,
+                       f"ours/diffusers {timing.median_ms / ref_timing.median_ms:.3f}; {extra}")
+            report.row(what, f"diffusers {name}", ref_timing.median_ms,
+                       f"rel err {err:.1e}" + (f"; peak {ref_timing.peak_bytes / GiB:.2f} GiB"
+                                               if ref_timing.peak_bytes else ""))
+            del twin
+        else:
+            report.row(what, f"ours {name} (NaN guard)", timing.median_ms, extra)
+        if timing.median_ms < best[0]:
+            best = (timing.median_ms, dtype)
+    chosen = best[1] or work_dtypes[0]
+    model = copies[chosen]
+    if args.vae_channels_last and device.type == "cuda":
+        to_channels_last(model)
+        label = f"ours {str(chosen).removeprefix('torch.')} channels-last"
+        timing = _try(report, label, lambda: measure(lambda: decode_latents(model, z, tiled=False, dtype=chosen),
+                                                      device, warmup, iters))
+        if timing is not None:
+            results[label] = timing.as_dict()
+            report.row(what, label, timing.median_ms)
+        if timing is None or timing.median_ms >= best[0] * (1 - KEEP_THRESHOLD):
+            to_contiguous_format(model)
+    report.put("vae", "decode", results)
+    report.put("vae", "chosen", {"dtype": str(chosen), "channels_last": bool(
+        args.vae_channels_last and device.type == "cuda" and model.post_quant_conv.weight.is_contiguous(
+            memory_format=torch.channels_last))})
+    return lambda latent: decode_latents(model, latent, tiled=False, dtype=chosen)
+
+
+def _cast_copy(vae: AutoencoderKL, dtype: torch.dtype) -> AutoencoderKL:
+    copy = AutoencoderKL(vae.config, dtype=dtype, device="meta")
+    copy.load_state_dict({k: v.to(dtype) for k, v in vae.state_dict().items()}, strict=True, assign=True)
+    return copy.eval()
+
+
+def two_stage_section(args, report: Report, base_step: Callable, refiner_step: Callable, base_twin, refiner_twin,
+                      vae: AutoencoderKL, decode_ours: Callable, base_inputs: StepInputs, refiner_inputs: StepInputs,
+                      latent_side: int, label_ours: str) -> None:
+    device = args.device
+    what = f"two-stage {args.steps}+{args.refiner_steps} steps + decode"
+    print(f"\n== {what}, {args.size}px", flush=True)
+    plan = two_stage_plan(args.steps, args.refiner_steps, latent_side, device, args.seed)
+    dtype = DTYPES[args.dtype]
+    results = {}
+    runs = args.two_stage_runs
+
+    def ours():
+        return run_two_stage(plan, _ours_model(base_step), branch_conditioning(base_inputs, False), dtype,
+                             _ours_model(refiner_step), branch_conditioning(refiner_inputs, False), decode_ours)
+    timing = _try(report, "two-stage ours", lambda: measure(ours, device, 1, runs))
+    if timing is not None:
+        results["ours"] = {**timing.as_dict(), "settings": label_ours}
+        report.row(what, f"ours ({label_ours})", timing.median_ms,
+                   f"peak {timing.peak_bytes / GiB:.2f} GiB" if timing.peak_bytes else "")
+    if base_twin is not None and refiner_twin is not None:
+        vae_dtype = torch.float16 if device.type == "cuda" else torch.float32
+        vae_twin = diffusers_vae(vae, vae_dtype)
+
+        def reference():
+            return run_two_stage(plan, _diffusers_model(base_twin), branch_conditioning(base_inputs, True), dtype,
+                                 _diffusers_model(refiner_twin), branch_conditioning(refiner_inputs, True),
+                                 lambda z: vae_twin.decode(z.to(vae_dtype)).sample)
+        ref_timing = _try(report, "two-stage diffusers", lambda: measure(reference, device, 1, runs))
+        if ref_timing is not None:
+            results["diffusers"] = ref_timing.as_dict()
+            ratio = "" if timing is None else f"ours/diffusers {timing.median_ms / ref_timing.median_ms:.3f}"
+            unets = ", ".join(f"{kind} {'compiled' if is_compiled(twin) else 'eager'}"
+                              for kind, twin in (("base", base_twin), ("refiner", refiner_twin)))
+            report.row(what, f"diffusers ({unets}, VAE {str(vae_dtype).removeprefix('torch.')})",
+                       ref_timing.median_ms, ratio)
+    report.put("two_stage", "sampling_and_decode", results)
+
+
+def pipeline_section(args, report: Report, base: SDXLModel, refiner: SDXLModel, capped_latent) -> None:
+    """Prompt to image through the real pipeline functions, everything resident: text encoding included."""
+    device = args.device
+    what = "pipeline prompt->image (all resident)"
+    print(f"\n== {what}", flush=True)
+
+    def run():
+        return pipeline_two_stage(base, refiner, args.size, args.steps, args.refiner_steps, seed=args.seed)
+    timing = _try(report, "pipeline run", lambda: measure(run, device, 1, args.two_stage_runs))
+    if timing is None:
+        return
+    latent, _ = run()
+    result = timing.as_dict()
+    if capped_latent is not None:
+        # The capped run used the plain eager UNets; differences here come from the levers (fp16 rounding).
+        result["max_abs_diff_vs_capped_run"] = (latent["samples"] - capped_latent).abs().max().item()
+    report.put("two_stage", "pipeline", result)
+    report.row(what, "ours, sdxl_core.pipeline stages", timing.median_ms,
+               "" if capped_latent is None else
+               f"latent max |diff| vs the capped plain-eager run {result['max_abs_diff_vs_capped_run']:.1e}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024 GPU, 64 CPU)")
+    parser.add_argument("--steps", type=int, default=32, help="base steps of the two-stage run")
+    parser.add_argument("--refiner-steps", type=int, default=8, help="refiner steps of the two-stage run")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="UNet dtype (default fp16 GPU, fp32 CPU)")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs even on a GPU (a fast smoke run)")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile our UNets (cost reported)")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
+    parser.add_argument("--compile-reference", action="store_true",
+                        help="also compile diffusers' base UNet (channels_last, like PERF.md's anchor)")
+    parser.add_argument("--compile-reference-refiner", action="store_true",
+                        help="with --compile-reference: compile diffusers' refiner too (another ~100 s)")
+    parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                        help="skip the CUDA-graph variants")
+    parser.add_argument("--attention-backends", nargs="*", default=None,
+                        help="SDPA backends to try on the base step (default: flash efficient cudnn on GPU)")
+    parser.add_argument("--no-vae-channels-last", dest="vae_channels_last", action="store_false")
+    parser.add_argument("--memory-cap-gb", type=float, default=None,
+                        help="GiB cap for the full run under the residency plan (default 8 on GPU; 0 = skip)")
+    parser.add_argument("--reserve-gb", type=float, default=3.0, help="activation reserve of the residency plan")
+    parser.add_argument("--no-reference", action="store_true", help="skip diffusers entirely")
+    parser.add_argument("--quick", action="store_true", help="fewer warm-up and timed runs")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--two-stage-runs", type=int, default=None)
+    parser.add_argument("--parity-tolerance", type=float, default=None,
+                        help="max relative error of a lever against plain eager (default 2e-2 fp16/bf16, 1e-4 fp32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--json", type=Path, default=None, help="write every number here (rewritten per section)")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the final table here")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed measurements")
+    args = parser.parse_args(argv)
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for, but torch.cuda.is_available() is False "
+                     f"(torch {torch.__version__}); use --device cpu for the tiny smoke run")
+    gpu = args.device.type == "cuda"
+    args.tiny = args.tiny or not gpu
+    args.size = args.size or (1024 if not args.tiny else 64)
+    if args.size % 8:
+        parser.error(f"--size must be a multiple of 8 pixels, got {args.size}")
+    args.dtype = args.dtype or ("fp16" if gpu else "fp32")
+    if args.memory_cap_gb is None:
+        args.memory_cap_gb = 8.0 if gpu else 0.0
+    if args.attention_backends is None:
+        args.attention_backends = ["flash", "efficient", "cudnn"] if gpu else []
+    quick = args.quick
+    args.warmup = args.warmup if args.warmup is not None else (1 if not gpu else (2 if quick else 5))
+    args.iters = args.iters if args.iters is not None else (2 if not gpu else (8 if quick else 25))
+    args.two_stage_runs = args.two_stage_runs or (1 if not gpu else (2 if quick else 5))
+    if args.parity_tolerance is None:
+        args.parity_tolerance = 1e-4 if args.dtype == "fp32" else 2e-2
+    return args
+
+
+def environment(args) -> dict:
+    available, diffusers_version = diffusers_available()
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(args.device),
+           "diffusers": diffusers_version if available else None, "size": args.size, "dtype": args.dtype,
+           "configs": "tiny" if args.tiny else "full", "steps": args.steps, "refiner_steps": args.refiner_steps,
+           "warmup": args.warmup, "iters": args.iters, "command": " ".join(sys.argv)}
+    if args.device.type == "cuda":
+        props = torch.cuda.get_device_properties(args.device)
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GiB, 1), cuda=torch.version.cuda,
+                   capability=f"{props.major}.{props.minor}")
+    else:
+        env.update(gpu=None, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return env
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = Report(args.json, verbose=args.verbose)
+    env = environment(args)
+    report.data["environment"] = env
+    where = env["gpu"] or f"CPU ({env['cpu']}, {env['threads']} threads)"
+    print(f"SDXL benchmark on {where}; torch {env['torch']}; {env['configs']} configs, {args.size}px, {args.dtype}",
+          flush=True)
+    available, why = diffusers_available()
+    use_reference = available and not args.no_reference
+    if not available and not args.no_reference:
+        report.note(f"diffusers cannot be imported ({why}): reference timings are skipped. Install it "
+                    "(pip install diffusers; on an offline GPU machine carry its wheel, see benchmarks/README.md) "
+                    "or pass --no-reference to silence this.")
+    if args.compile and not hasattr(nn.Module, "compile"):
+        report.note(f"torch {torch.__version__} has no nn.Module.compile: --compile is skipped")
+        args.compile = False
+    report.flush()
+
+    device = args.device
+    dtype = DTYPES[args.dtype]
+    configs = (TINY_BASE, TINY_REFINER) if args.tiny else (SDXL_BASE, SDXL_REFINER)
+    latent_side = args.size // configs[0].vae.downscale
+    levels = max(len(c.unet.channel_mult) for c in configs)
+    if latent_side % 2 ** (levels - 1):
+        report.note(f"latent side {latent_side} is not a multiple of {2 ** (levels - 1)}; the UNets handle it, "
+                    "diffusers may not")
+
+    begin = time.perf_counter()
+    base = build_stage(configs[0], dtype, device, seed=1)
+    refiner = build_stage(configs[1], dtype, device, seed=11, vae=base.vae)
+    report.put("build", "seconds", time.perf_counter() - begin)
+
+    capped_latent = None
+    if args.memory_cap_gb or device.type == "cpu":
+        capped_latent = memory_section(args, report, base, refiner)
+        for model in (base, refiner):  # the plan left everything on the host
+            model.to(device)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    base_twin = diffusers_unet(base.unet) if use_reference else None
+    refiner_twin = diffusers_unet(refiner.unet) if use_reference else None
+    base_inputs = step_inputs(configs[0].unet, latent_side, dtype, device, seed=5)
+    refiner_inputs = step_inputs(configs[1].unet, latent_side, dtype, device, seed=6)
+
+    base_step, base_settings = unet_section(args, report, "base", base.unet, base_twin, base_inputs, True, None)
+    chosen = UNetOptimizations(fuse_qkv=base_settings.fuse_qkv, channels_last=base_settings.channels_last,
+                               attention=base_settings.attention)
+    refiner_step, refiner_settings = unet_section(args, report, "refiner", refiner.unet, refiner_twin,
+                                                  refiner_inputs, False, chosen)
+    decode_ours = vae_section(args, report, base.vae, latent_side)
+    label = f"base {base_settings.label()}, refiner {refiner_settings.label()}"
+    two_stage_section(args, report, base_step, refiner_step, base_twin, refiner_twin, base.vae, decode_ours,
+                      base_inputs,
+                      refiner_inputs, latent_side, label)
+    pipeline_section(args, report, base, refiner, capped_latent)
+
+    report.data["table_markdown"] = report.table()
+    report.data["total_seconds"] = time.perf_counter() - begin
+    report.flush()
+    print(f"\n## SDXL benchmark: {where}, torch {env['torch']}, diffusers {env['diffusers']}, {args.size}px, "
+          f"{args.dtype}, median of {args.iters} (two-stage: {args.two_stage_runs})\n")
+    print(report.table())
+    print(f"\ncommand: {env['command']}\ntotal {report.data['total_seconds']:.0f} s", flush=True)
+    if args.markdown:
+        args.markdown.write_text(report.table() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
