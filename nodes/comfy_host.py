@@ -145,20 +145,31 @@ class _Holder(torch.nn.Module):
         self.network = network
 
 
-def _patcher_for(host: types.SimpleNamespace, network: torch.nn.Module):
+# Where ComfyUI runs and parks each kind of network (its own CLIP and VAE honour --cpu-vae, --gpu-only, ...).
+_ROLES = {
+    "unet": ("get_torch_device", "unet_offload_device"),
+    "text_encoder": ("text_encoder_device", "text_encoder_offload_device"),
+    "vae": ("vae_device", "vae_offload_device"),
+}
+
+
+def _patcher_for(host: types.SimpleNamespace, network: torch.nn.Module, role: str):
     patcher = network.__dict__.get(_PATCHER_ATTRIBUTE)
     if patcher is None:
         mm = host.model_management
-        patcher = host.model_patcher.ModelPatcher(_Holder(network), load_device=mm.get_torch_device(),
-                                                  offload_device=storage_device())
+        load, offload = (getattr(mm, name)() for name in _ROLES[role])
+        patcher = host.model_patcher.ModelPatcher(_Holder(network), load_device=load, offload_device=offload)
         network.__dict__[_PATCHER_ATTRIBUTE] = patcher
     return patcher
 
 
-def prepare_networks(networks: Iterable[torch.nn.Module], memory_required: int = 0) -> None:
-    """Make these networks resident on the compute device before use. Inside ComfyUI this goes through
+def prepare_networks(networks: Iterable[torch.nn.Module], role: str = "unet", memory_required: int = 0) -> None:
+    """Make these networks resident on their compute device before use. Inside ComfyUI this goes through
     `model_management.load_models_gpu`, so ComfyUI evicts other models to make room, counts ours, and moves them
-    back to the offload device when it needs the memory or is asked to free it."""
+    back to the offload device when it needs the memory or is asked to free it. `role` ("unet", "text_encoder",
+    "vae") picks the devices ComfyUI uses for its own networks of that kind."""
+    if role not in _ROLES:
+        raise ValueError(f"role must be one of {sorted(_ROLES)}, got {role!r}")
     networks = list(networks)
     host = _load_host()
     if host is None:
@@ -166,7 +177,7 @@ def prepare_networks(networks: Iterable[torch.nn.Module], memory_required: int =
         for network in networks:
             network.to(device)
         return
-    patchers = [_patcher_for(host, network) for network in networks]
+    patchers = [_patcher_for(host, network, role) for network in networks]
     # Always whole: ComfyUI's partial (low-VRAM) loading streams only layers built with comfy.ops, and ours are
     # plain torch layers, which a partial load would leave behind on the offload device.
     host.model_management.load_models_gpu(patchers, memory_required=memory_required, force_full_load=True)

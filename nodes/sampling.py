@@ -70,7 +70,7 @@ def _run(model, latent: dict, positive: list, negative: list, total_steps: int, 
 
     validate_conditioning_for(model, positive, "positive")
     validate_conditioning_for(model, negative, "negative")
-    comfy_host.prepare_networks([model.unet])
+    comfy_host.prepare_networks([model.unet], role="unet")
     progress = comfy_host.StepProgress(total_steps)
 
     def on_step(info: dict) -> None:

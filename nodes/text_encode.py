@@ -58,7 +58,7 @@ class TextEncodeBase:
 
         require_stage(model, "base", "SDXL Base Text Encode")
         networks = [model.clip_g] + ([model.clip_l] if model.clip_l is not None else [])
-        comfy_host.prepare_networks(networks)
+        comfy_host.prepare_networks(networks, role="text_encoder")
         conditioning = encode_base_conditioning(model, text_g, text_l if text_l.strip() else None,
                                                 empty_prompt=empty_prompt)
         return (conditioning_on(_follow_latent_size(conditioning), comfy_host.output_device()),)
@@ -92,7 +92,7 @@ class TextEncodeRefiner:
         from sdxl_core.pipeline import encode_refiner_conditioning
 
         require_stage(model, "refiner", "SDXL Refiner Text Encode")
-        comfy_host.prepare_networks([model.clip_g])
+        comfy_host.prepare_networks([model.clip_g], role="text_encoder")
         conditioning = encode_refiner_conditioning(model, text, empty_prompt=empty_prompt)
         return (conditioning_on(_follow_latent_size(conditioning), comfy_host.output_device()),)
 

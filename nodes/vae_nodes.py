@@ -49,7 +49,7 @@ class VAEDecode:
 
         check_widgets(VAEDecode, tiling=tiling)
         vae = _vae_module(vae)
-        comfy_host.prepare_networks([vae])
+        comfy_host.prepare_networks([vae], role="vae")
         comfy_host.raise_if_interrupted()
         return (decode(vae, samples, tiled=TILING[tiling]).to(comfy_host.output_device()),)
 
@@ -78,7 +78,7 @@ class VAEEncode:
 
         check_widgets(VAEEncode, tiling=tiling)
         vae = _vae_module(vae)
-        comfy_host.prepare_networks([vae])
+        comfy_host.prepare_networks([vae], role="vae")
         comfy_host.raise_if_interrupted()
         latent = encode(vae, pixels[..., :3], tiled=TILING[tiling], seed=_ENCODE_SEED)
         return ({"samples": latent["samples"].to(comfy_host.output_device())},)

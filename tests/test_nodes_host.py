@@ -58,6 +58,8 @@ class FakeComfy:
 
         mm = types.SimpleNamespace(
             get_torch_device=lambda: torch.device("cpu"), unet_offload_device=lambda: torch.device("cpu"),
+            text_encoder_device=lambda: torch.device("cpu", 1), text_encoder_offload_device=lambda: torch.device("cpu"),
+            vae_device=lambda: torch.device("cpu", 2), vae_offload_device=lambda: torch.device("cpu"),
             intermediate_device=lambda: torch.device("cpu"), unet_dtype=lambda device=None: torch.float32,
             vae_dtype=lambda device=None, allowed_dtypes=(): allowed_dtypes[-1],
             load_models_gpu=lambda models, **kw: fake.loads.append((list(models), kw)),
@@ -139,12 +141,25 @@ def test_inside_comfyui_files_and_devices_come_from_comfyui(comfy):
 
 def test_networks_go_through_model_management_once_wrapped(comfy, stage):
     base = stage[0]
-    comfy_host.prepare_networks([base.unet, base.clip_g])
+    comfy_host.prepare_networks([base.unet], role="unet")
+    comfy_host.prepare_networks([base.clip_g, base.clip_l], role="text_encoder")
     comfy_host.prepare_networks([base.unet])
-    assert len(comfy.patchers) == 2  # one ModelPatcher per network, reused
-    (first, options), (second, _) = comfy.loads
-    assert second[0] is first[0] and options["force_full_load"] is True
-    assert first[0].model.network is base.unet  # wrapped, because our networks' `device` is read-only
+    comfy_host.prepare_networks([base.vae], role="vae")
+    assert len(comfy.patchers) == 4  # one ModelPatcher per network, reused
+    assert comfy.loads[0][0][0] is comfy.loads[2][0][0] and comfy.loads[0][1]["force_full_load"] is True
+    assert comfy.loads[0][0][0].model.network is base.unet  # wrapped: our networks' `device` is read-only
+    # ComfyUI's own devices for each kind of network (the stand-in tells them apart by index)
+    assert [p.load_device.index for p in comfy.patchers] == [None, 1, 1, 2]
+    with pytest.raises(ValueError, match="role must be one of"):
+        comfy_host.prepare_networks([base.unet], role="clip")
+
+
+def test_encoders_and_vae_nodes_use_their_roles(comfy, stage):
+    base = stage[0]
+    node("TextEncodeBase").encode(base, "x", "", "encode")
+    node("VAEDecode").decode(base.vae, {"samples": torch.zeros(1, 4, 8, 8)}, "auto")
+    roles = {id(p.model.network): p.load_device.index for p in comfy.patchers}
+    assert roles == {id(base.clip_g): 1, id(base.clip_l): 1, id(base.vae): 2}
 
 
 def test_sampler_reports_every_step_with_a_latent_preview(comfy, stage):
