@@ -421,7 +421,7 @@ def test_to_pil():
 
 @pytest.mark.heavy
 def test_full_size_tiled_decode_and_fp16_guard():
-    """Full-size SDXL VAE, random weights: tiled vs untiled at 256x384 px (max 0.17, mean 0.013 on image std 0.54
+    """Full-size SDXL VAE, random weights: tiled vs untiled at 256x384 px (max 0.11, mean 0.008 on image std 0.54
     when measured), and an fp16 decode through the guard (a few minutes on a 2-core CPU)."""
     model = random_vae(SDXL_VAE, seed=12)
     latents = torch.randn(1, 4, 32, 48)
@@ -430,6 +430,6 @@ def test_full_size_tiled_decode_and_fp16_guard():
     diff = (tiled - full).abs()
     print(f"\nfull-size VAE, tiled (256 px, overlap 64) vs untiled: max {diff.max():.4f}, mean {diff.mean():.4f}, "
           f"image std {full.std():.3f}")
-    assert torch.isfinite(tiled).all() and diff.mean() <= 0.1 * full.std()
+    assert torch.isfinite(tiled).all() and diff.mean() <= 0.03 * full.std() and diff.max() <= 0.25
     small = latents[..., :4, :4]  # fp16 convolutions are slow on the CPU
     assert decode_latents(model, small, dtype=torch.float16).isfinite().all()
