@@ -383,6 +383,20 @@ def test_no_tiling_by_estimate_on_the_cpu(vae):
     assert vd.available_device_memory(torch.device("cpu")) is None
 
 
+def test_cuda_free_memory_counts_the_allocators_unused_cache(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3_000, 10_000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2_500)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2_000)
+    assert vd.available_device_memory(torch.device("cuda", 0)) == 3_500
+
+
+@pytest.mark.parametrize("emulated_only, expected", [(False, torch.bfloat16), (True, torch.float32)])
+def test_cuda_default_dtype_is_bf16_only_with_native_support(monkeypatch, emulated_only, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or not emulated_only)
+    assert default_vae_dtype("cuda") == expected
+
+
 # --- pixel formats ------------------------------------------------------------------------------------------------
 
 
