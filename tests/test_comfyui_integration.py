@@ -6,14 +6,18 @@ temporary custom_nodes folder (through --extra-model-paths-config, like ComfyUI'
 checkpoints written by the test in its checkpoints folder, and queues every API-format example.
 """
 
+import base64
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import struct
 import time
+import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +211,82 @@ def test_core_nodes_before_and_after_ours(server):
     with Image.open(images[0]) as first, Image.open(images[1]) as second:
         assert first.size == (2 * W, 2 * H)
         assert not np.array_equal(np.asarray(first), np.asarray(second))  # each batch item has its own noise
+
+
+class _WebSocket:
+    """Just enough of a WebSocket client (RFC 6455, unmasked server frames) to read ComfyUI's /ws messages."""
+
+    def __init__(self, url: str, client_id: str):
+        parts = urllib.parse.urlsplit(url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=60)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += self.sock.recv(1)
+        assert response.startswith(b"HTTP/1.1 101"), response
+
+    def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            assert chunk, "the server closed the WebSocket"
+            data += chunk
+        return data
+
+    def messages(self):
+        """Yield ("text", dict) and ("binary", bytes) messages as they arrive."""
+        while True:
+            first, second = self._read(2)
+            length = second & 0x7F
+            if length == 126:
+                length = struct.unpack(">H", self._read(2))[0]
+            elif length == 127:
+                length = struct.unpack(">Q", self._read(8))[0]
+            payload = self._read(length)
+            opcode = first & 0x0F
+            if opcode == 1:
+                yield "text", json.loads(payload)
+            elif opcode == 2:
+                yield "binary", payload
+
+    def close(self):
+        self.sock.close()
+
+
+def test_progress_per_step_with_latent_previews_over_the_websocket(server):
+    """What the frontend shows: one progress message per sampler step, per node, and JPEG latent previews."""
+    client_id = uuid.uuid4().hex
+    ws = _WebSocket(server["url"], client_id)
+    try:
+        prompt = _example("sdxl_two_stage_txt2img", **{
+            "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
+            "11.steps": STEPS, "11.start_at_step": HANDOFF, "7.seed": 5, "11.seed": 5})
+        prompt_id = client.queue(server["url"], prompt, client_id=client_id)
+        progress, previews = {}, []
+        for kind, message in ws.messages():
+            if kind == "binary":
+                previews.append(message)
+                continue
+            data = message.get("data", {})
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            if message["type"] == "progress":
+                progress.setdefault(data["node"], []).append((data["value"], data["max"]))
+            if message["type"] in ("execution_success", "execution_error"):
+                assert message["type"] == "execution_success", data
+                break
+    finally:
+        ws.close()
+    assert progress["7"] == [(i, HANDOFF) for i in range(1, HANDOFF + 1)]
+    assert progress["11"] == [(i, STEPS - HANDOFF) for i in range(1, STEPS - HANDOFF + 1)]
+    assert len(previews) >= STEPS
+    event, image_type = struct.unpack(">II", previews[0][:8])
+    assert event in (1, 4)  # PREVIEW_IMAGE or PREVIEW_IMAGE_WITH_METADATA (protocol.py)
+    if event == 1:
+        assert image_type == 1 and previews[0][8:10] == b"\xff\xd8"  # JPEG
 
 
 def test_validation_errors_are_node_errors_with_sentences(server):
