@@ -354,3 +354,36 @@ def test_real_frontend_loads_the_example_and_the_picker_works(server):
     with Image.open(path) as png:
         assert png.size == (64, 64)
         assert "workflow" in png.info  # the frontend sent the UI workflow along, as it does for users
+
+
+def test_comfyui_model_management_tracks_and_lets_go_of_our_networks(tiny_checkpoints):
+    """In ComfyUI's own model management: our networks are counted as loaded models while used, and once ComfyUI
+    drops the loader's output nothing else (no patcher, no cache) keeps them in memory."""
+    script = f"""
+import gc, importlib.util, sys, weakref
+sys.path.insert(0, {COMFYUI!r})
+sys.argv = ["main.py", "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_management as mm
+spec = importlib.util.spec_from_file_location("pack_under_test", {str(REPO / "__init__.py")!r})
+pack = importlib.util.module_from_spec(spec); sys.modules[spec.name] = pack; spec.loader.exec_module(pack)
+host = sys.modules["pack_under_test.nodes.comfy_host"]
+loaders = sys.modules["pack_under_test.nodes.loaders"]
+host.set_standalone_model_folders({{}})
+from sdxl_core.checkpoint import load_checkpoint
+assert host.comfy_available()
+model = loaders._cached(("test",), lambda: load_checkpoint({str(tiny_checkpoints["base"])!r}))
+host.prepare_networks([model.unet])
+host.prepare_networks([model.clip_g, model.clip_l], role="text_encoder")
+print("loaded", len(mm.current_loaded_models))
+unet = weakref.ref(model.unet)
+del model
+gc.collect()
+print("alive", unet() is not None, "loaded", len(mm.current_loaded_models), "cached", len(loaders._cache))
+"""
+    result = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", script], cwd=COMFYUI,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded 3" in result.stdout
+    assert "alive False loaded 0 cached 0" in result.stdout
