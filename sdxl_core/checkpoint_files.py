@@ -3,9 +3,11 @@
 The safetensors format (huggingface/safetensors `docs/`): an 8-byte little-endian header length N, N bytes of JSON
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`, then the raw little-endian
 tensor bytes. The header is parsed here rather than through `safe_open` so that a truncated download is reported
-before any tensor is read, and tensors are read with plain positioned reads into a fresh buffer instead of through
-a memory map: mapped file pages count towards the process's resident memory until the map is closed, which would
-double the peak host memory of a streaming load.
+before any tensor is read, and tensors are read with plain positioned reads into fresh buffers instead of through
+`safe_open`'s memory map: mapped pages that have been read count towards the process's resident memory until the
+map is closed, so a load that casts (fp16 file -> fp32 weights) would peak at file size + weights, and weights that
+stay views of the map keep the file open (on Windows it then cannot be replaced). Fresh buffers keep the peak at
+the weights plus one tensor and leave the loaded weights independent of the file.
 """
 
 from __future__ import annotations
