@@ -56,6 +56,14 @@ try {
     const mw = w(micro, "width"); mw.value = 4096; mw.callback?.(4096);
     pick("resolution", "1024x1024 (1:1)");
     out.afterOverride = sizes();
+    // The node's own context menu (as LiteGraph builds it) turns following back on.
+    const menu = app.canvas.getNodeMenuOptions(micro).filter(Boolean);
+    const resume = menu.find((option) => option.content === "Follow the latent size again");
+    out.menuOffersResume = Boolean(resume);
+    resume?.callback?.();
+    pick("resolution", "1152x896 (9:7)");
+    out.afterResume = sizes();
+    mw.value = 4096; mw.callback?.(4096);
 
     // Queue a tiny run through the frontend's own graph -> API conversion.
     pick("resolution", "custom"); pick("width", 64); pick("height", 64);
@@ -79,6 +87,8 @@ try {
   assert.deepEqual(findings.afterBucket, { latent: [1344, 768], micro: [1344, 768, 1344, 768] });
   assert.deepEqual(findings.afterTyping, { resolution: "832x1216 (13:19)", micro: [832, 1216, 832, 1216] });
   assert.deepEqual(findings.afterOverride, [4096, 1216, 832, 1216]);
+  assert.equal(findings.menuOffersResume, true);
+  assert.deepEqual(findings.afterResume, [1152, 896, 1152, 896]);
   assert.equal(findings.promptMicroWidth, 4096);
   assert.ok(findings.promptId);
   assert.deepEqual(errors, []);
