@@ -234,18 +234,32 @@ def compile_unet(unet: nn.Module, example_inputs: tuple[torch.Tensor, ...], *, m
     device = example_inputs[0].device
     unet.compile(mode=mode, dynamic=dynamic, fullgraph=fullgraph)
     timings = []
-    with torch.inference_mode():
-        for _ in range(2):
-            _synchronize(device)
-            start = time.perf_counter()
-            unet(*example_inputs)
-            _synchronize(device)
-            timings.append(time.perf_counter() - start)
+    try:
+        with torch.inference_mode():
+            for _ in range(2):
+                _synchronize(device)
+                start = time.perf_counter()
+                unet(*example_inputs)
+                _synchronize(device)
+                timings.append(time.perf_counter() - start)
+    except Exception:
+        uncompile(unet)  # a failed compile must not leave every later call failing the same way
+        raise
     return CompileReport(mode=mode, first_call_s=timings[0], steady_call_s=timings[1])
 
 
 def is_compiled(module: nn.Module) -> bool:
     return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def uncompile(module: nn.Module) -> None:
+    """Undo `nn.Module.compile` in place: calls run the eager forward again.
+
+    nn.Module has no public inverse of `compile()`; it stores the compiled callable in `_compiled_call_impl`, and
+    clearing that attribute is exactly what restores `__call__`'s eager path.
+    """
+    if is_compiled(module):
+        module._compiled_call_impl = None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -159,6 +159,17 @@ class ResidencyPlan:
                              f"{reserve_bytes / GiB:.2f} GiB activation reserve")
         return cls(device, budget, **kwargs)
 
+    @classmethod
+    def for_card(cls, device: torch.device | str = "cuda", *, reserve_bytes: int = DEFAULT_ACTIVATION_RESERVE,
+                 **kwargs) -> ResidencyPlan:
+        """A plan sized from the GPU's total memory (what a `--low-vram` switch would use)."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"for_card sizes a plan from a CUDA device's memory; got {device} (use "
+                             "for_device_memory with an explicit size elsewhere)")
+        total = torch.cuda.get_device_properties(device).total_memory
+        return cls.for_device_memory(device, total, reserve_bytes=reserve_bytes, **kwargs)
+
     # ------------------------------------------------------------------------------------------------ state
 
     @property

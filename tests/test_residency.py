@@ -142,6 +142,8 @@ def test_bad_arguments():
     assert plan.budget_bytes == 8 * GiB - DEFAULT_ACTIVATION_RESERVE
     with pytest.raises(ValueError, match="unknown stage part"):
         plan.stage(None, "decoder")
+    with pytest.raises(ValueError, match="for_card sizes a plan from a CUDA device"):
+        ResidencyPlan.for_card("cpu")
     meta = nn.Linear(4, 4, device="meta")
     with pytest.raises(ResidencyError, match="meta \\(unloaded\\) weights"):
         with plan.use({"meta": meta}):
