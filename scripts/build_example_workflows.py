@@ -51,7 +51,7 @@ def _base_encode(id, pos, model, text, title, color):
 
 
 def _refiner_encode(id, pos, model, text, title, color):
-    return Node(id, P + "TextEncodeRefiner", pos, (400, 200), [text, "encode"],
+    return Node(id, P + "TextEncodeRefiner", pos, (400, 250), [text, "encode"],
                 {"text": text, "empty_prompt": "encode"}, inputs=[("model", "SDXL_MODEL", model)],
                 outputs=[("CONDITIONING", "CONDITIONING")], title=title, **color)
 
@@ -65,7 +65,7 @@ def txt2img() -> tuple[list[Node], list[dict]]:
     steps, handoff, seed, cfg = 25, 20, 42, 7.0
     nodes = [
         _checkpoint_loader(1, (20, 80), "sd_xl_base_1.0.safetensors", "Load SDXL Base"),
-        _checkpoint_loader(2, (20, 700), "sd_xl_refiner_1.0.safetensors", "Load SDXL Refiner"),
+        _checkpoint_loader(2, (20, 800), "sd_xl_refiner_1.0.safetensors", "Load SDXL Refiner"),
         Node(3, P + "EmptyLatent", (20, 240), (380, 150), ["1024x1024 (1:1)", 1024, 1024, 1],
              {"resolution": "1024x1024 (1:1)", "width": 1024, "height": 1024, "batch_size": 1},
              outputs=[("latent", "LATENT"), ("width", "INT"), ("height", "INT")]),
@@ -81,25 +81,25 @@ def txt2img() -> tuple[list[Node], list[dict]]:
              inputs=[("model", "SDXL_MODEL", (1, 0)), ("positive", "CONDITIONING", (6, 0)),
                      ("negative", "CONDITIONING", (5, 0)), ("latent_image", "LATENT", (3, 0))],
              outputs=[("LATENT", "LATENT")]),
-        _refiner_encode(8, (440, 700), (2, 0), POSITIVE, "Positive (refiner)", GREEN),
-        _refiner_encode(9, (440, 940), (2, 0), NEGATIVE, "Negative (refiner)", RED),
-        Node(10, P + "AestheticScore", (880, 940), (340, 82), [2.5], {"aesthetic_score": 2.5},
+        _refiner_encode(8, (440, 800), (2, 0), POSITIVE, "Positive (refiner)", GREEN),
+        _refiner_encode(9, (440, 1090), (2, 0), NEGATIVE, "Negative (refiner)", RED),
+        Node(10, P + "AestheticScore", (880, 1090), (340, 82), [2.5], {"aesthetic_score": 2.5},
              inputs=[("conditioning", "CONDITIONING", (9, 0))], outputs=[("CONDITIONING", "CONDITIONING")]),
-        Node(11, P + "RefinerSampler", (1260, 700), (340, 310),
+        Node(11, P + "RefinerSampler", (1260, 800), (340, 310),
              [seed, "fixed", steps, cfg, "euler", "normal", handoff, 1.0],
              {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
               "start_at_step": handoff, "denoise": 1.0},
              inputs=[("model", "SDXL_MODEL", (2, 0)), ("positive", "CONDITIONING", (8, 0)),
                      ("negative", "CONDITIONING", (10, 0)), ("latent_image", "LATENT", (7, 0))],
              outputs=[("LATENT", "LATENT")]),
-        Node(12, P + "VAEDecode", (1640, 80), (260, 80), ["auto"], {"tiling": "auto"},
+        Node(12, P + "VAEDecode", (1660, 80), (260, 80), ["auto"], {"tiling": "auto"},
              inputs=[("vae", "SDXL_VAE", (1, 1)), ("samples", "LATENT", (11, 0))], outputs=[("IMAGE", "IMAGE")]),
-        Node(13, "SaveImage", (1640, 220), (520, 560), ["sdxl_two_stage"], {"filename_prefix": "sdxl_two_stage"},
+        Node(13, "SaveImage", (1660, 220), (520, 560), ["sdxl_two_stage"], {"filename_prefix": "sdxl_two_stage"},
              inputs=[("images", "IMAGE", (12, 0))]),
     ]
     groups = [
-        {"title": "Base: steps 0..K (K = end_at_step)", "bounding": [0, 0, 1620, 600], "color": "#3f789e"},
-        {"title": "Refiner: steps K..N, its own text encode", "bounding": [0, 620, 1620, 440], "color": "#8A8"},
+        {"title": "Base: steps 0..K (K = end_at_step)", "bounding": [0, 0, 1620, 700], "color": "#3f789e"},
+        {"title": "Refiner: steps K..N, its own text encode", "bounding": [0, 720, 1620, 620], "color": "#8A8"},
     ]
     return nodes, groups
 
@@ -113,7 +113,7 @@ def img2img_refine() -> tuple[list[Node], list[dict]]:
         Node(3, P + "VAEEncode", (440, 80), (260, 80), ["auto"], {"tiling": "auto"},
              inputs=[("vae", "SDXL_VAE", (2, 1)), ("pixels", "IMAGE", (1, 0))], outputs=[("LATENT", "LATENT")]),
         _refiner_encode(4, (440, 220), (2, 0), REFINE_POSITIVE, "Positive (refiner)", GREEN),
-        _refiner_encode(5, (440, 460), (2, 0), NEGATIVE, "Negative (refiner)", RED),
+        _refiner_encode(5, (440, 530), (2, 0), NEGATIVE, "Negative (refiner)", RED),
         Node(6, P + "RefinerSampler", (880, 80), (340, 310),
              [seed, "fixed", steps, cfg, "euler", "normal", 0, denoise],
              {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
