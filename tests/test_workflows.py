@@ -110,6 +110,8 @@ def test_examples_exist_and_the_template_browser_lists_only_ui_workflows():
     assert {f.stem for f in UI_FILES} == {"sdxl_two_stage_txt2img", "sdxl_refiner_img2img"}
     assert not any(f.stem.endswith("_api") for f in UI_FILES)
     assert sorted(API_DIR.glob("*.json")) == sorted(_api_twin(f) for f in UI_FILES)
+    # Thumbnails sit beside their workflow under the same name, as the template browser expects.
+    assert {f.stem for f in UI_DIR.glob("*.jpg")} == {f.stem for f in UI_FILES}
 
 
 @pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
