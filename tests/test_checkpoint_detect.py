@@ -51,6 +51,12 @@ def test_full_manifests_infer_the_published_configs(kind, expected):
     assert infer_config(shapes) == expected
 
 
+@pytest.mark.parametrize("config", [SDXL_BASE, SDXL_REFINER])
+def test_full_size_layout_infers_its_config(config):
+    # Runs without the manifests too: the full-size layout of our own modules (built on meta) reads back exactly.
+    assert infer_config(expected_layout(config)) == config
+
+
 @pytest.mark.parametrize("kind, config", [("base", SDXL_BASE), ("refiner", SDXL_REFINER)])
 def test_expected_layout_is_the_manifest(kind, config):
     manifest = _manifest(kind)
