@@ -21,7 +21,7 @@ from tests._checkpoints import single_file_state, single_thread, tiny_model
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
-MANIFESTS = Path("/work/shared/reference/manifests")
+MANIFESTS = Path(__file__).parent / "data" / "manifests"
 _BOOKKEEPING = ("position_ids", "logit_scale")
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests._checkpoints import write_from_manifest
 
-MANIFESTS = Path("/work/shared/reference/manifests")
+MANIFESTS = Path(__file__).parent / "data" / "manifests"
 
 # Runs in a fresh interpreter so the peak resident set (ru_maxrss) belongs to this load alone. The baseline is the
 # peak before loading (torch, transformers, the meta-device model build in inspect), which is not weight memory.

@@ -16,7 +16,7 @@ from tests._checkpoints import (single_file_state, single_thread, tiny_model, wr
                                 write_sd15_like, write_tensors, write_truncated, write_vae_file)
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
-MANIFESTS = Path("/work/shared/reference/manifests")
+MANIFESTS = Path(__file__).parent / "data" / "manifests"
 
 
 @pytest.fixture(scope="module")

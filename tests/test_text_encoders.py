@@ -9,7 +9,7 @@ from torch import nn
 from sdxl_core.config import CLIP_BIG_G, CLIP_L, TINY_CLIP_G, TINY_CLIP_L
 from sdxl_core.text_encoders import TextEncoder
 
-MANIFESTS = Path("/work/shared/reference/manifests")
+MANIFESTS = Path(__file__).parent / "data" / "manifests"
 BOOKKEEPING = {"text_model.embeddings.position_ids", "logit_scale"}
 TOKENS = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 70,
                        [49406, 3306, 1002, 256, 49407] + [0] * 72])

@@ -13,7 +13,7 @@ from sdxl_core.config import (ADM_SCALAR_EMBED_DIM, SDXL_BASE_UNET, SDXL_REFINER
 from sdxl_core.timestep_embedding import timestep_embedding
 from sdxl_core.unet import UNetModel
 
-MANIFESTS = Path("/work/shared/reference/manifests")
+MANIFESTS = Path(__file__).parent / "data" / "manifests"
 UNET_PREFIX = "model.diffusion_model."
 POOLED_DIM = 1280  # bigG projection width, the head of every SDXL y vector
 # Parameter counts from SDXL.md §1 (computed from the sgm configs).

@@ -15,7 +15,7 @@ from _vae_helpers import diffusers_vae_from, one_torch_thread, random_vae, relat
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-MANIFEST = pathlib.Path("/work/shared/reference/manifests/sdxl_base_manifest.json")
+MANIFEST = pathlib.Path(__file__).parent / "data" / "manifests" / "sdxl_base_manifest.json"
 PREFIX = "first_stage_model."
 
 
