@@ -281,7 +281,7 @@ COMFY_PROMPTS = [
 @pytest.mark.comfyui
 @pytest.mark.parametrize("prompt", COMFY_PROMPTS)
 def test_chunks_and_weights_match_comfyui(prompt):
-    from tests._comfyui_reference import comfy_sdxl_clip
+    from tests._comfyui_text_reference import comfy_sdxl_clip
 
     comfy_tokens = comfy_sdxl_clip().SDXLTokenizer().tokenize_with_weights(prompt)
     for key, tokenizer in (("l", TOK.clip_l), ("g", TOK.clip_g)):
@@ -302,7 +302,7 @@ def test_base_encoding_matches_comfyui(text_l, text_g):
     """Our encoders and ComfyUI's own CLIP code on identical tiny weights, via CLIPTextEncodeSDXL's steps."""
     from sdxl_core.config import TextEncoderConfig
     from sdxl_core.openclip_conversion import openclip_to_transformers
-    from tests._comfyui_reference import comfy_sdxl_clip
+    from tests._comfyui_text_reference import comfy_sdxl_clip
 
     sdxl_clip = comfy_sdxl_clip()
     # ComfyUI's CLIP has a square text_projection, so the tiny bigG projects to its own width here.
