@@ -14,14 +14,6 @@ from ._shared import CATEGORY, SDXL_MODEL, conditioning_on, node_id, require_sta
 _EMPTY_PROMPT_TOOLTIP = ("What an empty prompt means. 'encode' (ComfyUI): the empty text is run through the text "
                          "encoders like any other. 'zeros' (the SDXL paper's code for an empty negative): all-zero "
                          "embeddings. Only matters when the text is blank.")
-_SIZE_FIELDS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height", "aesthetic_score")
-
-
-def _follow_latent_size(conditioning: list) -> list:
-    """Drop the micro-conditioning fields the core filled with fixed defaults, so the sampler uses the latent's
-    size instead (a fixed 1024 would be wrong for every other aspect bucket)."""
-    return [[context, {k: v for k, v in options.items() if k not in _SIZE_FIELDS}]
-            for context, options in conditioning]
 
 
 class TextEncodeBase:
@@ -61,7 +53,7 @@ class TextEncodeBase:
         comfy_host.prepare_networks(networks, role="text_encoder")
         conditioning = encode_base_conditioning(model, text_g, text_l if text_l.strip() else None,
                                                 empty_prompt=empty_prompt)
-        return (conditioning_on(_follow_latent_size(conditioning), comfy_host.output_device()),)
+        return (conditioning_on(conditioning, comfy_host.output_device()),)
 
 
 class TextEncodeRefiner:
@@ -94,7 +86,7 @@ class TextEncodeRefiner:
         require_stage(model, "refiner", "SDXL Refiner Text Encode")
         comfy_host.prepare_networks([model.clip_g], role="text_encoder")
         conditioning = encode_refiner_conditioning(model, text, empty_prompt=empty_prompt)
-        return (conditioning_on(_follow_latent_size(conditioning), comfy_host.output_device()),)
+        return (conditioning_on(conditioning, comfy_host.output_device()),)
 
 
 NODE_CLASS_MAPPINGS = {

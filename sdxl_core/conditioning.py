@@ -55,9 +55,12 @@ class RefinerMicroConditioning:
 
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int] = (0, 0)
-    aesthetic_score: float = DEFAULT_POSITIVE_AESTHETIC_SCORE
+    # None: decided by the side of guidance (6.0 positive, 2.5 negative), as ComfyUI's sampler does.
+    aesthetic_score: float | None = None
 
     def scalars(self) -> tuple[float, ...]:
+        if self.aesthetic_score is None:
+            raise ValueError("the aesthetic score is still open; micro_conditioning_scalars resolves it by side")
         return (*map(float, self.original_size), *map(float, self.crop_top_left), float(self.aesthetic_score))
 
 
@@ -128,19 +131,36 @@ def micro_conditioning_scalars(config: SDXLConfig, options: dict[str, Any], late
     return RefinerMicroConditioning((height, width), crop, options.get("aesthetic_score", default_score)).scalars()
 
 
-def make_base_conditioning(context: torch.Tensor, pooled: torch.Tensor, micro: BaseMicroConditioning) -> list:
-    """A ComfyUI CONDITIONING for the base, as core `CLIPTextEncodeSDXL` builds it."""
-    (height, width), (crop_h, crop_w) = micro.original_size, micro.crop_top_left
-    target_height, target_width = micro.target_size or micro.original_size
-    return [[context, {"pooled_output": pooled, "width": width, "height": height, "crop_w": crop_w,
-                       "crop_h": crop_h, "target_width": target_width, "target_height": target_height}]]
+def make_base_conditioning(context: torch.Tensor, pooled: torch.Tensor,
+                           micro: BaseMicroConditioning | None = None) -> list:
+    """A ComfyUI CONDITIONING for the base, as core `CLIPTextEncodeSDXL` builds it. Without `micro` it carries no
+    size fields, and the sampler conditions on the latent's own size (ComfyUI `samplers.encode_model_conds`)."""
+    options = {"pooled_output": pooled}
+    if micro is not None:
+        (height, width), (crop_h, crop_w) = micro.original_size, micro.crop_top_left
+        target_height, target_width = micro.target_size or micro.original_size
+        options.update(width=width, height=height, crop_w=crop_w, crop_h=crop_h, target_width=target_width,
+                       target_height=target_height)
+    return [[context, options]]
 
 
-def make_refiner_conditioning(context: torch.Tensor, pooled: torch.Tensor, micro: RefinerMicroConditioning) -> list:
-    """A ComfyUI CONDITIONING for the refiner, as core `CLIPTextEncodeSDXLRefiner` builds it (plus the crop)."""
-    (height, width), (crop_h, crop_w) = micro.original_size, micro.crop_top_left
-    return [[context, {"pooled_output": pooled, "width": width, "height": height, "crop_w": crop_w,
-                       "crop_h": crop_h, "aesthetic_score": float(micro.aesthetic_score)}]]
+def make_refiner_conditioning(context: torch.Tensor, pooled: torch.Tensor,
+                              micro: RefinerMicroConditioning | None = None,
+                              aesthetic_score: float | None = None) -> list:
+    """A ComfyUI CONDITIONING for the refiner, as core `CLIPTextEncodeSDXLRefiner` builds it (plus the crop).
+
+    Sizes come from `micro` (absent: the latent's size); the aesthetic score from `aesthetic_score`, else `micro`'s;
+    with neither the field stays absent and the sampler applies 6.0 to the positive and 2.5 to the negative side.
+    """
+    options = {"pooled_output": pooled}
+    if micro is not None:
+        (height, width), (crop_h, crop_w) = micro.original_size, micro.crop_top_left
+        options.update(width=width, height=height, crop_w=crop_w, crop_h=crop_h)
+        if micro.aesthetic_score is not None:
+            options["aesthetic_score"] = float(micro.aesthetic_score)
+    if aesthetic_score is not None:
+        options["aesthetic_score"] = float(aesthetic_score)
+    return [[context, options]]
 
 
 def with_micro_conditioning(conditioning: list, **fields: Any) -> list:

@@ -70,31 +70,52 @@ def empty_latent(width: int, height: int, batch_size: int = 1) -> dict:
     return {"samples": torch.zeros(batch_size, 4, height // VAE_DOWNSCALE, width // VAE_DOWNSCALE)}
 
 
-def encode_base_conditioning(model: SDXLModel, text_g: str, text_l: str | None = None, *, width: int = 1024,
-                             height: int = 1024, crop_top: int = 0, crop_left: int = 0,
-                             target_width: int | None = None, target_height: int | None = None,
+def encode_base_conditioning(model: SDXLModel, text_g: str, text_l: str | None = None, *,
+                             width: int | None = None, height: int | None = None, crop_top: int = 0,
+                             crop_left: int = 0, target_width: int | None = None, target_height: int | None = None,
                              empty_prompt: str = "encode") -> list:
     """Base CONDITIONING: [CLIP-L | bigG] penultimate context, bigG pooled, and the size micro-conditioning
-    (ComfyUI `CLIPTextEncodeSDXL`; `text_l` defaults to `text_g`)."""
+    (ComfyUI `CLIPTextEncodeSDXL`; `text_l` defaults to `text_g`).
+
+    `width`/`height` are the original size; without them the conditioning carries no size fields and the sampler
+    uses the latent's size for original and target (ComfyUI's rule), which is right for every aspect bucket.
+    """
     _require_stage(model, "base", "encode a base prompt")
     context, pooled = encode_base_prompt(model.clip_l, model.clip_g, text_l if text_l is not None else text_g,
                                          text_g, tokenizer=model.tokenizer, empty_prompt=empty_prompt)
+    if _no_size(width, height, crop_top, crop_left, target_width, target_height):
+        return make_base_conditioning(context, pooled)
     micro = BaseMicroConditioning(original_size=(height, width), crop_top_left=(crop_top, crop_left),
                                   target_size=(target_height or height, target_width or width))
     return make_base_conditioning(context, pooled, micro)
 
 
-def encode_refiner_conditioning(model: SDXLModel, text: str, *, width: int = 1024, height: int = 1024,
-                                crop_top: int = 0, crop_left: int = 0,
-                                aesthetic_score: float = DEFAULT_POSITIVE_AESTHETIC_SCORE,
-                                empty_prompt: str = "encode") -> list:
+def encode_refiner_conditioning(model: SDXLModel, text: str, *, width: int | None = None,
+                                height: int | None = None, crop_top: int = 0, crop_left: int = 0,
+                                aesthetic_score: float | None = None, empty_prompt: str = "encode") -> list:
     """Refiner CONDITIONING: bigG penultimate context, bigG pooled, size and aesthetic score (ComfyUI
-    `CLIPTextEncodeSDXLRefiner`)."""
+    `CLIPTextEncodeSDXLRefiner`). Sizes default to the latent's; the aesthetic score to 6.0 on the positive and
+    2.5 on the negative side (decided by the sampler, which knows the side)."""
     _require_stage(model, "refiner", "encode a refiner prompt")
     context, pooled = encode_refiner_prompt(model.clip_g, text, tokenizer=model.tokenizer, empty_prompt=empty_prompt)
+    if _no_size(width, height, crop_top, crop_left):
+        return make_refiner_conditioning(context, pooled, aesthetic_score=aesthetic_score)
     micro = RefinerMicroConditioning(original_size=(height, width), crop_top_left=(crop_top, crop_left),
                                      aesthetic_score=aesthetic_score)
     return make_refiner_conditioning(context, pooled, micro)
+
+
+def _no_size(width: int | None, height: int | None, crop_top: int, crop_left: int,
+             target_width: int | None = None, target_height: int | None = None) -> bool:
+    """True when no size field was given; refuse half-given sizes rather than guess the other half."""
+    if width is None and height is None:
+        if crop_top or crop_left or target_width is not None or target_height is not None:
+            raise ValueError("give width and height (the original size) together with a crop or target size")
+        return True
+    if width is None or height is None:
+        raise ValueError(f"give both width and height for the size conditioning, got width={width}, "
+                         f"height={height}")
+    return False
 
 
 def validate_conditioning_for(model: SDXLModel, conditioning: list, role: str = "positive") -> None:

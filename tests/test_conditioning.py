@@ -104,7 +104,12 @@ def test_comfyui_conditioning_format_round_trip():
     changed = with_micro_conditioning(cond, width=4096, height=4096)
     assert changed[0][1]["width"] == 4096 and cond[0][1]["width"] == 768  # the caller's list is untouched
     refiner = make_refiner_conditioning(torch.randn(1, 77, 1280), pooled, RefinerMicroConditioning((1024, 1024)))
-    assert refiner[0][1]["aesthetic_score"] == 6.0
+    # No score given: the field stays absent so the sampler applies 6.0 / 2.5 by side, as ComfyUI does.
+    assert "aesthetic_score" not in refiner[0][1] and refiner[0][1]["width"] == 1024
+    scored = make_refiner_conditioning(torch.randn(1, 77, 1280), pooled, RefinerMicroConditioning((1024, 1024)), 3.0)
+    assert scored[0][1]["aesthetic_score"] == 3.0
+    # No sizes at all: the sampler conditions on the latent's size.
+    assert set(make_base_conditioning(context, pooled)[0][1]) == {"pooled_output"}
 
 
 def test_refiner_conditioning_in_the_base_is_named_as_such():
