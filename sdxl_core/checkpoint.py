@@ -32,6 +32,7 @@ from .checkpoint_files import LazyTensor, write_safetensors
 from .checkpoint_source import CheckpointSource, open_source
 from .checkpoint_validation import (BOOKKEEPING_KEYS, ValidationReport, build_component,
                                     expected_shapes, validate)
+from .vae_decoding import default_vae_dtype  # one rule for the VAE's dtype, shared with decoding
 from .config import CLIP_CONTEXT_LENGTH, SDXLConfig, VAEConfig
 
 logger = logging.getLogger(__name__)
@@ -49,11 +50,6 @@ _SDXL_LATENT_CHANNELS = 4
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """UNet / text-encoder dtype when none is asked for: float16 on CUDA, float32 elsewhere."""
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def default_vae_dtype(device: torch.device | str) -> torch.dtype:
-    """VAE dtype when none is asked for: bfloat16 on CUDA (never float16: the SDXL VAE overflows), else float32."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def _check_dtype(dtype: torch.dtype, what: str) -> torch.dtype:

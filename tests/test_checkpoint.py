@@ -166,9 +166,13 @@ def test_diffusers_fp16_variant_files(refiner, tmp_path):
     _assert_same_weights(refiner, load_checkpoint(folder, dtype=torch.float32), torch.float16)
 
 
-def test_default_dtypes_per_device():
+def test_default_dtypes_per_device(monkeypatch):
     from sdxl_core.checkpoint import default_dtype, default_vae_dtype
 
     assert default_dtype("cuda") == torch.float16 and default_dtype("cpu") == torch.float32
-    # Never fp16 for the VAE by default: the original SDXL VAE overflows there (black images).
+    # Never fp16 for the VAE by default: the original SDXL VAE overflows there (black images). bf16 where the card
+    # has it natively, else fp32.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert default_vae_dtype("cuda:0") == torch.bfloat16 and default_vae_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert default_vae_dtype("cuda:0") == torch.float32
