@@ -107,8 +107,9 @@ class VAELoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "vae_name": (comfy_host.model_filenames("vae"), {
-                "tooltip": "SDXL VAE file from models/vae. SD 1.x and Flux/SD3 VAEs are refused: their latents "
-                           "differ."}),
+                "tooltip": "SDXL VAE file from models/vae (the stock SDXL VAE or the fp16-fix one). "
+                           "Flux/SD3 16-channel VAEs are refused. An SD 1.x VAE has the same shapes and cannot be "
+                           "told apart: it loads, but gives wrong colours."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": _WEIGHT_DTYPE_TOOLTIP}),
         }}
 
