@@ -463,8 +463,10 @@ def memory_section(args, report: Report, base: SDXLModel, refiner: SDXLModel, ca
             result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
             result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
         result["ok"] = True
-    except (torch.OutOfMemoryError, RuntimeError) as error:  # ResidencyError is a RuntimeError
+    except Exception as error:  # out of memory, a residency error, non-finite latents: reported, then go on
         result.update(ok=False, error=f"{type(error).__name__}: {str(error).splitlines()[0]}")
+        if report.verbose:
+            traceback.print_exc()
     finally:
         logging.getLogger("sdxl_core.vae_decoding").removeHandler(capture)
         if device.type == "cuda":
@@ -562,6 +564,13 @@ def unet_section(args, report: Report, kind: str, unet: UNetModel, twin, inputs:
                 best = kept.get("attention")
                 if best is None or timing.median_ms < results[f"attention {best}"]["median_ms"]:
                     kept["attention"] = backend
+        other = {torch.float16: torch.bfloat16, torch.bfloat16: torch.float16}.get(unet.out[2].weight.dtype)
+        if other is not None and args.other_dtype:
+            # Precision is a choice, not a free lever: reported for the record, never kept automatically.
+            twin_dtype = UNetModel(unet.config, dtype=other, device="meta")
+            twin_dtype.load_state_dict({k: v.to(other) for k, v in unet.state_dict().items()}, assign=True)
+            time_step(f"eager {str(other).removeprefix('torch.')}", twin_dtype.eval(), plain_out)
+            del twin_dtype
         chosen = UNetOptimizations(fuse_qkv=kept["fuse_qkv"], channels_last=kept["channels_last"],
                                    attention=kept.get("attention") or "auto")
         report.put("levers", f"{kind}_kept", {"fuse_qkv": chosen.fuse_qkv, "channels_last": chosen.channels_last,
@@ -577,7 +586,8 @@ def unet_section(args, report: Report, kind: str, unet: UNetModel, twin, inputs:
         if timing is not None and timing.median_ms < best_time and not results[chosen.label()].get("parity_failed"):
             best_time = timing.median_ms
         else:  # together they do not beat plain eager here: undo them
-            report.note(f"{kind}: {chosen.label()} together is not faster than plain eager; using plain eager")
+            report.note(f"{kind}: the kept levers ({chosen.label()}) measured again are not faster than plain eager; "
+                        "using plain eager")
             unfuse_qkv(unet)
             to_contiguous_format(unet)
             chosen = best_settings = UNetOptimizations()
@@ -860,6 +870,8 @@ def parse_args(argv=None):
     parser.add_argument("--attention-backends", nargs="*", default=None,
                         help="SDPA backends to try on the base step (default: flash efficient cudnn on GPU)")
     parser.add_argument("--no-vae-channels-last", dest="vae_channels_last", action="store_false")
+    parser.add_argument("--no-other-dtype", dest="other_dtype", action="store_false",
+                        help="skip timing the base step in the other half precision (bf16 when --dtype fp16)")
     parser.add_argument("--memory-cap-gb", type=float, nargs="+", default=None,
                         help="GiB cap(s) for the full run under the residency plan, one run each (default 8 on GPU;"
                              " 0 = skip). The CUDA context (~0.5 GiB) is outside the cap: 7.5 mimics a real 8 GB card")
