@@ -569,7 +569,7 @@ def unet_section(args, report: Report, kind: str, unet: UNetModel, twin, inputs:
             # Precision is a choice, not a free lever: reported for the record, never kept automatically.
             twin_dtype = UNetModel(unet.config, dtype=other, device="meta")
             twin_dtype.load_state_dict({k: v.to(other) for k, v in unet.state_dict().items()}, assign=True)
-            time_step(f"eager {str(other).removeprefix('torch.')}", twin_dtype.eval(), plain_out)
+            time_step(f"eager {str(other).removeprefix('torch.')}", twin_dtype.eval(), None)
             del twin_dtype
         chosen = UNetOptimizations(fuse_qkv=kept["fuse_qkv"], channels_last=kept["channels_last"],
                                    attention=kept.get("attention") or "auto")
