@@ -18,7 +18,6 @@ Not a timed test: numbers hold only next to the card's name (PERF.md, "How to co
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import logging

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from sdxl_core.config import ADM_SCALAR_EMBED_DIM, TINY_BASE_UNET, TINY_REFINER_UNET
+from sdxl_core.config import TINY_BASE_UNET, TINY_REFINER_UNET
 from sdxl_core.optimize import (
     ATTENTION_BACKENDS,
     CUDAGraphStep,
@@ -216,7 +216,7 @@ def test_settings_validation():
 
 
 def test_cuda_graphs_refuse_a_cpu_module_clearly():
-    with pytest.raises(RuntimeError, match="CUDA graphs need a module on a CUDA device; this one has parameters on cpu"):
+    with pytest.raises(RuntimeError, match="need a module on a CUDA device; this one has parameters on cpu"):
         CUDAGraphStep(_unet("base"))
 
 
