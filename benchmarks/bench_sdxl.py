@@ -965,9 +965,12 @@ def main(argv=None) -> int:
     refiner = build_stage(configs[1], dtype, device, seed=11, vae=base.vae)
     report.put("build", "seconds", time.perf_counter() - begin)
 
+    # Each section is guarded: a bug or a failure in one is reported and the others still run, so one lent-GPU
+    # call always brings back every number it could measure.
     capped_latent = None
     for cap in args.memory_cap_gb if device.type == "cuda" else [None]:
-        latent = memory_section(args, report, base, refiner, cap)
+        latent = _try(report, f"memory section (cap {cap})",
+                      lambda cap=cap: memory_section(args, report, base, refiner, cap))
         capped_latent = latent if capped_latent is None else capped_latent
         for model in (base, refiner):  # the plan left everything on the host
             model.to(device)
@@ -975,26 +978,34 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    base_twin = diffusers_unet(base.unet) if use_reference else None
-    refiner_twin = diffusers_unet(refiner.unet) if use_reference else None
+    base_twin = _try(report, "diffusers base conversion", lambda: diffusers_unet(base.unet)) if use_reference else None
+    refiner_twin = (_try(report, "diffusers refiner conversion", lambda: diffusers_unet(refiner.unet))
+                    if use_reference else None)
     base_inputs = step_inputs(configs[0].unet, latent_side, dtype, device, seed=5)
     refiner_inputs = step_inputs(configs[1].unet, latent_side, dtype, device, seed=6)
 
-    base_step, base_settings = unet_section(args, report, "base", base.unet, base_twin, base_inputs, True, None)
+    plain = (optimize_unet(base.unet, UNetOptimizations()), UNetOptimizations())
+    base_step, base_settings = _try(report, "base section", lambda: unet_section(
+        args, report, "base", base.unet, base_twin, base_inputs, True, None)) or plain
     chosen = UNetOptimizations(fuse_qkv=base_settings.fuse_qkv, channels_last=base_settings.channels_last,
                                attention=base_settings.attention)
-    refiner_step, refiner_settings = unet_section(args, report, "refiner", refiner.unet, refiner_twin,
-                                                  refiner_inputs, False, chosen)
-    decode_ours = vae_section(args, report, base.vae, latent_side)
+    refiner_step, refiner_settings = _try(report, "refiner section", lambda: unet_section(
+        args, report, "refiner", refiner.unet, refiner_twin, refiner_inputs, False, chosen)) or (
+        optimize_unet(refiner.unet, UNetOptimizations()), UNetOptimizations())
+    decode_ours = _try(report, "VAE section", lambda: vae_section(args, report, base.vae, latent_side)) or (
+        lambda latent: decode_latents(base.vae, latent, tiled=False))
     label = f"base {base_settings.label()}, refiner {refiner_settings.label()}"
-    two_stage_section(args, report, base_step, refiner_step, base_twin, refiner_twin, base.vae, decode_ours,
-                      base_inputs, refiner_inputs, latent_side, label)
-    pipeline_section(args, report, base, refiner, capped_latent)
+    _try(report, "two-stage section", lambda: two_stage_section(
+        args, report, base_step, refiner_step, base_twin, refiner_twin, base.vae, decode_ours, base_inputs,
+        refiner_inputs, latent_side, label))
+    _try(report, "pipeline section", lambda: pipeline_section(args, report, base, refiner, capped_latent))
     summarize(args, report)  # in the JSON already, should the reference compile below run out of time
-    if use_reference and args.compile_reference:
-        compile_reference_section(args, report, "base", base_twin, base_inputs)
-        if args.compile_reference_refiner:
-            compile_reference_section(args, report, "refiner", refiner_twin, refiner_inputs)
+    if use_reference and args.compile_reference and base_twin is not None:
+        _try(report, "base reference compile",
+             lambda: compile_reference_section(args, report, "base", base_twin, base_inputs))
+        if args.compile_reference_refiner and refiner_twin is not None:
+            _try(report, "refiner reference compile",
+                 lambda: compile_reference_section(args, report, "refiner", refiner_twin, refiner_inputs))
 
     summary = summarize(args, report)
     report.data["table_markdown"] = report.table()

@@ -247,3 +247,18 @@ def test_compile_keeps_output_and_layout():
     assert list(unet.state_dict()) == keys
     assert report.first_call_s > report.steady_call_s and report.compile_s > 0
     assert _rel_err(_run(unet, inputs), reference) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["base", "refiner"])
+def test_full_size_fused_unet_saves_the_checkpoint_layout(kind):
+    """On meta (no memory): a fused full-size UNet's state dict has the published keys and shapes."""
+    from sdxl_core.config import SDXL_BASE_UNET, SDXL_REFINER_UNET
+
+    config = {"base": SDXL_BASE_UNET, "refiner": SDXL_REFINER_UNET}[kind]
+    plain = {k: tuple(v.shape) for k, v in UNetModel(config, device="meta").state_dict().items()}
+    fused_unet = UNetModel(config, device="meta")
+    fuse_qkv(fused_unet)
+    fused = {k: tuple(v.shape) for k, v in fused_unet.state_dict().items()}
+    assert fused == plain
+    assert sum(p.numel() for p in fused_unet.parameters()) == sum(
+        p.numel() for p in UNetModel(config, device="meta").parameters())
