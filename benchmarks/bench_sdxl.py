@@ -45,7 +45,7 @@ from sdxl_core.noise import noise_scaling  # noqa: E402
 from sdxl_core.optimize import (OptimizedStep, UNetOptimizations, fuse_qkv, is_compiled,  # noqa: E402
                                 is_qkv_fused, optimize_unet, to_channels_last, to_contiguous_format, uncompile,
                                 unfuse_qkv)
-from sdxl_core.residency import GiB, ResidencyPlan, no_residency  # noqa: E402
+from sdxl_core.residency import DEFAULT_ACTIVATION_RESERVE, GiB, ResidencyPlan, no_residency  # noqa: E402
 from sdxl_core.samplers import get_sampler  # noqa: E402
 from sdxl_core.schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range  # noqa: E402
 from sdxl_core.text_encoders import TextEncoder  # noqa: E402
@@ -749,7 +749,8 @@ def two_stage_section(args, report: Report, base_step: Callable, refiner_step: C
                    f"peak {timing.peak_bytes / GiB:.2f} GiB" if timing.peak_bytes else "")
     if base_twin is not None and refiner_twin is not None:
         vae_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        vae_twin = diffusers_vae(vae, vae_dtype)
+        # The VAE section may have left our VAE channels_last; the reference decodes in its own default layout.
+        vae_twin = diffusers_vae(vae, vae_dtype).to(memory_format=torch.contiguous_format)
 
         def reference():
             return run_two_stage(plan, _diffusers_model(base_twin), branch_conditioning(base_inputs, True), dtype,
@@ -874,7 +875,8 @@ def parse_args(argv=None):
     parser.add_argument("--memory-cap-gb", type=float, nargs="+", default=None,
                         help="GiB cap(s) for the full run under the residency plan, one run each (default 8 on GPU;"
                              " 0 = skip). The CUDA context (~0.5 GiB) is outside the cap: 7.5 mimics a real 8 GB card")
-    parser.add_argument("--reserve-gb", type=float, default=3.0, help="activation reserve of the residency plan")
+    parser.add_argument("--reserve-gb", type=float, default=DEFAULT_ACTIVATION_RESERVE / GiB,
+                        help="activation reserve of the residency plan (GiB; the plan's default)")
     parser.add_argument("--no-reference", action="store_true", help="skip diffusers entirely")
     parser.add_argument("--quick", action="store_true", help="fewer warm-up and timed runs")
     parser.add_argument("--warmup", type=int, default=None)

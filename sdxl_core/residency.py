@@ -41,11 +41,13 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 GiB = 2**30
-# Device memory left to activations and the allocator: a 1024x1024 bf16 VAE decode peaks near 1.3 GB of live
-# tensors (vae_decoding.py measures 640 elements per pixel) and the allocator needs headroom on top; the base UNet's
-# CFG batch at 1024x1024 needs well under 1 GB with fused attention. 3 GiB leaves an 8 GiB card a 5 GiB weight
-# budget: one fp16 UNet (4.8 GiB base) fits, a UNet plus the 1.5 GiB text encoders does not, so they are evicted.
-DEFAULT_ACTIVATION_RESERVE = 3 * GiB
+# Device memory left to activations and the allocator. The largest user is the 1024x1024 VAE decode: 1.3 GB of
+# live tensors in bf16 (vae_decoding.py measures 640 elements per pixel), which vae_decoding budgets at 2.5 GiB with
+# allocator headroom (and tiles if it still runs out); the base UNet's CFG batch at 1024x1024 needs well under 1 GiB
+# with fused attention. 2.5 GiB leaves an 8 GiB card a 5.5 GiB weight budget (a real 8 GB card, ~7.5 GiB usable
+# after the CUDA context, 5 GiB): one fp16 UNet (4.8 GiB base) fits, a UNet plus the 1.5 GiB text encoders does
+# not, so they are evicted before it arrives.
+DEFAULT_ACTIVATION_RESERVE = int(2.5 * GiB)
 
 # The pipeline steps a plan knows, and which components of an SDXLModel each one needs.
 STAGE_PARTS: dict[str, tuple[str, ...]] = {
