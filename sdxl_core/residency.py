@@ -104,9 +104,12 @@ class _Managed:
         self.host: list[torch.Tensor] = []
         if moves_weights:
             for owner, attr, is_param, tensor in slots:
-                host = tensor.detach().to(offload_device)
-                if pin_memory and not host.is_pinned():
-                    host = host.pin_memory()
+                tensor = tensor.detach()
+                if pin_memory and not (tensor.device == offload_device and tensor.is_pinned()):
+                    # Straight into page-locked memory: uploads from it run at full bus speed, asynchronously.
+                    host = torch.empty_like(tensor, device=offload_device, pin_memory=True).copy_(tensor)
+                else:
+                    host = tensor.to(offload_device)
                 self.host.append(host)
                 _assign(owner, attr, is_param, host)
         self.resident = False
