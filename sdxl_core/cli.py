@@ -77,6 +77,8 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, *, with_models: b
     parser.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same image")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="UNet and text-encoder precision")
+    parser.add_argument("--low-vram", action="store_true",
+                        help="keep weights in system RAM and move one network at a time onto the GPU (8 GB cards)")
     parser.add_argument("--out", required=True, type=Path, help="output PNG file")
 
 

@@ -34,6 +34,7 @@ from .guidance import CFGDenoiser
 from .models import SDXLModel
 from .noise import prepare_noise
 from .prompt_encoding import encode_base_prompt, encode_refiner_prompt
+from .residency import ResidencyPlan, no_residency
 from .samplers import get_sampler, run_sampler
 from .schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range
 from .vae import AutoencoderKL
@@ -315,10 +316,11 @@ DEFAULTS = _Defaults()
 
 def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequest, *,
              on_step: Callable[[str], None] | None = None, cancel: Cancel | None = None,
-             empty_prompt: str = "encode") -> GenerationResult:
+             empty_prompt: str = "encode", residency: ResidencyPlan | None = None) -> GenerationResult:
     """Text to image: the base runs steps [0, K) and hands its latent, noise left in, to the refiner for [K, N)
     (ComfyUI's KSamplerAdvanced pair; diffusers `denoising_end`/`denoising_start`); without a refiner the base runs
-    all N steps."""
+    all N steps. `residency` moves only each step's weights onto the GPU (sdxl_core/residency.py: 8 GB cards)."""
+    stage = residency.stage if residency is not None else no_residency
     _require_stage(base, "base", "generate")
     if refiner is not None:
         _require_stage(refiner, "refiner", "refine")
@@ -326,12 +328,14 @@ def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequ
     original = request.original_size or (height, width)
     target = request.target_size or (height, width)
     crop_top, crop_left = request.crop_top_left
-    positive = encode_base_conditioning(base, request.prompt, request.prompt_l, width=original[1],
-                                        height=original[0], crop_top=crop_top, crop_left=crop_left,
-                                        target_width=target[1], target_height=target[0], empty_prompt=empty_prompt)
-    negative = encode_base_conditioning(base, request.negative, None, width=original[1], height=original[0],
-                                        crop_top=crop_top, crop_left=crop_left, target_width=target[1],
-                                        target_height=target[0], empty_prompt=empty_prompt)
+    with stage(base, "text"):
+        positive = encode_base_conditioning(base, request.prompt, request.prompt_l, width=original[1],
+                                            height=original[0], crop_top=crop_top, crop_left=crop_left,
+                                            target_width=target[1], target_height=target[0],
+                                            empty_prompt=empty_prompt)
+        negative = encode_base_conditioning(base, request.negative, None, width=original[1], height=original[0],
+                                            crop_top=crop_top, crop_left=crop_left, target_width=target[1],
+                                            target_height=target[0], empty_prompt=empty_prompt)
     latent = empty_latent(width, height, request.batch_size)
     base_end = request.refiner_start if refiner is not None and request.refiner_start < request.steps else None
 
@@ -340,21 +344,27 @@ def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequ
 
     settings = dict(seed=request.seed, steps=request.steps, cfg=request.cfg, sampler=request.sampler,
                     scheduler=request.scheduler, cancel=cancel)
-    latent = sample_latent(base, latent, positive, negative, end_step=base_end,
-                           return_with_leftover_noise=base_end is not None, callback=step_reporter("base"),
-                           **settings)
+    with stage(base, "unet"):
+        latent = sample_latent(base, latent, positive, negative, end_step=base_end,
+                               return_with_leftover_noise=base_end is not None, callback=step_reporter("base"),
+                               **settings)
     if base_end is not None:
         # The refiner was trained at (h, w) = output size; its conditioning follows sgm's `apply_refiner`.
-        refiner_positive = encode_refiner_conditioning(refiner, request.prompt, width=original[1],
-                                                       height=original[0], crop_top=crop_top, crop_left=crop_left,
-                                                       aesthetic_score=request.aesthetic_score,
-                                                       empty_prompt=empty_prompt)
-        refiner_negative = encode_refiner_conditioning(refiner, request.negative, width=original[1],
-                                                       height=original[0], crop_top=crop_top, crop_left=crop_left,
-                                                       aesthetic_score=request.negative_aesthetic_score,
-                                                       empty_prompt=empty_prompt)
-        latent = sample_latent(refiner, latent, refiner_positive, refiner_negative, start_step=base_end,
-                               add_noise=False, callback=step_reporter("refiner"), **settings)
+        with stage(refiner, "text"):
+            refiner_positive = encode_refiner_conditioning(refiner, request.prompt, width=original[1],
+                                                           height=original[0], crop_top=crop_top,
+                                                           crop_left=crop_left,
+                                                           aesthetic_score=request.aesthetic_score,
+                                                           empty_prompt=empty_prompt)
+            refiner_negative = encode_refiner_conditioning(refiner, request.negative, width=original[1],
+                                                           height=original[0], crop_top=crop_top,
+                                                           crop_left=crop_left,
+                                                           aesthetic_score=request.negative_aesthetic_score,
+                                                           empty_prompt=empty_prompt)
+        with stage(refiner, "unet"):
+            latent = sample_latent(refiner, latent, refiner_positive, refiner_negative, start_step=base_end,
+                                   add_noise=False, callback=step_reporter("refiner"), **settings)
     # Both checkpoints carry the same SDXL VAE; diffusers' refiner example shares the base's too.
-    images = decode(base, latent)
+    with stage(base, "vae"):
+        images = decode(base, latent)
     return GenerationResult(images=images, latent=latent, parameters=request.parameters())

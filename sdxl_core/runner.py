@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import default_dtype, default_vae_dtype, load_checkpoint
 from .checkpoint_errors import CheckpointError
 from .conditioning import ConditioningMismatch
 from .pipeline import GenerationRequest, generate
 from .progress import ProgressBar
+from .residency import ResidencyPlan
 from .samplers import SamplingCancelled
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -72,12 +73,22 @@ def _run(request: GenerationRequest, base_path: Path, refiner_path: Path | None,
     try:
         device = _device(args.device)
         dtype = _DTYPES[args.dtype] if args.dtype else None
-        base = load_checkpoint(base_path, dtype=dtype, device=device, vae_path=vae_path, expect="base")
+        residency = None
+        if getattr(args, "low_vram", False):
+            if device.type != "cuda":
+                raise ValueError("--low-vram manages GPU memory; it needs a CUDA device")
+            residency = ResidencyPlan.for_card(device)
+        # Under a residency plan the weights wait in system RAM and the plan moves each network in when it runs.
+        load_device = torch.device("cpu") if residency is not None else device
+        dtype = dtype or default_dtype(device)
+        base = load_checkpoint(base_path, dtype=dtype, device=load_device, vae_path=vae_path,
+                               vae_dtype=default_vae_dtype(device), expect="base")
         refiner = None
         if refiner_path is not None:
-            refiner = load_checkpoint(refiner_path, dtype=dtype, device=device, vae_path=vae_path, expect="refiner")
+            refiner = load_checkpoint(refiner_path, dtype=dtype, device=load_device, vae_path=vae_path,
+                                      vae_dtype=default_vae_dtype(device), expect="refiner")
         bar = ProgressBar(total=request.steps)
-        result = generate(base, refiner, request, on_step=bar.advance)
+        result = generate(base, refiner, request, on_step=bar.advance, residency=residency)
     except (CheckpointError, ConditioningMismatch, ValueError, FloatingPointError) as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from sdxl_core.pipeline import (
     generate,
     sample_latent,
 )
+from sdxl_core.residency import ResidencyPlan
 from sdxl_core.samplers import SamplingCancelled
 
 SIZE = 64  # pixels: an 8x8 latent keeps every UNet call in milliseconds
@@ -139,3 +140,16 @@ def test_vae_round_trip_through_comfy_formats(tiny_base):
     assert decoded.shape == image.shape and decoded.dtype == torch.float32
     with pytest.raises(ValueError, match="multiples of 8"):
         encode(tiny_base, torch.rand(1, 60, 64, 3))
+
+
+def test_generate_under_a_residency_plan_changes_nothing(tiny_base, tiny_refiner):
+    request = GenerationRequest(prompt="a lighthouse", negative="blurry", width=64, height=64, steps=4,
+                                refiner_start=3, cfg=5.0, seed=7)
+    plain = generate(tiny_base, tiny_refiner, request)
+    sizes = {name: sum(p.numel() * p.element_size() for p in module.parameters())
+             for name, module in tiny_base.modules().items()}
+    plan = ResidencyPlan("cpu", sizes["unet"] + sizes["vae"])  # one UNet + VAE: the 8 GB shape in miniature
+    planned = generate(tiny_base, tiny_refiner, request, residency=plan)
+    assert torch.equal(plain.images, planned.images)
+    assert [e.name for e in plan.events if e.action == "load"] == [
+        "base.clip_l", "base.clip_g", "base.unet", "refiner.clip_g", "refiner.unet", "base.vae"]
