@@ -24,6 +24,16 @@ def _vae_module(vae):
     return vae
 
 
+def _untiled_memory(vae, tiling: str, estimate, batch: int, height: int, width: int) -> int:
+    """Device memory to ask ComfyUI for before a pass: what an untiled pass needs (so ComfyUI evicts other models,
+    e.g. the UNets, as it does for its own VAE nodes), or 0 when tiles are forced (they fit its inference reserve)."""
+    from sdxl_core.vae_decoding import resolve_vae_dtype
+
+    if TILING[tiling] is True:
+        return 0
+    return estimate(vae, batch, height, width, resolve_vae_dtype(vae, None))
+
+
 class VAEDecode:
     """Decode latents to images with an SDXL VAE."""
 
@@ -46,10 +56,17 @@ class VAEDecode:
 
     def decode(self, vae, samples: dict, tiling: str = "auto"):
         from sdxl_core.pipeline import decode
+        from sdxl_core.vae_decoding import estimate_decode_bytes
 
         check_widgets(VAEDecode, tiling=tiling)
         vae = _vae_module(vae)
-        comfy_host.prepare_networks([vae], role="vae")
+        latents = samples["samples"] if isinstance(samples, dict) and "samples" in samples else None
+        memory = 0
+        if latents is not None and latents.ndim == 4:
+            down = vae.config.downscale
+            memory = _untiled_memory(vae, tiling, estimate_decode_bytes, latents.shape[0], latents.shape[-2] * down,
+                                     latents.shape[-1] * down)
+        comfy_host.prepare_networks([vae], role="vae", memory_required=memory)
         comfy_host.raise_if_interrupted()
         return (decode(vae, samples, tiled=TILING[tiling]).to(comfy_host.output_device()),)
 
@@ -75,10 +92,15 @@ class VAEEncode:
 
     def encode(self, vae, pixels, tiling: str = "auto"):
         from sdxl_core.pipeline import encode
+        from sdxl_core.vae_decoding import estimate_encode_bytes
 
         check_widgets(VAEEncode, tiling=tiling)
         vae = _vae_module(vae)
-        comfy_host.prepare_networks([vae], role="vae")
+        memory = 0
+        if pixels.ndim == 4:
+            memory = _untiled_memory(vae, tiling, estimate_encode_bytes, pixels.shape[0], pixels.shape[1],
+                                     pixels.shape[2])
+        comfy_host.prepare_networks([vae], role="vae", memory_required=memory)
         comfy_host.raise_if_interrupted()
         latent = encode(vae, pixels[..., :3], tiled=TILING[tiling], seed=_ENCODE_SEED)
         return ({"samples": latent["samples"].to(comfy_host.output_device())},)

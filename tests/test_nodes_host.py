@@ -212,3 +212,18 @@ def test_requirements_leave_torch_to_comfyui():
              (Path(__file__).resolve().parents[1] / "requirements.txt").read_text().splitlines()]
     names = {line.split(">")[0].split("=")[0].split("<")[0].strip().lower() for line in lines if line}
     assert "transformers" in names and not names & {"torch", "torchvision", "torchaudio"}
+
+
+@pytest.mark.parametrize("tiling", ["auto", "never", "always"])
+def test_vae_nodes_tell_comfyui_the_memory_an_untiled_pass_needs(comfy, stage, tiling):
+    # ComfyUI evicts other models (the UNets) only for the memory it is told about: without it the VAE would find
+    # the card full and tile (auto) or run out of memory (never), where ComfyUI's own VAE nodes evict first.
+    from sdxl_core.vae_decoding import estimate_decode_bytes, estimate_encode_bytes
+
+    vae = stage[0].vae
+    node("VAEDecode").decode(vae, {"samples": torch.zeros(2, 4, H // 8, W // 8)}, tiling)
+    node("VAEEncode").encode(vae, torch.rand(3, H, W, 3), tiling)
+    (_, decode_kw), (_, encode_kw) = comfy.loads
+    untiled = tiling != "always"
+    assert decode_kw["memory_required"] == (estimate_decode_bytes(vae, 2, H, W, torch.float32) if untiled else 0)
+    assert encode_kw["memory_required"] == (estimate_encode_bytes(vae, 3, H, W, torch.float32) if untiled else 0)
