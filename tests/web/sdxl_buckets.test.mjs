@@ -106,11 +106,27 @@ test("a micro node follows the empty latent of the sampler its conditioning feed
     { id: 6, type: EMPTY_LATENT, inputs: {}, downstream: [7] },
     { id: 7, type: MICRO_CONDITIONING, inputs: {}, downstream: [8] },
     { id: 8, type: "SDXLTwoStage.RefinerSampler", inputs: { latent_image: 9, positive: 7 }, downstream: [] },
-    { id: 9, type: "LatentUpscaleBy", inputs: { samples: 3 }, downstream: [8] },
+    { id: 9, type: "RepeatLatentBatch", inputs: { samples: 3 }, downstream: [8] },
   );
   assert.equal(latentSourceFor(g, 2), 4);
-  // through the refiner's latent chain: 8 <- 9 (LatentUpscaleBy) <- 3 (base sampler) <- 4
+  // through the refiner's latent chain: 8 <- 9 (RepeatLatentBatch) <- 3 (base sampler) <- 4
   assert.equal(latentSourceFor(g, 7), 4);
+});
+
+test("a latent whose size changed or came from elsewhere is not followed, even with one empty latent around", () => {
+  const g = graph(
+    { id: 1, type: EMPTY_LATENT, inputs: {}, downstream: [2] },
+    { id: 2, type: "SDXLTwoStage.BaseSampler", inputs: { latent_image: 1 }, downstream: [3] },
+    { id: 3, type: "LatentUpscaleBy", inputs: { samples: 2 }, downstream: [5] },
+    { id: 4, type: MICRO_CONDITIONING, inputs: {}, downstream: [5] },
+    { id: 5, type: "SDXLTwoStage.RefinerSampler", inputs: { latent_image: 3, positive: 4 }, downstream: [] },
+    { id: 6, type: "VAEEncode", inputs: {}, downstream: [8] },
+    { id: 7, type: MICRO_CONDITIONING, inputs: {}, downstream: [8] },
+    { id: 8, type: "SDXLTwoStage.RefinerSampler", inputs: { latent_image: 6, positive: 7 }, downstream: [9] },
+    { id: 9, type: "SDXLTwoStage.VAEDecode", inputs: { samples: 8 }, downstream: [] },
+  );
+  assert.equal(latentSourceFor(g, 4), null); // upscaled: the empty latent's size is no longer the sampler's
+  assert.equal(latentSourceFor(g, 7), null); // an encoded image: its size is not known to the picker
 });
 
 test("an unwired micro node follows the only empty latent, or none when ambiguous", () => {

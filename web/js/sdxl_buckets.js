@@ -15,6 +15,20 @@ export const FOLLOWING_WIDGETS = {
 };
 // Inputs through which a latent reaches a sampler, walked upstream to find where it was made.
 const LATENT_INPUTS = ["latent_image", "samples", "latent"];
+// Nodes whose output latent has the size of their input latent, so the walk upstream may pass through them. Any
+// other producer (VAE Encode, a latent upscale, core Empty Latent Image, ...) sets a size this file cannot read.
+export const SIZE_PRESERVING = new Set([
+  "SDXLTwoStage.BaseSampler",
+  "SDXLTwoStage.RefinerSampler",
+  "KSampler",
+  "KSamplerAdvanced",
+  "SamplerCustom",
+  "SamplerCustomAdvanced",
+  "RepeatLatentBatch",
+  "LatentFromBatch",
+  "LatentBatchSeedBehavior",
+  "SetLatentNoiseMask",
+]);
 
 /** {width, height} of a bucket label such as "1152x896 (9:7)", or null for "custom" and anything else. */
 export function parseBucketLabel(label) {
@@ -105,8 +119,10 @@ export function resumeFollowing(current) {
 /**
  * The empty-latent node whose size a micro-conditioning node should follow, in a plain graph description
  * `{nodes: [{id, type, inputs: {name: originId | null}, downstream: [ids]}]}`: walk from the micro node down to
- * the first node with a latent input (the sampler its conditioning feeds), then up that latent chain to an
- * empty-latent node. Falls back to the graph's only empty-latent node; null when there is none or it is ambiguous.
+ * the first node with a latent input (the sampler its conditioning feeds), then up that latent chain, through
+ * size-preserving nodes only, to an empty-latent node. A latent made elsewhere (an encoded image, an upscale) gives
+ * null: there is no size to follow. Only a micro node that feeds no sampler yet falls back to the graph's only
+ * empty-latent node; null when there is none or it is ambiguous.
  */
 export function latentSourceFor(graph, microId) {
   const byId = new Map(graph.nodes.map((node) => [node.id, node]));
@@ -119,18 +135,20 @@ export function latentSourceFor(graph, microId) {
     seen.add(id);
     const node = byId.get(id);
     const input = latentInputOf(node);
-    if (input) {
-      let upstream = byId.get(node.inputs[input]);
-      const walked = new Set();
-      while (upstream && !walked.has(upstream.id)) {
-        walked.add(upstream.id);
-        if (upstream.type === EMPTY_LATENT) return upstream.id;
-        const next = latentInputOf(upstream);
-        upstream = next ? byId.get(upstream.inputs[next]) : undefined;
-      }
-    }
+    if (input) return emptyLatentUpstream(byId, byId.get(node.inputs[input]), latentInputOf);
     queue.push(...(node.downstream ?? []));
   }
   const latents = graph.nodes.filter((node) => node.type === EMPTY_LATENT);
   return latents.length === 1 ? latents[0].id : null;
+}
+
+function emptyLatentUpstream(byId, start, latentInputOf) {
+  const walked = new Set();
+  for (let node = start; node && !walked.has(node.id);) {
+    walked.add(node.id);
+    if (node.type === EMPTY_LATENT) return node.id;
+    const input = SIZE_PRESERVING.has(node.type) ? latentInputOf(node) : undefined;
+    node = input ? byId.get(node.inputs[input]) : undefined;
+  }
+  return null;
 }
