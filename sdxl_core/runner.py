@@ -16,7 +16,7 @@ from .checkpoint_errors import CheckpointError
 from .conditioning import ConditioningMismatch
 from .pipeline import GenerationRequest, generate
 from .progress import ProgressBar
-from .residency import ResidencyPlan
+from .residency import ResidencyError, ResidencyPlan
 from .samplers import SamplingCancelled
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -89,8 +89,12 @@ def _run(request: GenerationRequest, base_path: Path, refiner_path: Path | None,
                                       vae_dtype=default_vae_dtype(device), expect="refiner")
         bar = ProgressBar(total=request.steps)
         result = generate(base, refiner, request, on_step=bar.advance, residency=residency)
-    except (CheckpointError, ConditioningMismatch, ValueError, FloatingPointError) as error:
+    except (CheckpointError, ConditioningMismatch, ValueError, FloatingPointError, ResidencyError) as error:
         print(f"\nerror: {error}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as error:
+        hint = "" if getattr(args, "low_vram", False) else "; --low-vram keeps one network at a time on the GPU"
+        print(f"\nerror: the device ran out of memory ({str(error).splitlines()[0]}){hint}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SamplingCancelled):
         print("\ncancelled; nothing was written", file=sys.stderr)

@@ -77,3 +77,31 @@ def test_demo_runs_the_whole_path(tmp_path, monkeypatch):
     assert Image.open(out).size == (64, 64)
     assert sorted(p.name for p in (tmp_path / "cache").glob("*/*.safetensors")) == [
         "tiny_sdxl_base.safetensors", "tiny_sdxl_refiner.safetensors"]
+
+
+@pytest.mark.parametrize("failure, message", [
+    ("residency", "budget"),
+    ("oom", "out of memory"),
+])
+def test_gpu_memory_failures_are_a_sentence_not_a_traceback(tiny_checkpoints, tmp_path, capsys, monkeypatch,
+                                                           failure, message):
+    """A residency budget that cannot hold a stage, or the card running out of memory, ends the run with exit
+    code 2 and a sentence (with the --low-vram hint for out-of-memory), like every other refusal."""
+    import torch
+
+    from sdxl_core import runner
+    from sdxl_core.residency import ResidencyError
+
+    def fail(*_args, **_kwargs):
+        if failure == "residency":
+            raise ResidencyError("this stage needs 4.80 GiB of weights but the plan's budget is 3.00 GiB")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(runner, "generate", fail)
+    out = tmp_path / "x.png"
+    assert main(_generate_args(tiny_checkpoints, out)) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err
+    if failure == "oom":
+        assert "--low-vram" in err
+    assert not out.exists()
