@@ -108,6 +108,14 @@ def check_conditioning_for(config: SDXLConfig, conditioning: list, role: str = "
             raise ConditioningMismatch(
                 f"the {role} conditioning uses {sorted(unknown)}, which the SDXL two-stage sampler does not support "
                 f"(supported options: {sorted(_KNOWN_OPTIONS)})")
+        start, end = options.get("start_percent", 0.0), options.get("end_percent", 1.0)
+        if start > 0.0 or end < 1.0:
+            # ComfyUI applies such an entry only inside [start, end) of the schedule (ConditioningSetTimestepRange);
+            # the two-stage sampler has no per-entry gating, so applying it everywhere would be a silent change.
+            raise ConditioningMismatch(
+                f"the {role} conditioning is limited to the timestep range {start:g}..{end:g} of the schedule, which "
+                "the SDXL two-stage sampler does not support; drop ConditioningSetTimestepRange or use ComfyUI's "
+                "KSampler")
         pooled = options.get("pooled_output")
         pooled_width = config.unet.adm_in_channels - ADM_SCALAR_EMBED_DIM * len(config.adm_scalars)
         if pooled is None or pooled.shape[-1] != pooled_width:

@@ -131,3 +131,15 @@ def test_unsupported_options_and_missing_pooled_are_refused():
         check_conditioning_for(TINY_BASE, [[context, {"pooled_output": torch.zeros(1, 1280), "area": (8, 8, 0, 0)}]])
     with pytest.raises(ConditioningMismatch, match="empty"):
         check_conditioning_for(TINY_BASE, [])
+
+
+def test_a_partial_timestep_range_is_refused_not_ignored():
+    """ComfyUI's ConditioningSetTimestepRange limits an entry to part of the schedule; this sampler has no such
+    schedule-gating, so anything narrower than the whole run must be refused rather than silently applied
+    everywhere. The full range (what some nodes write by default) changes nothing and is accepted."""
+    context, pooled = torch.randn(1, 77, 96), torch.zeros(1, 1280)
+    check_conditioning_for(TINY_BASE, [[context, {"pooled_output": pooled, "start_percent": 0.0,
+                                                  "end_percent": 1.0, "strength": 1.0}]])
+    for fields in ({"start_percent": 0.2}, {"end_percent": 0.8}, {"start_percent": 0.0, "end_percent": 0.5}):
+        with pytest.raises(ConditioningMismatch, match="timestep range"):
+            check_conditioning_for(TINY_BASE, [[context, {"pooled_output": pooled, **fields}]])
