@@ -45,11 +45,20 @@ def _sampling_inputs(model_tooltip: str) -> dict:
     }
 
 
-def _check_base(steps=None, end_at_step=None, denoise=None) -> None:
+def _check_base(steps=None, end_at_step=None, denoise=None, leftover_noise=None) -> None:
     check_widgets(BaseSampler, steps=steps, end_at_step=end_at_step, denoise=denoise)
     if steps is not None and end_at_step is not None and end_at_step > steps:
         raise ValueError(f"end_at_step (K = {end_at_step}) is past the last step (N = {steps}): the base can stop at "
                          f"most at step {steps}; set K between 1 and N (K = N runs the base alone)")
+    handoff = (steps is not None and end_at_step is not None and end_at_step < steps and leftover_noise is not False)
+    if handoff and denoise is not None and denoise < 1.0:
+        # With denoise < 1, step K lies on a shortened img2img grid, at a lower noise level than step K of the full
+        # N-step grid the refiner continues: it would treat the latent as noisier than it is.
+        raise ValueError(f"denoise {denoise} cannot hand off to the refiner: the SDXL Latent Refiner continues step "
+                         f"K of the full {steps}-step schedule, but with denoise below 1 the base's step K is at a "
+                         f"lower noise level. Keep denoise 1.0 for the two-stage handoff; for image-to-image, "
+                         f"finish with the base (end_at_step = steps, or leftover noise off) and polish the image "
+                         f"with the refiner at start_at_step 0 and its own denoise strength")
 
 
 def _check_refiner(steps=None, start_at_step=None, denoise=None) -> None:
@@ -113,16 +122,17 @@ class BaseSampler:
         inputs["denoise"] = ("FLOAT", {
             "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
             "tooltip": "1.0 for text-to-image. Below 1, image-to-image: how much of the input latent to repaint "
-                       "(0.3 keeps the composition, 0.8 keeps little)."})
+                       "(0.3 keeps the composition, 0.8 keeps little). Below 1 the base cannot hand off to the "
+                       "refiner: set end_at_step = steps."})
         return {"required": inputs}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, steps=None, end_at_step=None, denoise=None):
-        return validation_result(_check_base, steps, end_at_step, denoise)
+    def VALIDATE_INPUTS(cls, steps=None, end_at_step=None, denoise=None, leftover_noise=None):
+        return validation_result(_check_base, steps, end_at_step, denoise, leftover_noise)
 
     def sample(self, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
                scheduler: str, end_at_step: int, leftover_noise: bool = True, denoise: float = 1.0):
-        _check_base(steps, end_at_step, denoise)
+        _check_base(steps, end_at_step, denoise, bool(leftover_noise))
         check_widgets(BaseSampler, sampler_name=sampler_name, scheduler=scheduler)
         require_stage(model, "base", "SDXL Base Sampler")
         end = end_at_step if end_at_step < steps else None

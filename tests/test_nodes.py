@@ -330,6 +330,19 @@ def test_step_validation_before_running():
     assert base_cls.VALIDATE_INPUTS(steps=None, end_at_step=30, denoise=None) is True
 
 
+
+def test_base_refuses_a_handoff_from_a_shortened_img2img_schedule(loaded, conds):
+    # With denoise < 1 the base's step K lies on a shortened grid (lower noise) while the refiner continues step K
+    # of the full N-step grid: the handed-off latent would be treated as noisier than it is.
+    base_cls = node_class("BaseSampler")
+    message = base_cls.VALIDATE_INPUTS(steps=25, end_at_step=20, denoise=0.6, leftover_noise=True)
+    assert isinstance(message, str) and "denoise 1.0" in message and "start_at_step 0" in message
+    assert base_cls.VALIDATE_INPUTS(steps=25, end_at_step=20, denoise=0.6, leftover_noise=False) is True
+    assert base_cls.VALIDATE_INPUTS(steps=25, end_at_step=25, denoise=0.6, leftover_noise=True) is True
+    latent, _, _ = node("EmptyLatent").generate("custom", SIZE_W, SIZE_H, 1)
+    with pytest.raises(ValueError, match="denoise 1.0"):
+        node("BaseSampler").sample(loaded[0], *conds["base"], latent, 0, 4, 4.0, "euler", "normal", 3, True, 0.5)
+
 def test_step_validation_also_guards_direct_calls(loaded, conds):
     base = loaded[0]
     latent, _, _ = node("EmptyLatent").generate("custom", SIZE_W, SIZE_H, 1)
