@@ -117,7 +117,9 @@ def _request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     if args.refiner_start is not None:
         refiner_start = args.refiner_start
     else:
-        refiner_start = round(steps * (args.refiner_switch if args.refiner_switch is not None else 0.8))
+        fraction = args.refiner_switch if args.refiner_switch is not None else 0.8
+        # A fraction in (0, 1) names a step in 1..steps however few the steps (0.2 of 2 is step 1, not 0).
+        refiner_start = min(max(round(steps * fraction), 1), max(steps, 1))
     original = args.original_size or (width, height)
     target = args.target_size or (width, height)
     try:
