@@ -35,7 +35,7 @@ def _ratio_name(width: int, height: int) -> str:
     return f"{width / height:.2f}:1"
 
 
-# (height, width) pairs in the paper's order: portrait extremes first, landscape extremes last.
+# (height, width) pairs in the paper's order (H/W ascending): widest landscape first, tallest portrait last.
 _PAPER_TABLE_HW = (
     (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664), (640, 1600),
     (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280), (832, 1216), (832, 1152),
