@@ -349,18 +349,14 @@ def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequ
                                return_with_leftover_noise=base_end is not None, callback=step_reporter("base"),
                                **settings)
     if base_end is not None:
-        # The refiner was trained at (h, w) = output size; its conditioning follows sgm's `apply_refiner`.
+        # sgm's `apply_refiner` (and diffusers' refiner defaults) condition the refiner on the output size with
+        # crop (0, 0), whatever original size or crop the base was given.
         with stage(refiner, "text"):
-            refiner_positive = encode_refiner_conditioning(refiner, request.prompt, width=original[1],
-                                                           height=original[0], crop_top=crop_top,
-                                                           crop_left=crop_left,
-                                                           aesthetic_score=request.aesthetic_score,
-                                                           empty_prompt=empty_prompt)
-            refiner_negative = encode_refiner_conditioning(refiner, request.negative, width=original[1],
-                                                           height=original[0], crop_top=crop_top,
-                                                           crop_left=crop_left,
-                                                           aesthetic_score=request.negative_aesthetic_score,
-                                                           empty_prompt=empty_prompt)
+            refiner_positive, refiner_negative = (
+                encode_refiner_conditioning(refiner, text, width=width, height=height, aesthetic_score=score,
+                                            empty_prompt=empty_prompt)
+                for text, score in ((request.prompt, request.aesthetic_score),
+                                    (request.negative, request.negative_aesthetic_score)))
         with stage(refiner, "unet"):
             latent = sample_latent(refiner, latent, refiner_positive, refiner_negative, start_step=base_end,
                                    add_noise=False, callback=step_reporter("refiner"), **settings)

@@ -153,3 +153,25 @@ def test_generate_under_a_residency_plan_changes_nothing(tiny_base, tiny_refiner
     assert torch.equal(plain.images, planned.images)
     assert [e.name for e in plan.events if e.action == "load"] == [
         "base.clip_l", "base.clip_g", "base.unet", "refiner.clip_g", "refiner.unet", "base.vae"]
+
+
+def test_refiner_conditions_on_the_output_size_whatever_the_base_was_told(tiny_base, tiny_refiner, monkeypatch):
+    """sgm's `apply_refiner` (and diffusers' refiner defaults) condition the refiner on the latent's size with crop
+    (0, 0); a base-only original size or crop (e.g. 4096² for a 'high-resolution' look) must not leak into it."""
+    import sdxl_core.pipeline as pipeline
+
+    seen = []
+    real = pipeline.encode_refiner_conditioning
+
+    def spy(model, text, **kwargs):
+        seen.append(kwargs)
+        return real(model, text, **kwargs)
+
+    monkeypatch.setattr(pipeline, "encode_refiner_conditioning", spy)
+    request = GenerationRequest(prompt="a red cube", width=SIZE, height=SIZE + 16, steps=3, refiner_start=2,
+                                original_size=(4096, 2048), crop_top_left=(8, 16), target_size=(SIZE + 16, SIZE))
+    generate(tiny_base, tiny_refiner, request)
+    assert len(seen) == 2
+    for kwargs in seen:
+        assert (kwargs["height"], kwargs["width"]) == (SIZE + 16, SIZE)
+        assert (kwargs.get("crop_top", 0), kwargs.get("crop_left", 0)) == (0, 0)
