@@ -120,7 +120,8 @@ def _read_checked(lazy: LazyTensor, key: str, dtype: torch.dtype, device: torch.
                 f"merge or fine-tune?) and would only produce black or noise images. Source: {lazy.origin}")
         peak = float(raw.abs().max())
         raise NonFiniteWeightError(f"{key} has values up to {peak:.4g}, which overflow {dtype}; load this "
-                                   "checkpoint in torch.bfloat16 or torch.float32 instead")
+                                   "checkpoint in bf16 or fp32 instead (the loader node's weight_dtype bf16 or "
+                                   "fp32, the command line's --dtype)")
     return tensor
 
 
@@ -154,7 +155,9 @@ def _note_position_ids(source: CheckpointSource, prefix: str, report: Validation
 def _raise_if_invalid(report: ValidationReport, name: str, what: str) -> None:
     if not report.ok:
         lines = "\n  ".join(report.problems())
-        raise StateDictMismatchError(f"{name} does not match the {what} that its shapes describe:\n  {lines}",
+        raise StateDictMismatchError(f"{name} does not match the {what} that its shapes describe:\n  {lines}\n"
+                                     "If the file is damaged (an interrupted download or copy), download it again; "
+                                     f"a modified {what} with other layers cannot be loaded by these nodes",
                                      report=report)
 
 
@@ -165,7 +168,11 @@ def _plan(source: CheckpointSource, expect: str | None, vae_config: VAEConfig | 
     has_vae = any(key.startswith(VAE_PREFIX) for key in source.tensors)
     if vae_config is None and not has_vae:
         raise StateDictMismatchError(f"{source.path.name} has no VAE (first_stage_model.*); give a separate VAE file")
-    config = infer_config(source.shapes, source.hints, vae=vae_config)
+    try:
+        config = infer_config(source.shapes, source.hints, vae=vae_config)
+    except StateDictMismatchError as error:
+        raise StateDictMismatchError(f"{source.path.name}: {error}. The file is incomplete or damaged (download it "
+                                     "again) or a modified SDXL variant these nodes cannot run") from None
     if config.unet.in_channels != _SDXL_LATENT_CHANNELS or config.vae.latent_channels != _SDXL_LATENT_CHANNELS:
         raise WrongArchitectureError(
             f"{source.path.name} is an SDXL variant with a {config.unet.in_channels}-channel UNet input and a "
@@ -236,11 +243,13 @@ def inspect_vae(path: Path | str | CheckpointSource) -> tuple[CheckpointSource, 
         raise WrongComponentError(f"{name} is a full SDXL {kind.removeprefix('sdxl-')} checkpoint, not a VAE file; "
                                   "its own VAE is used when it is loaded as a checkpoint. Select a VAE file here.")
     if kind != "sdxl-vae":
-        raise WrongComponentError(f"{name} is {source.identification.description}, not a VAE file")
+        raise WrongComponentError(f"{name} is {source.identification.description}, not a VAE file. Select an SDXL "
+                                  "VAE file (e.g. sdxl_vae.safetensors) here")
     config = infer_vae_config({k[len(VAE_PREFIX):]: s for k, s in source.shapes.items()}, source.hints)
     if config.latent_channels != _SDXL_LATENT_CHANNELS:
         raise WrongArchitectureError(f"{name} is a {config.latent_channels}-channel VAE (SD3/Flux use 16); SDXL "
-                                     f"uses a {_SDXL_LATENT_CHANNELS}-channel VAE")
+                                     f"uses a {_SDXL_LATENT_CHANNELS}-channel VAE. Select an SDXL VAE (e.g. "
+                                     "sdxl_vae.safetensors or the fp16-fix VAE)")
     module = build_component("vae", config)
     report = validate(source.shapes, expected_shapes({"vae": module}, {"vae": VAE_PREFIX}), {"vae": VAE_PREFIX})
     return source, config, report

@@ -84,7 +84,7 @@ def sniff_format(path: Path) -> str:
             ".safetensors release of this model, or convert the file with a tool you trust.")
     if head.startswith(b"GGUF"):
         raise UnsupportedFormatError(f"{path.name} is a GGUF (quantized) file; these nodes load SDXL .safetensors "
-                                     "checkpoints only")
+                                     "checkpoints only: download the .safetensors release of this model")
     if head.startswith(b"version https://git-lfs"):
         raise UnsupportedFormatError(f"{path.name} is a Git LFS pointer ({size} bytes), not the model itself: "
                                      "fetch the real file (git lfs pull) or download it directly")

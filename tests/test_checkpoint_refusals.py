@@ -76,7 +76,7 @@ def test_pickle_is_refused_by_content(name, tmp_path):
 @pytest.mark.parametrize("content, match", [
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 6938078334\n", "Git LFS pointer"),
     (b"<!DOCTYPE html><html><body>Sign in</body></html>", "HTML"),
-    (b"GGUF\x03\x00\x00\x00" + bytes(32), "GGUF"),
+    (b"GGUF\x03\x00\x00\x00" + bytes(32), "GGUF .* download the .safetensors release"),
 ])
 def test_other_formats(content, match, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(content)
@@ -145,7 +145,7 @@ def test_sixteen_channel_vae(tmp_path):
                                                        "encoder.down.0.block.0.conv2.weight": torch.zeros(8, 8, 3, 3),
                                                        "encoder.conv_out.weight": torch.zeros(32, 8, 3, 3),
                                                        "decoder.conv_in.weight": torch.zeros(8, 16, 3, 3)})
-    with pytest.raises(WrongArchitectureError, match="16-channel VAE"):
+    with pytest.raises(WrongArchitectureError, match="16-channel VAE .* Select an SDXL VAE"):
         load_vae(path)
 
 
@@ -174,7 +174,9 @@ def test_overflow_into_requested_dtype(base, tmp_path):
             state["first_stage_model.decoder.conv_out.bias"], 1e6)
 
     path = _with(base, tmp_path, "huge.safetensors", huge)
-    _refused(NonFiniteWeightError, "overflow torch.float16", path, dtype=torch.float32, vae_dtype=torch.float16)
+    message = _refused(NonFiniteWeightError, "overflow torch.float16", path, dtype=torch.float32,
+                       vae_dtype=torch.float16)
+    assert "weight_dtype bf16 or fp32" in message  # the loader node's own words
     load_checkpoint(path, dtype=torch.float32, vae_dtype=torch.float32)  # fine where it fits
 
 
@@ -188,14 +190,16 @@ def test_strict_report_lists_missing_unexpected_and_misshaped(base, tmp_path):
     assert "1 missing: model.diffusion_model.out.2.bias" in message
     assert "1 unexpected: model.diffusion_model.extra.weight" in message
     assert "first_stage_model.quant_conv.bias (expected [8], found [5])" in message
+    assert "download it again" in message
 
 
 def test_unreadable_architecture(base, tmp_path):
     def drop(state):
         del state["model.diffusion_model.label_emb.0.0.weight"]
 
-    _refused(StateDictMismatchError, "label_emb.0.0.weight' is missing", _with(base, tmp_path, "noadm.safetensors",
-                                                                             drop))
+    message = _refused(StateDictMismatchError, "label_emb.0.0.weight' is missing",
+                       _with(base, tmp_path, "noadm.safetensors", drop))
+    assert message.startswith("noadm.safetensors: ") and "download it again" in message
 
 
 def test_diffusers_folder_refusals(base, tmp_path):
