@@ -169,6 +169,9 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
     schedule = eps_schedule()
     if sigmas is None:
         sigmas = ksampler_sigmas(schedule, scheduler, sampler, steps, denoise)
+    elif denoise != 1.0:
+        raise ValueError(f"denoise={denoise} shapes the scheduler's grid, but an explicit sigmas grid was given; "
+                         "cut the grid itself (e.g. its last steps + 1 sigmas) for a partial denoise")
     sigmas = sigmas_for_range(sigmas, start_step, end_step, leftover_noise=return_with_leftover_noise)
     if len(sigmas) < 2:
         return {**latent, "samples": samples.clone()}

@@ -175,3 +175,13 @@ def test_refiner_conditions_on_the_output_size_whatever_the_base_was_told(tiny_b
     for kwargs in seen:
         assert (kwargs["height"], kwargs["width"]) == (SIZE + 16, SIZE)
         assert (kwargs.get("crop_top", 0), kwargs.get("crop_left", 0)) == (0, 0)
+
+
+def test_an_explicit_grid_and_a_denoise_strength_are_not_both_taken(tiny_base, base_conds):
+    """`sigmas` replaces the scheduler's grid, and `denoise` only shapes that grid: given both, the strength would
+    be dropped without a word."""
+    sigmas = torch.tensor([14.6146, 3.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="denoise"):
+        _sample(tiny_base, empty_latent(SIZE, SIZE), base_conds, sigmas=sigmas, denoise=0.5)
+    out = _sample(tiny_base, empty_latent(SIZE, SIZE), base_conds, sigmas=sigmas)
+    assert torch.isfinite(out["samples"]).all()
