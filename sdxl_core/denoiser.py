@@ -27,8 +27,8 @@ class EpsDenoiser:
         self.dtype = dtype
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        sigma = _check_sigma(x, sigma)
-        sigma_b = _broadcastable(sigma, x.ndim)
+        sigma = per_item_sigma(sigma, x)
+        sigma_b = broadcastable_sigma(sigma, x.ndim)
         x_in = x / (sigma_b**2 + 1.0) ** 0.5
         t = self.schedule.timestep(sigma).float()  # integer-valued float timesteps, one per batch item
         if self.dtype is not None:
@@ -41,8 +41,9 @@ class EpsDenoiser:
         return x - eps.float() * sigma_b if self.dtype is not None else x - eps * sigma_b
 
 
-def _check_sigma(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """Sigma as one value per batch item, the shape k-diffusion samplers pass (`sigma * s_in`)."""
+def per_item_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """Sigma as one floating value per batch item of x, on x's device: the shape k-diffusion samplers pass
+    (`sigma * s_in`); a scalar or a single value is expanded."""
     sigma = torch.as_tensor(sigma, device=x.device)
     if not torch.is_floating_point(sigma):
         sigma = sigma.float()
@@ -52,7 +53,7 @@ def _check_sigma(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     return sigma.reshape(-1).expand(x.shape[0])
 
 
-def _broadcastable(sigma: torch.Tensor, ndim: int) -> torch.Tensor:
+def broadcastable_sigma(sigma: torch.Tensor, ndim: int) -> torch.Tensor:
     """A scalar stays a scalar; a per-item sigma gets trailing unit dims (ComfyUI `reshape_sigma`)."""
     if sigma.numel() == 1:
         return sigma.view(())

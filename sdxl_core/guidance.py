@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from .denoiser import per_item_sigma
+
 Denoiser = Callable[..., torch.Tensor]
 Conditioning = Mapping[str, torch.Tensor]
 
@@ -40,7 +42,7 @@ class CFGDenoiser:
                              f"{sorted(self.uncond)}")
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        sigma = _per_item(sigma, x)
+        sigma = per_item_sigma(sigma, x)
         if self.skips_uncond:
             cond_x0 = self.denoiser(x, sigma, **expand_to_batch(self.cond, x.shape[0]))
             return cond_x0 * self.cfg
@@ -56,14 +58,6 @@ class CFGDenoiser:
         # Unconditional first, as ComfyUI orders the batch.
         x0 = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **concat_conditioning(uncond, cond))
         return x0[:batch], x0[batch:]
-
-
-def _per_item(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    sigma = torch.as_tensor(sigma, device=x.device)
-    if sigma.ndim > 1 or (sigma.ndim == 1 and sigma.shape[0] not in (1, x.shape[0])):
-        raise ValueError(f"sigma must be a scalar or one value per batch item ({x.shape[0]}), got shape "
-                         f"{tuple(sigma.shape)}")
-    return sigma.reshape(-1).expand(x.shape[0])
 
 
 def expand_to_batch(cond: Conditioning, batch: int) -> dict[str, torch.Tensor]:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .denoiser import broadcastable_sigma
+
 # noise_sampler(sigma, sigma_next) -> standard normal noise shaped like the latent.
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -63,8 +65,7 @@ def is_max_denoise(sigmas: torch.Tensor, sigma_max: torch.Tensor | float) -> boo
 def noise_scaling(sigma: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor, max_denoise: bool) -> torch.Tensor:
     """The sampler's starting point: noise * sqrt(1 + sigma^2) when starting from pure noise (the variance of a
     VP sample in VE scaling), else latent + noise * sigma (ComfyUI `EPS.noise_scaling`; sgm `prepare_sampling_loop`)."""
-    sigma = torch.as_tensor(sigma, device=noise.device)
-    sigma = sigma.view(()) if sigma.numel() == 1 else sigma.view(sigma.shape[:1] + (1,) * (noise.ndim - 1))
+    sigma = broadcastable_sigma(torch.as_tensor(sigma, device=noise.device), noise.ndim)
     if max_denoise:
         scaled = noise * torch.sqrt(1.0 + sigma**2.0)
     else:
