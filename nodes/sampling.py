@@ -14,6 +14,9 @@ SAMPLER_NAMES = list(SAMPLERS)
 SCHEDULER_NAMES = list(SCHEDULERS)
 DEFAULT_STEPS = 25
 DEFAULT_HANDOFF = 20  # the refiner takes the last fifth, as in the paper's and ComfyUI's SDXL examples
+# LATENT key under which the base sampler records where it handed off, so the refiner can check it continues there.
+# Core nodes copy unknown LATENT keys along (or drop them); only a latent that still carries noise has it.
+HANDOFF_KEY = "sdxl_two_stage_handoff"
 
 _COMMON_TOOLTIPS = {
     "positive": "What the image should show: CONDITIONING from this stage's own text-encode node.",
@@ -72,6 +75,24 @@ def _check_refiner(steps=None, start_at_step=None, denoise=None) -> None:
                          f"{denoise}")
 
 
+def _check_handoff(latent: dict, steps: int, start_at_step: int, scheduler: str) -> None:
+    """Refuse, in a sentence, to continue a base handoff from another step, step count or scheduler, or to re-noise
+    it from scratch; a latent without the mark (core samplers, files) is taken as it is."""
+    mark = latent.get(HANDOFF_KEY) if isinstance(latent, dict) else None
+    if not isinstance(mark, dict):
+        return
+    base_steps, base_end, base_scheduler = mark.get("steps"), mark.get("end_at_step"), mark.get("scheduler")
+    where = f"the base sampler handed off at step {base_end} of {base_steps} (scheduler {base_scheduler})"
+    if start_at_step == 0:
+        raise ValueError(f"this latent still holds the base's noise: {where}. Set start_at_step = {base_end} to "
+                         f"continue it; to refine a finished image instead, set the base's end_at_step = steps or "
+                         f"turn its leftover noise off")
+    if (steps, start_at_step, scheduler) != (base_steps, base_end, base_scheduler):
+        raise ValueError(f"{where}, but this refiner is set to start at step {start_at_step} of {steps} (scheduler "
+                         f"{scheduler}): the noise levels would not match. Set steps = {base_steps}, start_at_step "
+                         f"= {base_end} and scheduler {base_scheduler}, as in the base sampler")
+
+
 def _run(model, latent: dict, positive: list, negative: list, total_steps: int, **settings) -> tuple[dict]:
     """Validate the conditioning, put the UNet on the device, sample with per-step progress and interruption."""
     from sdxl_core.pipeline import sample_latent, validate_conditioning_for
@@ -91,7 +112,8 @@ def _run(model, latent: dict, positive: list, negative: list, total_steps: int, 
     except SamplingCancelled:
         comfy_host.raise_if_interrupted()  # ComfyUI's own exception, so the run ends as "interrupted"
         raise
-    return ({**out, "samples": out["samples"].to(comfy_host.output_device())},)
+    result = {key: value for key, value in out.items() if key != HANDOFF_KEY}
+    return ({**result, "samples": out["samples"].to(comfy_host.output_device())},)
 
 
 class BaseSampler:
@@ -136,9 +158,13 @@ class BaseSampler:
         check_widgets(BaseSampler, sampler_name=sampler_name, scheduler=scheduler)
         require_stage(model, "base", "SDXL Base Sampler")
         end = end_at_step if end_at_step < steps else None
-        return _run(model, latent_image, positive, negative, end or steps, seed=seed, steps=steps, cfg=cfg,
-                    sampler=sampler_name, scheduler=scheduler, end_step=end,
-                    return_with_leftover_noise=bool(leftover_noise) and end is not None, denoise=denoise)
+        leftover = bool(leftover_noise) and end is not None
+        (latent,) = _run(model, latent_image, positive, negative, end or steps, seed=seed, steps=steps, cfg=cfg,
+                         sampler=sampler_name, scheduler=scheduler, end_step=end,
+                         return_with_leftover_noise=leftover, denoise=denoise)
+        if leftover:
+            latent[HANDOFF_KEY] = {"steps": steps, "end_at_step": end, "scheduler": scheduler}
+        return (latent,)
 
 
 class RefinerSampler:
@@ -176,6 +202,7 @@ class RefinerSampler:
         _check_refiner(steps, start_at_step, denoise)
         check_widgets(RefinerSampler, sampler_name=sampler_name, scheduler=scheduler)
         require_stage(model, "refiner", "SDXL Latent Refiner")
+        _check_handoff(latent_image, steps, start_at_step, scheduler)
         # A handoff continues the base's own noise; a strength-based refine starts from clean pixels and needs fresh
         # noise (KSamplerAdvanced add_noise disable / enable).
         handoff = start_at_step > 0

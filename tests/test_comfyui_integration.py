@@ -311,6 +311,11 @@ def test_wiring_mistakes_fail_with_a_sentence_at_run_time(server):
     prompt["11"]["inputs"]["model"] = ["1", 0]  # the base checkpoint in the refiner's slot
     with pytest.raises(client.WorkflowError, match="needs the SDXL refiner checkpoint"):
         _run(server, prompt)
+    prompt = _example("sdxl_two_stage_txt2img", **{
+        "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
+        "11.steps": STEPS, "11.start_at_step": HANDOFF - 1})  # the refiner set to another K than the base
+    with pytest.raises(client.WorkflowError, match=f"handed off at step {HANDOFF} of {STEPS}"):
+        _run(server, prompt)
 
 
 def test_interrupt_stops_sampling_within_a_step(server):

@@ -239,6 +239,30 @@ def test_two_stage_graph_equals_the_core_pipeline(loaded, conds):
     assert 0.0 <= image.min() and image.max() <= 1.0
 
 
+
+def test_refiner_checks_the_handoff_it_continues(loaded, conds):
+    """A handed-off latent says where the base stopped; a refiner set to another step, step count or scheduler, or
+    to start over (re-noising the leftover noise), stops with a sentence instead of silently mis-denoising."""
+    base, _, refiner = loaded
+    handoff, refined, _ = _two_stage(loaded, conds)
+    refine = node("RefinerSampler").sample
+    with pytest.raises(ValueError, match=f"handed off at step {HANDOFF} of {STEPS}.*start_at_step = {HANDOFF}"):
+        refine(refiner, *conds["refiner"], handoff, 11, STEPS, 4.0, "euler", "normal", HANDOFF - 1, 1.0)
+    with pytest.raises(ValueError, match=f"handed off at step {HANDOFF} of {STEPS}.*steps = {STEPS}"):
+        refine(refiner, *conds["refiner"], handoff, 11, STEPS + 1, 4.0, "euler", "normal", HANDOFF, 1.0)
+    with pytest.raises(ValueError, match="scheduler normal"):
+        refine(refiner, *conds["refiner"], handoff, 11, STEPS, 4.0, "euler", "karras", HANDOFF, 1.0)
+    with pytest.raises(ValueError, match="still holds the base's noise"):
+        refine(refiner, *conds["refiner"], handoff, 11, STEPS, 4.0, "euler", "normal", 0, 0.3)
+    # What the refiner returns is finished: no handoff mark travels on, and a finished base latent carries none.
+    assert set(refined) == {"samples"}
+    (finished,) = node("BaseSampler").sample(base, *conds["base"], handoff, 11, STEPS, 4.0, "euler", "normal",
+                                             STEPS, True, 1.0)
+    assert set(finished) == {"samples"}
+    # A latent from elsewhere (core KSamplerAdvanced, a file) carries no mark and is taken as it is.
+    refine(refiner, *conds["refiner"], {"samples": handoff["samples"]}, 11, STEPS, 4.0, "euler", "normal",
+           HANDOFF - 1, 1.0)
+
 def test_base_sampler_widgets_map_to_ksampler_advanced(loaded, conds):
     """end_at_step / leftover_noise mean what KSamplerAdvanced's end_at_step / return_with_leftover_noise mean."""
     from sdxl_core.pipeline import sample_latent
