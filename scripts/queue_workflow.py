@@ -36,11 +36,15 @@ def load_workflow(path: str | Path, overrides: list[str] | None = None) -> dict:
         node_id, dot, name = target.partition(".")
         if not (sep and dot and node_id in prompt):
             raise WorkflowError(f"--set {item!r}: expected NODE.INPUT=VALUE with a node id from {sorted(prompt)}")
+        inputs = prompt[node_id]["inputs"]
+        if name not in inputs:  # ComfyUI ignores unknown inputs: a typo would silently change nothing
+            raise WorkflowError(f"--set {item!r}: node {node_id} ({prompt[node_id]['class_type']}) has no input "
+                                f"{name!r}; its inputs are {sorted(inputs)}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        prompt[node_id]["inputs"][name] = value
+        inputs[name] = value
     return prompt
 
 

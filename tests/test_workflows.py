@@ -178,3 +178,20 @@ def test_validator_catches_a_mistyped_link_and_a_bad_widget():
                         "start_at_step": 12, "denoise": 1.0})
     assert refiner.VALIDATE_INPUTS(steps=10, start_at_step=10, denoise=1.0) is True
 
+
+
+def test_queue_script_overrides_refuse_unknown_inputs():
+    """ComfyUI ignores inputs a node does not have, so a mistyped --set would silently change nothing."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import queue_workflow
+
+    path = Path(__file__).resolve().parents[1] / "example_workflows" / "api" / "sdxl_two_stage_txt2img_api.json"
+    prompt = queue_workflow.load_workflow(path, ["7.seed=123", '4.text_g="a fox"', "4.text_l=plain words"])
+    assert prompt["7"]["inputs"]["seed"] == 123 and prompt["4"]["inputs"]["text_g"] == "a fox"
+    assert prompt["4"]["inputs"]["text_l"] == "plain words"
+    with pytest.raises(queue_workflow.WorkflowError, match="node 7 .* has no input 'sed'.*seed"):
+        queue_workflow.load_workflow(path, ["7.sed=123"])
+    with pytest.raises(queue_workflow.WorkflowError, match="expected NODE.INPUT=VALUE"):
+        queue_workflow.load_workflow(path, ["99.seed=1"])
