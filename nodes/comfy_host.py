@@ -131,9 +131,9 @@ def default_dtypes() -> tuple[torch.dtype | None, torch.dtype | None]:
     if host is None:
         return None, None
     mm = host.model_management
-    device = mm.get_torch_device()
     # The SDXL VAE overflows in float16; ComfyUI's SD/SDXL VAE working dtypes are bf16 and fp32 (COMFYUI.md §2).
-    return mm.unet_dtype(device), mm.vae_dtype(device, [torch.bfloat16, torch.float32])
+    # Each dtype is chosen for the device that network runs on, as ComfyUI does (--cpu-vae: the CPU's).
+    return mm.unet_dtype(mm.get_torch_device()), mm.vae_dtype(mm.vae_device(), [torch.bfloat16, torch.float32])
 
 
 class _Holder(torch.nn.Module):

@@ -227,3 +227,11 @@ def test_vae_nodes_tell_comfyui_the_memory_an_untiled_pass_needs(comfy, stage, t
     untiled = tiling != "always"
     assert decode_kw["memory_required"] == (estimate_decode_bytes(vae, 2, H, W, torch.float32) if untiled else 0)
     assert encode_kw["memory_required"] == (estimate_encode_bytes(vae, 3, H, W, torch.float32) if untiled else 0)
+
+
+def test_vae_dtype_is_chosen_for_the_device_the_vae_runs_on(comfy):
+    # --cpu-vae: ComfyUI runs its VAE on the CPU and picks the VAE dtype for the CPU, not for the GPU.
+    mm = comfy.modules["comfy.model_management"]
+    mm.vae_dtype = lambda device=None, allowed_dtypes=(): (torch.bfloat16 if device == mm.vae_device()
+                                                           else torch.float16)
+    assert comfy_host.default_dtypes()[1] == torch.bfloat16
