@@ -244,7 +244,9 @@ def decode(vae: AutoencoderKL | SDXLModel, latent: dict, *, tiled: bool | None =
 
 def encode(vae: AutoencoderKL | SDXLModel, image: torch.Tensor, *, tiled: bool | None = None,
            seed: int | None = None) -> dict:
-    """IMAGE → LATENT (unscaled, sampled from the posterior as sgm, ComfyUI and diffusers do)."""
+    """IMAGE → LATENT (unscaled): without `seed` the posterior mean, as ComfyUI's VAEEncode returns it (its
+    regularizer defaults to sample=False since Comfy-Org/ComfyUI#8705); with `seed` a posterior sample drawn from a
+    generator seeded with it, as sgm and diffusers encode."""
     vae = vae.vae if isinstance(vae, SDXLModel) else vae
     if image.ndim != 4 or image.shape[-1] < 3:
         raise ValueError(f"expected an IMAGE [batch, height, width, 3], got {tuple(image.shape)}")
@@ -252,7 +254,8 @@ def encode(vae: AutoencoderKL | SDXLModel, image: torch.Tensor, *, tiled: bool |
     if height % VAE_DOWNSCALE or width % VAE_DOWNSCALE:
         raise ValueError(f"image sides must be multiples of {VAE_DOWNSCALE} pixels to encode, got {width}x{height}")
     generator = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
-    latents = encode_images(vae, comfy_to_images(image[..., :3]), tiled=tiled, generator=generator)
+    latents = encode_images(vae, comfy_to_images(image[..., :3]), tiled=tiled, sample=seed is not None,
+                            generator=generator)
     return {"samples": latents.float().cpu()}
 
 

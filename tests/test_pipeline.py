@@ -185,3 +185,20 @@ def test_an_explicit_grid_and_a_denoise_strength_are_not_both_taken(tiny_base, b
         _sample(tiny_base, empty_latent(SIZE, SIZE), base_conds, sigmas=sigmas, denoise=0.5)
     out = _sample(tiny_base, empty_latent(SIZE, SIZE), base_conds, sigmas=sigmas)
     assert torch.isfinite(out["samples"]).all()
+
+
+def test_encode_without_a_seed_is_comfyuis_deterministic_posterior_mean(tiny_base):
+    """ComfyUI's VAEEncode returns the posterior mode (its DiagonalGaussianRegularizer defaults to sample=False
+    since Comfy-Org/ComfyUI#8705); a seed asks for an sgm/diffusers-style posterior sample instead. Without a
+    seed nothing may come from the global RNG."""
+    from sdxl_core.vae_decoding import comfy_to_images, encode_images
+
+    image = torch.rand(1, SIZE, SIZE, 3)
+    first = encode(tiny_base, image)["samples"]
+    torch.manual_seed(123)
+    second = encode(tiny_base, image)["samples"]
+    assert torch.equal(first, second)
+    mean = encode_images(tiny_base.vae, comfy_to_images(image), sample=False).float().cpu()
+    torch.testing.assert_close(first, mean)
+    seeded = encode(tiny_base, image, seed=5)["samples"]
+    assert torch.equal(seeded, encode(tiny_base, image, seed=5)["samples"]) and not torch.equal(seeded, mean)
