@@ -135,6 +135,8 @@ def micro_conditioning_scalars(config: SDXLConfig, options: dict[str, Any], late
     if config.kind == "base":
         target = (options.get("target_height", height), options.get("target_width", width))
         return BaseMicroConditioning((height, width), crop, target).scalars()
+    # A conditioning's own prompt_type outranks the side it is wired to (ComfyUI `encode_model_conds`).
+    negative = options.get("prompt_type", "negative" if negative else "positive") == "negative"
     default_score = DEFAULT_NEGATIVE_AESTHETIC_SCORE if negative else DEFAULT_POSITIVE_AESTHETIC_SCORE
     return RefinerMicroConditioning((height, width), crop, options.get("aesthetic_score", default_score)).scalars()
 

@@ -143,3 +143,14 @@ def test_a_partial_timestep_range_is_refused_not_ignored():
     for fields in ({"start_percent": 0.2}, {"end_percent": 0.8}, {"start_percent": 0.0, "end_percent": 0.5}):
         with pytest.raises(ConditioningMismatch, match="timestep range"):
             check_conditioning_for(TINY_BASE, [[context, {"pooled_output": pooled, **fields}]])
+
+
+def test_an_explicit_prompt_type_decides_the_default_aesthetic_score():
+    """ComfyUI `samplers.encode_model_conds` keeps a conditioning's own `prompt_type` over the side it is wired
+    to, and `SDXLRefiner.encode_adm` picks the default score (6 / 2.5) from it."""
+    pooled = torch.zeros(1, 1280)
+    marked_negative = {"pooled_output": pooled, "prompt_type": "negative"}
+    assert micro_conditioning_scalars(TINY_REFINER, marked_negative, (8, 8), negative=False)[-1] == 2.5
+    marked_positive = {"pooled_output": pooled, "prompt_type": "positive"}
+    assert micro_conditioning_scalars(TINY_REFINER, marked_positive, (8, 8), negative=True)[-1] == 6.0
+    assert micro_conditioning_scalars(TINY_REFINER, {"pooled_output": pooled}, (8, 8), negative=True)[-1] == 2.5
