@@ -3,6 +3,8 @@ img2img strength), with ComfyUI KSamplerAdvanced semantics so the numbers mean w
 
 from __future__ import annotations
 
+import torch
+
 from sdxl_core.samplers import SAMPLERS
 from sdxl_core.schedules import SCHEDULERS
 
@@ -14,6 +16,12 @@ SAMPLER_NAMES = list(SAMPLERS)
 SCHEDULER_NAMES = list(SCHEDULERS)
 DEFAULT_STEPS = 25
 DEFAULT_HANDOFF = 20  # the refiner takes the last fifth, as in the paper's and ComfyUI's SDXL examples
+# Activation memory of one UNet pass, in elements per latent cell of each guided sample (positive and negative
+# count separately). With fused attention about 4k elements per cell are live at the SDXL UNet's peak (the skip
+# connections kept for the decoder plus the widest feed-forward, estimated from the layer sizes, not measured);
+# twice that leaves room for the allocator: 256 MiB per half-precision 1024x1024 sample. ComfyUI frees room only
+# for the memory it is told about, so a large batch must ask for its share.
+ACTIVATION_ELEMENTS_PER_LATENT_CELL = 8192
 # LATENT key under which the base sampler records where it handed off, so the refiner can check it continues there.
 # Core nodes copy unknown LATENT keys along (or drop them); only a latent that still carries noise has it.
 HANDOFF_KEY = "sdxl_two_stage_handoff"
@@ -93,6 +101,16 @@ def _check_handoff(latent: dict, steps: int, start_at_step: int, scheduler: str)
                          f"= {base_end} and scheduler {base_scheduler}, as in the base sampler")
 
 
+def _activation_bytes(model, latent: dict) -> int:
+    """Device memory to ask ComfyUI for next to the UNet's weights while sampling this latent (0 if unreadable)."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+        return 0  # the sampler refuses it with a sentence
+    batch, _, height, width = samples.shape
+    itemsize = next(model.unet.parameters()).element_size()
+    return 2 * batch * height * width * ACTIVATION_ELEMENTS_PER_LATENT_CELL * itemsize
+
+
 def _run(model, latent: dict, positive: list, negative: list, total_steps: int, **settings) -> tuple[dict]:
     """Validate the conditioning, put the UNet on the device, sample with per-step progress and interruption."""
     from sdxl_core.pipeline import sample_latent, validate_conditioning_for
@@ -100,7 +118,7 @@ def _run(model, latent: dict, positive: list, negative: list, total_steps: int, 
 
     validate_conditioning_for(model, positive, "positive")
     validate_conditioning_for(model, negative, "negative")
-    comfy_host.prepare_networks([model.unet], role="unet")
+    comfy_host.prepare_networks([model.unet], role="unet", memory_required=_activation_bytes(model, latent))
     progress = comfy_host.StepProgress(total_steps)
 
     def on_step(info: dict) -> None:

@@ -235,3 +235,18 @@ def test_vae_dtype_is_chosen_for_the_device_the_vae_runs_on(comfy):
     mm.vae_dtype = lambda device=None, allowed_dtypes=(): (torch.bfloat16 if device == mm.vae_device()
                                                            else torch.float16)
     assert comfy_host.default_dtypes()[1] == torch.bfloat16
+
+
+def test_sampler_tells_comfyui_the_activation_memory_of_its_batch(comfy, stage):
+    # A larger batch needs more room next to the UNet's weights; ComfyUI evicts other models only for what it is
+    # told, so the request grows with the batch (guided: positive and negative) and the latent area.
+    from nodes.sampling import ACTIVATION_ELEMENTS_PER_LATENT_CELL
+
+    base, positive, negative = stage
+    for batch in (1, 4):
+        comfy.loads.clear()
+        latent, _, _ = node("EmptyLatent").generate("custom", W, H, batch)
+        node("BaseSampler").sample(base, positive, negative, latent, 1, 2, 4.0, "euler", "normal", 2, True, 1.0)
+        (unet_load,) = [kw for models, kw in comfy.loads if models[0].model.network is base.unet]
+        cells = 2 * batch * (H // 8) * (W // 8)
+        assert unet_load["memory_required"] == cells * ACTIVATION_ELEMENTS_PER_LATENT_CELL * 4  # fp32 weights here
