@@ -139,6 +139,11 @@ def _branch(model: SDXLModel, conditioning: list, role: str, latent_hw: tuple[in
             f"the {role} conditioning holds {len(conditioning)} entries; the SDXL two-stage sampler takes one "
             "(join prompts with ConditioningConcat, or use ComfyUI's KSampler for combined conditioning)")
     context, options = conditioning[0]
+    for what, tensor in (("text embeddings", context), ("pooled embedding", options["pooled_output"])):
+        if not torch.isfinite(tensor).all():
+            # Caught here, or it would surface only after the last step as non-finite latents.
+            raise ConditioningMismatch(f"the {role} conditioning's {what} contain NaN or infinite values; re-encode "
+                                       "the prompt (check its weights, or run the text encoders in fp32)")
     scalars = micro_conditioning_scalars(model.config, options, latent_hw, negative=role == "negative")
     y = adm_vector(options["pooled_output"].float(), scalars)
     return {"context": context.to(device), "y": y.to(device)}
@@ -185,7 +190,11 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
                         sigma_max=schedule.sigma_max, seed=seed, callback=callback, cancel=cancel)
     out = (x / scale).float().cpu()
     if not torch.isfinite(out).all():
-        raise FloatingPointError(f"the {model.kind} sampler produced non-finite latents; run the UNet in bf16 or fp32")
+        _, dtype = _unet_device_dtype(model)
+        hint = ("run the UNet in bf16 or fp32" if dtype == torch.float16 else
+                f"the UNet already computes in {str(dtype).removeprefix('torch.')}: its weights or the input latent "
+                "are out of range")
+        raise FloatingPointError(f"the {model.kind} sampler produced non-finite latents; {hint}")
     return {**latent, "samples": out}
 
 

@@ -202,3 +202,23 @@ def test_encode_without_a_seed_is_comfyuis_deterministic_posterior_mean(tiny_bas
     torch.testing.assert_close(first, mean)
     seeded = encode(tiny_base, image, seed=5)["samples"]
     assert torch.equal(seeded, encode(tiny_base, image, seed=5)["samples"]) and not torch.equal(seeded, mean)
+
+
+def test_non_finite_conditioning_is_named_before_sampling(tiny_base, base_conds):
+    """A NaN in the text embeddings (e.g. a "(word:nan)" weight, or an fp16 text encoder overflowing) would only
+    surface after the last step as non-finite latents, blamed on the UNet's dtype; say where it comes from."""
+    positive, negative = base_conds
+    context, options = positive[0]
+    broken = [[context.clone().index_fill_(1, torch.tensor([3]), float("nan")), options]]
+    calls = []
+    real_forward = tiny_base.unet.forward
+    with pytest.raises(ConditioningMismatch, match="positive conditioning.*NaN"):
+        try:
+            tiny_base.unet.forward = lambda *a, **k: calls.append(1) or real_forward(*a, **k)
+            _sample(tiny_base, empty_latent(SIZE, SIZE), (broken, negative))
+        finally:
+            del tiny_base.unet.forward
+    assert not calls
+    broken_pooled = [[context, {**options, "pooled_output": torch.full_like(options["pooled_output"], float("inf"))}]]
+    with pytest.raises(ConditioningMismatch, match="negative conditioning.*pooled"):
+        _sample(tiny_base, empty_latent(SIZE, SIZE), (positive, broken_pooled))
