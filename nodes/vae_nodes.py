@@ -10,9 +10,6 @@ TILING = {"auto": None, "always": True, "never": False}
 _TILING_TOOLTIP = ("'auto' processes the whole image at once and switches to overlapping tiles when memory would "
                    "run out (or did); 'always' forces tiles (lowest memory, tiny seams possible); 'never' refuses "
                    "to tile and fails instead when memory runs out.")
-# The posterior sample of an encode is drawn with a fixed seed so one image always gives one latent: ComfyUI caches
-# node outputs by their inputs, and a fresh random draw per run would make that cache (and re-runs) disagree.
-_ENCODE_SEED = 0
 
 
 def _vae_module(vae):
@@ -102,7 +99,9 @@ class VAEEncode:
                                      pixels.shape[2])
         comfy_host.prepare_networks([vae], role="vae", memory_required=memory)
         comfy_host.raise_if_interrupted()
-        latent = encode(vae, pixels[..., :3], tiled=TILING[tiling], seed=_ENCODE_SEED)
+        # No seed: the posterior mean, as ComfyUI's own VAEEncode returns (one image, one latent, as its cache
+        # expects), so the two encode nodes give the same latent.
+        latent = encode(vae, pixels[..., :3], tiled=TILING[tiling])
         return ({"samples": latent["samples"].to(comfy_host.output_device())},)
 
 

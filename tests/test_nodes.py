@@ -385,3 +385,15 @@ def test_decode_refuses_a_model_in_the_vae_slot(loaded):
 def test_image_sides_not_multiple_of_8_on_encode(loaded):
     with pytest.raises(ValueError, match="multiples of 8"):
         node("VAEEncode").encode(loaded[1], torch.rand(1, 60, 64, 3), "auto")
+
+
+def test_vae_encode_gives_the_posterior_mean_like_comfyui(loaded):
+    """ComfyUI's VAEEncode returns the posterior's mean (its regularizer samples only when asked), so the pack's
+    encode gives the same latent for the same image and the two nodes can stand in for each other."""
+    from sdxl_core.vae_decoding import encode_images
+
+    vae = loaded[1]
+    image = torch.rand(1, SIZE_H, SIZE_W, 3, generator=torch.Generator().manual_seed(5))
+    (latent,) = node("VAEEncode").encode(vae, image, "never")
+    mean = encode_images(vae, image.movedim(-1, 1) * 2 - 1, sample=False, tiled=False)
+    torch.testing.assert_close(latent["samples"], mean.float().cpu())
