@@ -167,7 +167,10 @@ def _plan(source: CheckpointSource, expect: str | None, vae_config: VAEConfig | 
     kind = refuse_unless_sdxl(source, expect)
     has_vae = any(key.startswith(VAE_PREFIX) for key in source.tensors)
     if vae_config is None and not has_vae:
-        raise StateDictMismatchError(f"{source.path.name} has no VAE (first_stage_model.*); give a separate VAE file")
+        raise StateDictMismatchError(f"{source.path.name} has no VAE (first_stage_model.*), so it cannot be loaded on "
+                                     "its own: give a separate SDXL VAE file with it (--vae on the command line, "
+                                     "vae_path in Python). The ComfyUI loader node needs a checkpoint with its VAE "
+                                     "baked in; ComfyUI's own Load Checkpoint plus Load VAE can run this file")
     try:
         config = infer_config(source.shapes, source.hints, vae=vae_config)
     except StateDictMismatchError as error:
