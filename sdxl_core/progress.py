@@ -19,7 +19,9 @@ class ProgressBar:
         self.started = time.perf_counter()
 
     def advance(self, stage: str | None = None) -> None:
-        self.done = min(self.done + 1, self.total)
+        if self.done == self.total:
+            return  # a grid can hold more sigmas than steps (ComfyUI's ddim_uniform); the bar already shows done
+        self.done += 1
         filled = self.width * self.done // self.total
         elapsed = time.perf_counter() - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
