@@ -39,11 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from sdxl_core.config import (ADM_SCALAR_EMBED_DIM, SDXL_BASE, SDXL_REFINER, TINY_BASE,  # noqa: E402
                               TINY_REFINER, SDXLConfig, UNetConfig)
 from sdxl_core.denoiser import EpsDenoiser  # noqa: E402
+from sdxl_core.diffusers_twins import diffusers_unet, diffusers_vae  # noqa: E402
 from sdxl_core.guidance import CFGDenoiser  # noqa: E402
 from sdxl_core.models import SDXLModel  # noqa: E402
 from sdxl_core.noise import noise_scaling  # noqa: E402
 from sdxl_core.optimize import (OptimizedStep, UNetOptimizations, fuse_qkv, is_compiled,  # noqa: E402
-                                is_qkv_fused, optimize_unet, to_channels_last, to_contiguous_format, uncompile,
+                                optimize_unet, to_channels_last, to_contiguous_format, uncompile,
                                 unfuse_qkv)
 from sdxl_core.residency import DEFAULT_ACTIVATION_RESERVE, GiB, ResidencyPlan, no_residency  # noqa: E402
 from sdxl_core.samplers import get_sampler  # noqa: E402
@@ -214,68 +215,6 @@ def diffusers_available() -> tuple[bool, str]:
     except Exception as error:  # ImportError, or a diffusers that breaks on this torch/transformers
         return False, f"{type(error).__name__}: {error}"
     return True, diffusers.__version__
-
-
-def _sgm_network_config(config: UNetConfig) -> dict:
-    """The sgm yaml fragment (`model.params.network_config`) describing `config`, as diffusers' converter reads it."""
-    levels_with_attention = [level for level, depth in enumerate(config.transformer_depth) if depth]
-    # diffusers reads the middle block's depth from the last level's entry; levels without attention ignore theirs.
-    depths = [depth or config.transformer_depth_middle for depth in config.transformer_depth]
-    if depths[-1] != config.transformer_depth_middle:
-        raise ValueError(f"diffusers cannot express this UNet (its middle depth is the last level's): {config}")
-    return {"model": {"params": {
-        "network_config": {"params": {
-            "in_channels": config.in_channels, "out_channels": config.out_channels,
-            "model_channels": config.model_channels, "channel_mult": list(config.channel_mult),
-            "num_res_blocks": config.num_res_blocks,
-            "attention_resolutions": [2 ** level for level in levels_with_attention],
-            "transformer_depth": depths, "num_head_channels": config.num_head_channels,
-            "context_dim": config.context_dim, "num_classes": "sequential",
-            "adm_in_channels": config.adm_in_channels, "use_linear_in_transformer": True,
-        }},
-        "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}},
-    }}}
-
-
-def diffusers_unet(unet: UNetModel):
-    """diffusers' UNet2DConditionModel holding `unet`'s tensors (shared, not copied), converted by diffusers."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as single_file
-
-    if is_qkv_fused(unet):
-        raise RuntimeError("build the diffusers twin before fusing QKV (it converts the plain layout)")
-    checkpoint = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
-    config = single_file.create_unet_diffusers_config_from_ldm(_sgm_network_config(unet.config), checkpoint)
-    # diffusers recognises SDXL's ADM only by context width 2048/1280; say it explicitly (the tiny configs differ).
-    config.update(class_embed_type=None, addition_embed_type="text_time",
-                  addition_time_embed_dim=ADM_SCALAR_EMBED_DIM)
-    converted = single_file.convert_ldm_unet_checkpoint(checkpoint, config)
-    with torch.device("meta"):
-        twin = UNet2DConditionModel(**config)
-    twin.load_state_dict(converted, strict=True, assign=True)
-    return twin.eval()
-
-
-def diffusers_vae(vae: AutoencoderKL, dtype: torch.dtype | None = None):
-    """diffusers' AutoencoderKL holding `vae`'s tensors, converted by diffusers; cast to `dtype` when given."""
-    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    cfg = vae.config
-    levels = len(cfg.channel_mult)
-    config = {
-        "in_channels": cfg.image_channels, "out_channels": cfg.image_channels,
-        "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "block_out_channels": [cfg.base_channels * m for m in cfg.channel_mult],
-        "latent_channels": cfg.latent_channels, "layers_per_block": cfg.num_res_blocks,
-        "norm_num_groups": cfg.norm_groups, "scaling_factor": cfg.scale_factor,
-    }
-    checkpoint = {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}
-    converted = convert_ldm_vae_checkpoint(checkpoint, config)
-    with torch.device("meta"):
-        twin = DiffusersAutoencoderKL(**config)
-    twin.load_state_dict(converted, strict=True, assign=True)
-    return (twin.to(dtype) if dtype is not None and dtype != vae.dtype else twin).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -685,7 +624,7 @@ def vae_section(args, report: Report, vae: AutoencoderKL, latent_side: int) -> C
             out = ours()
         results[f"ours {name}"] = timing.as_dict()
         extra = f"peak {timing.peak_bytes / GiB:.2f} GiB" if timing.peak_bytes else ""
-        twin = _try(report, f"diffusers VAE {name}", lambda: diffusers_vae(model)) \
+        twin = _try(report, f"diffusers VAE {name}", lambda: diffusers_vae(model, share_memory=True)) \
             if available and not args.no_reference else None
         if twin is not None:
             ref_timing = measure(lambda: twin.decode(z.to(dtype)).sample, device, warmup, iters)
@@ -750,7 +689,7 @@ def two_stage_section(args, report: Report, base_step: Callable, refiner_step: C
     if base_twin is not None and refiner_twin is not None:
         vae_dtype = torch.float16 if device.type == "cuda" else torch.float32
         # The VAE section may have left our VAE channels_last; the reference decodes in its own default layout.
-        vae_twin = diffusers_vae(vae, vae_dtype).to(memory_format=torch.contiguous_format)
+        vae_twin = diffusers_vae(vae, vae_dtype, share_memory=True).to(memory_format=torch.contiguous_format)
 
         def reference():
             return run_two_stage(plan, _diffusers_model(base_twin), branch_conditioning(base_inputs, True), dtype,
@@ -980,8 +919,11 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    base_twin = _try(report, "diffusers base conversion", lambda: diffusers_unet(base.unet)) if use_reference else None
-    refiner_twin = (_try(report, "diffusers refiner conversion", lambda: diffusers_unet(refiner.unet))
+    # The twins adopt our tensors rather than copy them: no second full-size copy of either UNet.
+    base_twin = (_try(report, "diffusers base conversion", lambda: diffusers_unet(base.unet, share_memory=True))
+                 if use_reference else None)
+    refiner_twin = (_try(report, "diffusers refiner conversion",
+                         lambda: diffusers_unet(refiner.unet, share_memory=True))
                     if use_reference else None)
     base_inputs = step_inputs(configs[0].unet, latent_side, dtype, device, seed=5)
     refiner_inputs = step_inputs(configs[1].unet, latent_side, dtype, device, seed=6)

@@ -1,7 +1,8 @@
 """diffusers twins of our SDXL stages: the same weights in StableDiffusionXL(Img2Img)Pipeline form, for parity tests.
 
-The per-component conversions are the ones the component tests already check (UNet: tests/test_unet.py, VAE:
-tests/_vae_helpers.py, text encoders: our TextEncoder wraps the transformers model diffusers runs).
+The per-component conversions are sdxl_core.diffusers_twins, which the component tests already check (UNet:
+tests/test_unet.py, VAE: tests/test_vae.py, text encoders: our TextEncoder wraps the transformers model diffusers
+runs).
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from pathlib import Path
 
 import torch
 
+from sdxl_core.diffusers_twins import diffusers_unet, diffusers_vae
 from sdxl_core.models import SDXLModel
 from sdxl_core.tokenizer import clip_vocabulary
-
-from _vae_helpers import diffusers_vae_from
-from test_unet import diffusers_twin
 
 # The scheduler config shipped with stabilityai/stable-diffusion-xl-base-1.0 (scheduler/scheduler_config.json),
 # less the keys EulerDiscreteScheduler ignores.
@@ -68,9 +67,9 @@ def base_pipeline(model: SDXLModel, tokenizers, scheduler, *, vae=None, unet=Non
 
     tokenizer, tokenizer_2 = tokenizers
     pipe = StableDiffusionXLPipeline(
-        vae=vae if vae is not None else diffusers_vae_from(model.vae), text_encoder=model.clip_l.hf_model,
+        vae=vae if vae is not None else diffusers_vae(model.vae), text_encoder=model.clip_l.hf_model,
         text_encoder_2=model.clip_g.hf_model, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-        unet=unet if unet is not None else diffusers_twin(model.unet), scheduler=scheduler,
+        unet=unet if unet is not None else diffusers_unet(model.unet), scheduler=scheduler,
         force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -81,9 +80,9 @@ def refiner_pipeline(model: SDXLModel, tokenizers, scheduler, *, vae=None, unet=
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     pipe = StableDiffusionXLImg2ImgPipeline(
-        vae=vae if vae is not None else diffusers_vae_from(model.vae), text_encoder=None,
+        vae=vae if vae is not None else diffusers_vae(model.vae), text_encoder=None,
         text_encoder_2=model.clip_g.hf_model, tokenizer=None, tokenizer_2=tokenizers[1],
-        unet=unet if unet is not None else diffusers_twin(model.unet), scheduler=scheduler,
+        unet=unet if unet is not None else diffusers_unet(model.unet), scheduler=scheduler,
         requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

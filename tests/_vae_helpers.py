@@ -1,4 +1,5 @@
-"""Shared fixtures for the VAE tests: non-trivial random weights and the diffusers reference built from them."""
+"""Shared fixtures for the VAE tests: non-trivial random weights (the diffusers reference is
+sdxl_core.diffusers_twins.diffusers_vae)."""
 
 from __future__ import annotations
 
@@ -29,32 +30,6 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def random_vae(config: VAEConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     return randomize_(AutoencoderKL(config), seed).to(dtype).eval()
-
-
-def diffusers_vae_from(vae: AutoencoderKL):
-    """diffusers' AutoencoderKL holding `vae`'s weights, converted by diffusers' own single-file conversion."""
-    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    cfg = vae.config
-    levels = len(cfg.channel_mult)
-    config = {
-        "in_channels": cfg.image_channels,
-        "out_channels": cfg.image_channels,
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "block_out_channels": [cfg.base_channels * m for m in cfg.channel_mult],
-        "latent_channels": cfg.latent_channels,
-        "layers_per_block": cfg.num_res_blocks,
-        "norm_num_groups": cfg.norm_groups,
-        "scaling_factor": cfg.scale_factor,
-    }
-    checkpoint = {f"first_stage_model.{k}": v.detach().clone() for k, v in vae.state_dict().items()}
-    converted = convert_ldm_vae_checkpoint(checkpoint, config)
-    reference = DiffusersAutoencoderKL(**config).to(vae.dtype)
-    missing, unexpected = reference.load_state_dict(converted, strict=True)
-    assert not missing and not unexpected
-    return reference.eval()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

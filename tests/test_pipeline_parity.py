@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from sdxl_core.conditioning import with_micro_conditioning
+from sdxl_core.diffusers_twins import diffusers_unet, diffusers_vae
 from sdxl_core.pipeline import (denoise_from, encode_base_conditioning, encode_refiner_conditioning, eps_schedule,
                                 sample_latent)
 
@@ -26,8 +27,6 @@ from _diffusers_reference import (SCHEDULERS, UNetCalls, compare_calls, diffuser
                                   relative_error)
 from _diffusers_reference import base_pipeline as _base_pipeline
 from _diffusers_reference import refiner_pipeline as _refiner_pipeline
-from _vae_helpers import diffusers_vae_from
-from test_unet import diffusers_twin
 
 pytest.importorskip("diffusers")  # the helpers above import it only when called
 # diffusers 0.42 schedulers call np.array(tensor, copy=False) on torch tensors; harmless here.
@@ -70,8 +69,8 @@ def tokenizers(tmp_path_factory):
 def reference_parts(tiny_base, tiny_refiner):
     """Converted once per module: the two UNets and the VAE (never run, since latents are compared, but the
     pipelines read its config; diffusers' refiner example shares the base's VAE)."""
-    return {"vae": diffusers_vae_from(tiny_base.vae), "base": diffusers_twin(tiny_base.unet),
-            "refiner": diffusers_twin(tiny_refiner.unet)}
+    return {"vae": diffusers_vae(tiny_base.vae), "base": diffusers_unet(tiny_base.unet),
+            "refiner": diffusers_unet(tiny_refiner.unet)}
 
 
 @pytest.fixture(scope="module")

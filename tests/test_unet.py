@@ -10,6 +10,7 @@ from torch import nn
 
 from sdxl_core.config import (ADM_SCALAR_EMBED_DIM, SDXL_BASE_UNET, SDXL_REFINER_UNET, TINY_BASE_UNET,
                               TINY_REFINER_UNET, UNetConfig)
+from sdxl_core.diffusers_twins import diffusers_unet
 from sdxl_core.timestep_embedding import timestep_embedding
 from sdxl_core.unet import UNetModel
 
@@ -49,47 +50,6 @@ def manifest_shapes(kind: str) -> dict[str, tuple[int, ...]]:
     return {k[len(UNET_PREFIX):]: tuple(v["shape"]) for k, v in manifest.items() if k.startswith(UNET_PREFIX)}
 
 
-def sgm_unet_yaml(config: UNetConfig) -> dict:
-    """The sgm/ldm yaml (`model.params.network_config`) that describes `config`, as diffusers' converter reads it."""
-    attention_levels = [level for level, depth in enumerate(config.transformer_depth) if depth]
-    # diffusers takes the mid-block depth from the last entry; depths of levels without attention are ignored.
-    depths = [depth or config.transformer_depth_middle for depth in config.transformer_depth]
-    if depths[-1] != config.transformer_depth_middle:
-        raise ValueError(f"diffusers cannot express {config}: its mid-block depth is the last level's")
-    return {"model": {"params": {
-        "network_config": {"params": {
-            "in_channels": config.in_channels, "out_channels": config.out_channels,
-            "model_channels": config.model_channels, "channel_mult": list(config.channel_mult),
-            "num_res_blocks": config.num_res_blocks, "attention_resolutions": [2 ** lv for lv in attention_levels],
-            "transformer_depth": depths, "num_head_channels": config.num_head_channels,
-            "context_dim": config.context_dim, "num_classes": "sequential",
-            "adm_in_channels": config.adm_in_channels, "use_linear_in_transformer": True,
-        }},
-        "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}},
-    }}}
-
-
-def diffusers_twin(unet: UNetModel, share_memory: bool = False):
-    """A diffusers UNet2DConditionModel holding `unet`'s weights, converted by diffusers' own single-file code."""
-    single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
-    from diffusers import UNet2DConditionModel
-
-    checkpoint = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
-    config = single_file.create_unet_diffusers_config_from_ldm(sgm_unet_yaml(unet.config), checkpoint)
-    # diffusers recognises SDXL's add-embedding only by context width 2048/1280; the tiny configs use other widths.
-    config.update(class_embed_type=None, addition_embed_type="text_time",
-                  addition_time_embed_dim=ADM_SCALAR_EMBED_DIM)
-    converted = single_file.convert_ldm_unet_checkpoint(checkpoint, config)
-    if share_memory:  # full size: adopt our tensors instead of holding a second 10 GB copy
-        with torch.device("meta"):
-            twin = UNet2DConditionModel(**config)
-        twin.load_state_dict(converted, strict=True, assign=True)
-    else:
-        twin = UNet2DConditionModel(**config)
-        twin.load_state_dict(converted, strict=True)
-    return twin.eval()
-
-
 def random_inputs(config: UNetConfig, batch: int, height: int, width: int, seed: int = 1):
     """x, timesteps, context, pooled and raw micro-conditioning scalars, plus y built from them as sgm does."""
     gen = torch.Generator().manual_seed(seed)
@@ -109,10 +69,11 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 def assert_diffusers_parity(config: UNetConfig, height: int, width: int, batch: int = 2,
                             share_memory: bool = False) -> None:
+    pytest.importorskip("diffusers.loaders.single_file_utils")
     unet = UNetModel(config, device="meta").to_empty(device="cpu")  # randomize_ overwrites every parameter
     randomize_(unet)
     unet.eval()
-    twin = diffusers_twin(unet, share_memory=share_memory)
+    twin = diffusers_unet(unet, share_memory=share_memory)
     x, timesteps, context, y, pooled, time_ids = random_inputs(config, batch, height, width)
     with torch.inference_mode():
         ours = unet(x, timesteps, context, y)

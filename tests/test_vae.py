@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from sdxl_core.config import SDXL_VAE, TINY_VAE, VAEConfig
+from sdxl_core.diffusers_twins import diffusers_vae
 from sdxl_core.vae import AutoencoderKL, sample_posterior
 
-from _vae_helpers import diffusers_vae_from, one_torch_thread, random_vae, relative_error  # noqa: F401
+from _vae_helpers import one_torch_thread, random_vae, relative_error  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,7 +53,7 @@ def test_meta_construction_allocates_nothing_and_loads_by_assignment():
 @pytest.fixture(scope="module")
 def tiny_pair():
     vae = random_vae(TINY_VAE, seed=1)
-    return vae, diffusers_vae_from(vae)
+    return vae, diffusers_vae(vae)
 
 
 def test_decode_matches_diffusers_tiny(tiny_pair):
@@ -172,7 +173,7 @@ def test_config_validation():
 def test_full_size_matches_diffusers():
     """Full-size SDXL VAE, random weights, fp32 on the CPU (about 10 s)."""
     vae = random_vae(SDXL_VAE, seed=11)
-    reference = diffusers_vae_from(vae)
+    reference = diffusers_vae(vae)
     images = torch.rand(1, 3, 128, 128) * 2 - 1
     latents = 3.0 * torch.randn(1, 4, 16, 16)
     with torch.no_grad():
