@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 
@@ -9,7 +7,7 @@ from sdxl_core.prompt_encoding import (encode_base_prompt, encode_refiner_prompt
 from sdxl_core.text_encoders import TextEncoder
 from sdxl_core.tokenizer import BOS_TOKEN_ID as BOS
 from sdxl_core.tokenizer import EOS_TOKEN_ID as EOS
-from sdxl_core.tokenizer import SDXLTokenizer, clip_vocabulary
+from sdxl_core.tokenizer import SDXLTokenizer
 
 CAT = 2368  # "cat</w>"
 TOK = SDXLTokenizer()
@@ -157,16 +155,9 @@ def test_wrong_encoders_are_rejected(clip_l, clip_g):
 
 @pytest.fixture(scope="module")
 def diffusers_tokenizers(tmp_path_factory):
-    from transformers import CLIPTokenizer
+    from tests._diffusers_reference import diffusers_clip_tokenizers
 
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
-    vocab, merges = clip_vocabulary()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    # As the SDXL hub repo configures them: tokenizer pads with <|endoftext|>, tokenizer_2 with "!".
-    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True, model_max_length=77)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(folder, local_files_only=True, model_max_length=77, pad_token="!")
-    return tokenizer, tokenizer_2
+    return diffusers_clip_tokenizers(tmp_path_factory.mktemp("clip_tokenizer"))
 
 
 @pytest.fixture(scope="module")
