@@ -11,6 +11,7 @@ Conditioning travels as ComfyUI's CONDITIONING: a list of `[context, options]` p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,8 @@ DEFAULT_POSITIVE_AESTHETIC_SCORE = 6.0
 DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
 # Conditioning options this core understands. Anything else (areas, masks, ControlNet, GLIGEN, ...) is refused
-# rather than silently ignored.
+# rather than silently ignored. `strength` weighs an entry in its side's mean and `start_percent`/`end_percent`
+# limit it to part of the schedule, as in ComfyUI's sampler (see guidance.WeightedConditioning).
 _KNOWN_OPTIONS = frozenset({
     "pooled_output", "width", "height", "crop_w", "crop_h", "target_width", "target_height", "aesthetic_score",
     "strength", "start_percent", "end_percent", "prompt_type",
@@ -109,13 +111,15 @@ def check_conditioning_for(config: SDXLConfig, conditioning: list, role: str = "
                 f"the {role} conditioning uses {sorted(unknown)}, which the SDXL two-stage sampler does not support "
                 f"(supported options: {sorted(_KNOWN_OPTIONS)})")
         start, end = options.get("start_percent", 0.0), options.get("end_percent", 1.0)
-        if start > 0.0 or end < 1.0:
-            # ComfyUI applies such an entry only inside [start, end) of the schedule (ConditioningSetTimestepRange);
-            # the two-stage sampler has no per-entry gating, so applying it everywhere would be a silent change.
+        if not (0.0 <= start <= end <= 1.0):
+            # ComfyUI's ConditioningSetTimestepRange offers only 0 <= start, end <= 1; start > end never applies.
             raise ConditioningMismatch(
-                f"the {role} conditioning is limited to the timestep range {start:g}..{end:g} of the schedule, which "
-                "the SDXL two-stage sampler does not support; drop ConditioningSetTimestepRange or use ComfyUI's "
-                "KSampler")
+                f"{role} conditioning entry {index} has the timestep range {start:g}..{end:g}; expected "
+                "0 <= start_percent <= end_percent <= 1")
+        strength = options.get("strength", 1.0)
+        if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength >= 0.0):
+            raise ConditioningMismatch(
+                f"{role} conditioning entry {index} has strength {strength!r}; expected a finite number >= 0")
         pooled = options.get("pooled_output")
         pooled_width = config.unet.adm_in_channels - ADM_SCALAR_EMBED_DIM * len(config.adm_scalars)
         if pooled is None or pooled.shape[-1] != pooled_width:

@@ -3,12 +3,17 @@
 Ho & Salimans (2022), "Classifier-Free Diffusion Guidance", applied to x0 as ComfyUI does (`samplers.cfg_function`;
 sgm `VanillaCFG`): x0 = uncond + (cond - uncond) * cfg, which equals guidance on eps because x0 is affine in eps
 at a fixed sigma. Conditioning per branch is a dict of tensors (`context`, `y`) that is concatenated key by key.
+
+A side of guidance may hold several weighted entries (ComfyUI's ConditioningCombine): each is evaluated and the
+side's prediction is their strength-weighted mean, entries gated by a sigma range taking part only inside it
+(ComfyUI `samplers._calc_cond_batch` / `get_area_and_mult` without areas or masks).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -24,40 +29,135 @@ CROSS_ATTENTION_KEYS = frozenset({"context"})
 MAX_TOKEN_REPEAT = 4
 
 
+@dataclass(frozen=True)
+class WeightedConditioning:
+    """One entry of a side of guidance: its UNet inputs, its weight in the side's mean, and the sigmas where it
+    applies (ComfyUI `strength`, and `timestep_start`/`timestep_end` from `percent_to_sigma`)."""
+
+    cond: Conditioning
+    strength: float = 1.0
+    sigma_start: float = math.inf  # the entry sits out while sigma is above this ...
+    sigma_end: float = 0.0  # ... or below this
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.strength) and self.strength >= 0.0):
+            raise ValueError(f"a conditioning strength must be a finite number >= 0, got {self.strength}")
+
+    @property
+    def gated(self) -> bool:
+        return self.sigma_start != math.inf or self.sigma_end != 0.0
+
+    def active_at(self, sigma: float) -> bool:
+        return self.sigma_end <= sigma <= self.sigma_start
+
+
+Side = Conditioning | Sequence[WeightedConditioning]
+
+
 class CFGDenoiser:
     """Guided denoiser `(x, sigma) -> x0` over an inner `denoiser(x, sigma, **cond) -> x0` (ComfyUI
-    `sampling_function`): one call on [uncond; cond], or the cond branch alone when cfg == 1."""
+    `sampling_function`): one call on [uncond; cond], or the cond branch alone when cfg == 1.
 
-    def __init__(self, denoiser: Denoiser, cond: Conditioning, uncond: Conditioning | None, cfg: float):
+    `cond` / `uncond` are one conditioning dict or a list of WeightedConditioning entries; all entries active at a
+    step run in as few batched calls as their token lengths allow (unconditional first, as ComfyUI orders them).
+    """
+
+    def __init__(self, denoiser: Denoiser, cond: Side, uncond: Side | None, cfg: float):
         self.denoiser = denoiser
-        self.cond = dict(cond)
-        self.uncond = None if uncond is None else dict(uncond)
+        self.cond = _entries(cond, "cond")
+        self.uncond = None if uncond is None else _entries(uncond, "uncond")
         self.cfg = float(cfg)
         # ComfyUI skips the unconditional pass when cfg is 1 (its "cfg1 optimization"): the result is the same.
         self.skips_uncond = math.isclose(self.cfg, 1.0)
         if self.uncond is None and not self.skips_uncond:
             raise ValueError(f"cfg={self.cfg} needs an unconditional (negative) conditioning; only cfg=1 runs without")
-        if self.uncond is not None and set(self.uncond) != set(self.cond):
-            raise ValueError(f"cond and uncond must carry the same keys, got {sorted(self.cond)} and "
-                             f"{sorted(self.uncond)}")
+        keys = {frozenset(entry.cond) for entry in self.cond + (self.uncond or [])}
+        if len(keys) > 1:
+            raise ValueError(f"cond and uncond must carry the same keys, got {sorted(sorted(k) for k in keys)}")
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = per_item_sigma(sigma, x)
+        sides = [self.cond] if self.skips_uncond else [self.uncond, self.cond]
+        predictions = self._side_predictions(x, sigma, sides)
         if self.skips_uncond:
-            cond_x0 = self.denoiser(x, sigma, **expand_to_batch(self.cond, x.shape[0]))
-            return cond_x0 * self.cfg
-        uncond_x0, cond_x0 = self._both_branches(x, sigma)
+            return predictions[0] * self.cfg
+        uncond_x0, cond_x0 = predictions
         return uncond_x0 + (cond_x0 - uncond_x0) * self.cfg
 
-    def _both_branches(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _side_predictions(self, x: torch.Tensor, sigma: torch.Tensor,
+                          sides: list[list[WeightedConditioning]]) -> list[torch.Tensor]:
+        """Each side's strength-weighted mean x0 over its entries active at this sigma."""
         batch = x.shape[0]
-        uncond = expand_to_batch(self.uncond, batch)
-        cond = expand_to_batch(self.cond, batch)
-        if not can_batch(uncond, cond):
-            return self.denoiser(x, sigma, **uncond), self.denoiser(x, sigma, **cond)
-        # Unconditional first, as ComfyUI orders the batch.
-        x0 = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **concat_conditioning(uncond, cond))
-        return x0[:batch], x0[batch:]
+        active = sides
+        if any(entry.gated for side in sides for entry in side):
+            # ComfyUI gates every entry on the first item's sigma (`get_area_and_mult`: timestep_in[0]).
+            now = float(sigma[0])
+            active = [[entry for entry in side if entry.active_at(now)] for side in sides]
+        runs = [(index, entry, expand_to_batch(entry.cond, batch)) for index, side in enumerate(active)
+                for entry in side]
+        x0s: list[torch.Tensor | None] = [None] * len(runs)
+        for group in _batchable_groups([cond for _, _, cond in runs]):
+            if len(group) == 1:
+                x0s[group[0]] = self.denoiser(x, sigma, **runs[group[0]][2])
+                continue
+            x0 = self.denoiser(torch.cat([x] * len(group)), torch.cat([sigma] * len(group)),
+                               **concat_conditioning(*(runs[i][2] for i in group)))
+            for i, chunk in zip(group, x0.split(batch)):
+                x0s[i] = chunk
+        predictions = []
+        for index, side in enumerate(active):
+            pairs = [(entry.strength, x0) for (i, entry, _), x0 in zip(runs, x0s) if i == index]
+            predictions.append(_weighted_mean(pairs, x))
+        return predictions
+
+
+def _entries(side: Side, name: str) -> list[WeightedConditioning]:
+    if isinstance(side, Mapping):
+        return [WeightedConditioning(dict(side))]
+    entries = list(side)
+    if not entries or not all(isinstance(entry, WeightedConditioning) for entry in entries):
+        raise ValueError(f"{name} must be a conditioning dict or a non-empty list of WeightedConditioning")
+    return entries
+
+
+def _weighted_mean(pairs: list[tuple[float, torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
+    """Σ strength·x0 / Σ strength (ComfyUI `_calc_cond_batch`); a side with no active entry, or only zero
+    strengths, predicts zeros as ComfyUI's accumulator over a 1e-37 count does."""
+    if len(pairs) == 1 and pairs[0][0] > 0.0:
+        # One entry: its own prediction, untouched, so that plain conditioning gives the same bits as before.
+        return pairs[0][1]
+    total = sum(strength for strength, _ in pairs)
+    if total == 0.0:
+        return torch.zeros_like(x)
+    out = torch.zeros_like(pairs[0][1])
+    for strength, x0 in pairs:
+        out += x0 * strength
+    return out / total
+
+
+def _batchable_groups(conds: list[dict[str, torch.Tensor]]) -> list[list[int]]:
+    """Indices of the conditionings that share a call: the first one left, with every later one that still fits
+    (ComfyUI `_calc_cond_batch` with `can_concat`), until none is left. Token lengths may differ as long as their
+    common multiple is within MAX_TOKEN_REPEAT repeats of the shortest."""
+    left = list(range(len(conds)))
+    groups = []
+    while left:
+        group = [left.pop(0)]
+        for i in list(left):
+            members = [conds[j] for j in group]
+            if all(can_batch(member, conds[i]) for member in members) and _fits_one_call(members + [conds[i]]):
+                group.append(i)
+                left.remove(i)
+        groups.append(group)
+    return groups
+
+
+def _fits_one_call(conds: list[dict[str, torch.Tensor]]) -> bool:
+    for key in CROSS_ATTENTION_KEYS & set(conds[0]):
+        lengths = [cond[key].shape[1] for cond in conds]
+        if math.lcm(*lengths) // min(lengths) > MAX_TOKEN_REPEAT:
+            return False
+    return True
 
 
 def expand_to_batch(cond: Conditioning, batch: int) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from .conditioning import (
 )
 from .config import VAE_DOWNSCALE
 from .denoiser import EpsDenoiser
-from .guidance import CFGDenoiser
+from .guidance import CFGDenoiser, WeightedConditioning
 from .models import SDXLModel
 from .noise import prepare_noise
 from .prompt_encoding import encode_base_prompt, encode_refiner_prompt
@@ -130,23 +130,28 @@ def _require_stage(model: SDXLModel, kind: str, action: str) -> None:
 
 
 def _branch(model: SDXLModel, conditioning: list, role: str, latent_hw: tuple[int, int],
-            device: torch.device) -> dict[str, torch.Tensor]:
-    """The UNet inputs (context, y) for one side of guidance."""
+            device: torch.device) -> list[WeightedConditioning]:
+    """The UNet inputs (context, y) of each entry of one side of guidance, with its strength and sigma range
+    (ComfyUI `samplers.calculate_start_end_timesteps`: percentages of the model's schedule, not of the steps)."""
     check_conditioning_for(model.config, conditioning, role)
-    if len(conditioning) != 1:
-        # ComfyUI averages several entries (ConditioningCombine); this sampler does not, and says so.
-        raise ConditioningMismatch(
-            f"the {role} conditioning holds {len(conditioning)} entries; the SDXL two-stage sampler takes one "
-            "(join prompts with ConditioningConcat, or use ComfyUI's KSampler for combined conditioning)")
-    context, options = conditioning[0]
-    for what, tensor in (("text embeddings", context), ("pooled embedding", options["pooled_output"])):
-        if not torch.isfinite(tensor).all():
-            # Caught here, or it would surface only after the last step as non-finite latents.
-            raise ConditioningMismatch(f"the {role} conditioning's {what} contain NaN or infinite values; re-encode "
-                                       "the prompt (check its weights, or run the text encoders in fp32)")
-    scalars = micro_conditioning_scalars(model.config, options, latent_hw, negative=role == "negative")
-    y = adm_vector(options["pooled_output"].float(), scalars)
-    return {"context": context.to(device), "y": y.to(device)}
+    entries = []
+    for index, (context, options) in enumerate(conditioning):
+        which = f"the {role} conditioning" if len(conditioning) == 1 else f"entry {index} of the {role} conditioning"
+        for what, tensor in (("text embeddings", context), ("pooled embedding", options["pooled_output"])):
+            if not torch.isfinite(tensor).all():
+                # Caught here, or it would surface only after the last step as non-finite latents.
+                raise ConditioningMismatch(f"{which}'s {what} contain NaN or infinite values; re-encode the prompt "
+                                           "(check its weights, or run the text encoders in fp32)")
+        scalars = micro_conditioning_scalars(model.config, options, latent_hw, negative=role == "negative")
+        y = adm_vector(options["pooled_output"].float(), scalars)
+        gating = {}
+        if "start_percent" in options:
+            gating["sigma_start"] = eps_schedule().percent_to_sigma(options["start_percent"])
+        if "end_percent" in options:
+            gating["sigma_end"] = eps_schedule().percent_to_sigma(options["end_percent"])
+        entries.append(WeightedConditioning({"context": context.to(device), "y": y.to(device)},
+                                            strength=float(options.get("strength", 1.0)), **gating))
+    return entries
 
 
 def _unet_device_dtype(model: SDXLModel) -> tuple[torch.device, torch.dtype]:
@@ -212,7 +217,8 @@ def denoise_from(model: SDXLModel, x: torch.Tensor, sigmas: torch.Tensor, positi
 
 def _guided_denoiser(model: SDXLModel, positive: list, negative: list, cfg: float,
                      latent_hw: tuple[int, int]) -> CFGDenoiser:
-    """x -> guided x0 for this stage: UNet as an eps denoiser, both conditionings, one batched call per step."""
+    """x -> guided x0 for this stage: UNet as an eps denoiser, both conditionings (each side the strength-weighted
+    mean of its entries), one batched call per step where the entries' token lengths allow."""
     device, dtype = _unet_device_dtype(model)
     cond = _branch(model, positive, "positive", latent_hw, device)
     uncond = _branch(model, negative, "negative", latent_hw, device)

@@ -133,16 +133,21 @@ def test_unsupported_options_and_missing_pooled_are_refused():
         check_conditioning_for(TINY_BASE, [])
 
 
-def test_a_partial_timestep_range_is_refused_not_ignored():
-    """ComfyUI's ConditioningSetTimestepRange limits an entry to part of the schedule; this sampler has no such
-    schedule-gating, so anything narrower than the whole run must be refused rather than silently applied
-    everywhere. The full range (what some nodes write by default) changes nothing and is accepted."""
+def test_timestep_ranges_and_strengths_are_accepted_within_comfyuis_bounds():
+    """ConditioningSetTimestepRange and ConditioningSetAreaStrength write these fields; the sampler applies them
+    (guidance.WeightedConditioning), so only values ComfyUI's own widgets cannot produce are refused."""
     context, pooled = torch.randn(1, 77, 96), torch.zeros(1, 1280)
-    check_conditioning_for(TINY_BASE, [[context, {"pooled_output": pooled, "start_percent": 0.0,
-                                                  "end_percent": 1.0, "strength": 1.0}]])
-    for fields in ({"start_percent": 0.2}, {"end_percent": 0.8}, {"start_percent": 0.0, "end_percent": 0.5}):
+    for fields in ({"start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}, {"start_percent": 0.2},
+                   {"end_percent": 0.8, "strength": 0.0}, {"start_percent": 0.5, "end_percent": 0.5}):
+        check_conditioning_for(TINY_BASE, [[context, {"pooled_output": pooled, **fields}]])
+    for fields in ({"start_percent": 0.6, "end_percent": 0.4}, {"start_percent": -0.1}, {"end_percent": 1.5}):
         with pytest.raises(ConditioningMismatch, match="timestep range"):
             check_conditioning_for(TINY_BASE, [[context, {"pooled_output": pooled, **fields}]])
+    for strength in (-1.0, float("nan"), "1"):
+        with pytest.raises(ConditioningMismatch, match="strength"):
+            check_conditioning_for(TINY_BASE, [[context, {"pooled_output": pooled}],
+                                               [context, {"pooled_output": pooled, "strength": strength}]],
+                                   role="negative")
 
 
 def test_an_explicit_prompt_type_decides_the_default_aesthetic_score():

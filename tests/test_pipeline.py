@@ -222,3 +222,51 @@ def test_non_finite_conditioning_is_named_before_sampling(tiny_base, base_conds)
     broken_pooled = [[context, {**options, "pooled_output": torch.full_like(options["pooled_output"], float("inf"))}]]
     with pytest.raises(ConditioningMismatch, match="negative conditioning.*pooled"):
         _sample(tiny_base, empty_latent(SIZE, SIZE), (positive, broken_pooled))
+
+
+def test_combined_conditioning_is_the_strength_weighted_mean_in_one_unet_call(tiny_base, base_conds, monkeypatch):
+    """ComfyUI ConditioningCombine with strengths 1 and 3: each side's x0 is (1·x0_a + 3·x0_b) / 4, so the guided
+    x0 is the same mean of the two single-entry guided x0s; both entries and the negative share one UNet call."""
+    from sdxl_core.pipeline import _guided_denoiser
+
+    positive, negative = base_conds
+    other = encode_base_conditioning(tiny_base, "a blue sphere, studio light", width=SIZE // 2, height=SIZE)
+    (context_a, options_a), (context_b, options_b) = positive[0], other[0]
+    combined = [[context_a, options_a], [context_b, {**options_b, "strength": 3.0}]]
+    x, sigma = torch.randn(1, 4, 8, 8) * 3.0, torch.tensor([3.0])
+    calls = []
+    real_forward = tiny_base.unet.forward
+
+    def spy(x_in, t, context, y):
+        calls.append(x_in.shape[0])
+        return real_forward(x_in, t, context, y)
+
+    with torch.inference_mode():
+        single_a = _guided_denoiser(tiny_base, positive, negative, 4.0, (8, 8))(x, sigma)
+        single_b = _guided_denoiser(tiny_base, other, negative, 4.0, (8, 8))(x, sigma)
+        monkeypatch.setattr(tiny_base.unet, "forward", spy)
+        both = _guided_denoiser(tiny_base, combined, negative, 4.0, (8, 8))(x, sigma)
+    assert calls == [3]
+    torch.testing.assert_close(both, (1.0 * single_a + 3.0 * single_b) / 4.0, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(both, single_a, atol=1e-3) and not torch.allclose(both, single_b, atol=1e-3)
+
+
+def test_a_timestep_range_limits_an_entry_to_its_part_of_the_schedule(tiny_base, base_conds):
+    """ConditioningSetTimestepRange: an entry counts only where sigma lies within percent_to_sigma(start..end)."""
+    from sdxl_core.pipeline import _guided_denoiser, eps_schedule
+
+    positive, negative = base_conds
+    other = encode_base_conditioning(tiny_base, "a blue sphere", width=SIZE, height=SIZE)
+    split = [[positive[0][0], {**positive[0][1], "end_percent": 0.5}],
+             [other[0][0], {**other[0][1], "start_percent": 0.5}]]
+    boundary = eps_schedule().percent_to_sigma(0.5)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        gated = _guided_denoiser(tiny_base, split, negative, 4.0, (8, 8))
+        for sigma, alone in ((boundary * 4, positive), (boundary / 4, other)):
+            s = torch.tensor([sigma])
+            expected = _guided_denoiser(tiny_base, alone, negative, 4.0, (8, 8))(x, s)
+            assert torch.equal(gated(x, s), expected)
+    out = _sample(tiny_base, empty_latent(SIZE, SIZE), (split, negative))
+    assert torch.isfinite(out["samples"]).all()
+    assert not torch.equal(out["samples"], _sample(tiny_base, empty_latent(SIZE, SIZE), base_conds)["samples"])
