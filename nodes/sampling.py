@@ -101,14 +101,18 @@ def _check_handoff(latent: dict, steps: int, start_at_step: int, scheduler: str)
                          f"= {base_end} and scheduler {base_scheduler}, as in the base sampler")
 
 
-def _activation_bytes(model, latent: dict) -> int:
-    """Device memory to ask ComfyUI for next to the UNet's weights while sampling this latent (0 if unreadable)."""
+def _activation_bytes(model, latent: dict, branches: int = 2) -> int:
+    """Device memory to ask ComfyUI for next to the UNet's weights while sampling this latent (0 if unreadable).
+
+    `branches` is the number of conditioning entries evaluated per latent item in one step: 2 for a plain
+    positive/negative pair, one more for each extra entry a ConditioningCombine adds (all run in one batch).
+    """
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
         return 0  # the sampler refuses it with a sentence
     batch, _, height, width = samples.shape
     itemsize = next(model.unet.parameters()).element_size()
-    return 2 * batch * height * width * ACTIVATION_ELEMENTS_PER_LATENT_CELL * itemsize
+    return branches * batch * height * width * ACTIVATION_ELEMENTS_PER_LATENT_CELL * itemsize
 
 
 def _run(model, latent: dict, positive: list, negative: list, total_steps: int, **settings) -> tuple[dict]:
@@ -118,7 +122,8 @@ def _run(model, latent: dict, positive: list, negative: list, total_steps: int, 
 
     validate_conditioning_for(model, positive, "positive")
     validate_conditioning_for(model, negative, "negative")
-    comfy_host.prepare_networks([model.unet], role="unet", memory_required=_activation_bytes(model, latent))
+    comfy_host.prepare_networks([model.unet], role="unet",
+                                memory_required=_activation_bytes(model, latent, len(positive) + len(negative)))
     progress = comfy_host.StepProgress(total_steps)
 
     def on_step(info: dict) -> None:

@@ -250,3 +250,9 @@ def test_sampler_tells_comfyui_the_activation_memory_of_its_batch(comfy, stage):
         (unet_load,) = [kw for models, kw in comfy.loads if models[0].model.network is base.unet]
         cells = 2 * batch * (H // 8) * (W // 8)
         assert unet_load["memory_required"] == cells * ACTIVATION_ELEMENTS_PER_LATENT_CELL * 4  # fp32 weights here
+    # A combined positive (two entries) runs three samples per latent item in one batch.
+    comfy.loads.clear()
+    latent, _, _ = node("EmptyLatent").generate("custom", W, H, 1)
+    node("BaseSampler").sample(base, positive + positive, negative, latent, 1, 2, 4.0, "euler", "normal", 2, True, 1.0)
+    (unet_load,) = [kw for models, kw in comfy.loads if models[0].model.network is base.unet]
+    assert unet_load["memory_required"] == 3 * (H // 8) * (W // 8) * ACTIVATION_ELEMENTS_PER_LATENT_CELL * 4
