@@ -21,6 +21,10 @@ _WEIGHT_DTYPE_TOOLTIP = ("Precision of the weights once loaded. 'default' lets C
                          "(fp16 on most GPUs, fp32 on the CPU; the VAE never uses fp16, which overflows into black "
                          "images). fp32 is the safe, slow choice; bf16 needs a recent GPU.")
 
+# The vae_name choice that keeps the checkpoint's own VAE (no file in models/vae can have this name: it has spaces
+# and no extension).
+BAKED_VAE = "baked into the checkpoint"
+
 _cache: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _cache_lock = threading.Lock()
 
@@ -68,7 +72,7 @@ class CheckpointLoader:
     RETURN_TYPES = (SDXL_MODEL, SDXL_VAE)
     RETURN_NAMES = ("model", "vae")
     OUTPUT_TOOLTIPS = ("The SDXL stage (base or refiner, told from the file's tensors): UNet, text encoders and "
-                       "tokenizer.", "The VAE baked into the checkpoint.")
+                       "tokenizer.", "The VAE chosen by vae_name: the checkpoint's own by default.")
     FUNCTION = "load"
 
     @classmethod
@@ -79,15 +83,23 @@ class CheckpointLoader:
                            "or the refiner (sd_xl_refiner_1.0.safetensors). Which one it is is read from the "
                            "file's contents, not its name."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": _WEIGHT_DTYPE_TOOLTIP}),
+        }, "optional": {
+            "vae_name": ([BAKED_VAE, *comfy_host.model_filenames("vae")], {
+                "default": BAKED_VAE,
+                "tooltip": "Which VAE the model carries: the one baked into the checkpoint, or a separate SDXL VAE "
+                           "file from models/vae (the fp16-fix VAE, or the VAE for a checkpoint saved without "
+                           "one). The VAE output is the one chosen here."}),
         }}
 
-    def load(self, ckpt_name: str, weight_dtype: str = "default"):
+    def load(self, ckpt_name: str, weight_dtype: str = "default", vae_name: str = BAKED_VAE):
         from sdxl_core.checkpoint import load_checkpoint
 
         path = comfy_host.model_path("checkpoints", ckpt_name)
+        vae_path = None if vae_name == BAKED_VAE else comfy_host.model_path("vae", vae_name)
         dtype, vae_dtype = _dtypes(weight_dtype)
-        key = _file_key(path, "checkpoint", str(dtype), str(vae_dtype))
-        model = _cached(key, lambda: load_checkpoint(path, dtype=dtype, vae_dtype=vae_dtype,
+        key = _file_key(path, "checkpoint", str(dtype), str(vae_dtype),
+                        *(_file_key(vae_path) if vae_path is not None else ()))
+        model = _cached(key, lambda: load_checkpoint(path, dtype=dtype, vae_dtype=vae_dtype, vae_path=vae_path,
                                                      device=comfy_host.storage_device()))
         return (model, model.vae)
 

@@ -20,6 +20,7 @@ P = "SDXLTwoStage."
 POSITIVE = ("a majestic lighthouse on a rocky coast at sunset, dramatic clouds, golden light, highly detailed "
             "photograph")
 NEGATIVE = "blurry, low quality, watermark, text"
+BAKED_VAE = "baked into the checkpoint"  # nodes.loaders.BAKED_VAE (this script does not import the pack)
 REFINE_POSITIVE = "a detailed photograph, sharp focus, fine texture"
 
 
@@ -39,8 +40,8 @@ class Node:
 
 
 def _checkpoint_loader(id, pos, name, title):
-    return Node(id, P + "CheckpointLoader", pos, (380, 106), [name, "default"],
-                {"ckpt_name": name, "weight_dtype": "default"}, outputs=[("model", "SDXL_MODEL"), ("vae", "SDXL_VAE")],
+    return Node(id, P + "CheckpointLoader", pos, (380, 130), [name, "default", BAKED_VAE],
+                {"ckpt_name": name, "weight_dtype": "default", "vae_name": BAKED_VAE}, outputs=[("model", "SDXL_MODEL"), ("vae", "SDXL_VAE")],
                 title=title)
 
 

@@ -169,8 +169,7 @@ def _plan(source: CheckpointSource, expect: str | None, vae_config: VAEConfig | 
     if vae_config is None and not has_vae:
         raise StateDictMismatchError(f"{source.path.name} has no VAE (first_stage_model.*), so it cannot be loaded on "
                                      "its own: give a separate SDXL VAE file with it (--vae on the command line, "
-                                     "vae_path in Python). The ComfyUI loader node needs a checkpoint with its VAE "
-                                     "baked in; ComfyUI's own Load Checkpoint plus Load VAE can run this file")
+                                     "vae_path in Python, the vae_name input of the ComfyUI loader node)")
     try:
         config = infer_config(source.shapes, source.hints, vae=vae_config)
     except StateDictMismatchError as error:

@@ -154,6 +154,39 @@ def test_separate_vae_matches_the_checkpoint_vae(loaded, folders):
         assert torch.equal(a, b), name
 
 
+def test_loader_takes_a_separate_vae_for_a_checkpoint_without_one(loaded, folders, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from nodes.loaders import BAKED_VAE
+
+    _, base_vae, _ = loaded
+    vae_choices = node_class("CheckpointLoader").INPUT_TYPES()["optional"]["vae_name"]
+    assert vae_choices[0] == [BAKED_VAE, "tiny_sdxl_vae.safetensors"] and vae_choices[1]["default"] == BAKED_VAE
+    source = Path(folders["checkpoints"][0]) / "tiny_sdxl_base.safetensors"
+    with safe_open(str(source), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("first_stage_model.")}
+        metadata = f.metadata()
+    extra = tmp_path / "checkpoints"
+    extra.mkdir()
+    save_file(state, str(extra / "no_vae.safetensors"), metadata=metadata)
+    use_folders({**folders, "checkpoints": [*folders["checkpoints"], str(extra)]})
+    try:
+        with pytest.raises(Exception, match="has no VAE.*the vae_name input of the ComfyUI loader node"):
+            node("CheckpointLoader").load("no_vae.safetensors", "default")
+        model, vae = node("CheckpointLoader").load("no_vae.safetensors", "default", "tiny_sdxl_vae.safetensors")
+        assert vae is model.vae and vae is not base_vae
+        for (name, a), (_, b) in zip(vae.state_dict().items(), base_vae.state_dict().items()):
+            assert torch.equal(a, b), name
+        # The same checkpoint with another VAE choice is another model, not the cached one.
+        baked, _ = node("CheckpointLoader").load("tiny_sdxl_base.safetensors", "default", BAKED_VAE)
+        separate, _ = node("CheckpointLoader").load("tiny_sdxl_base.safetensors", "default",
+                                                    "tiny_sdxl_vae.safetensors")
+        assert baked is not separate and baked.vae is not separate.vae
+    finally:
+        use_folders(folders)
+
+
 # --- conditioning --------------------------------------------------------------------------------------------------
 
 def test_text_encode_leaves_sizes_to_the_latent(conds):
