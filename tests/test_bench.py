@@ -54,6 +54,23 @@ def test_cpu_tiny_run_covers_every_section(tmp_path):
     assert "## SDXL benchmark: CPU" in done.stdout
 
 
+@pytest.mark.heavy
+def test_compiled_step_is_kept_only_when_it_is_the_fastest(tmp_path):
+    """--compile on the CPU (a C++ compiler, minutes): the compile cost is reported, the step the rest of the run
+    uses is never slower than plain eager, and a compile that lost is undone rather than left running."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(BENCH), *QUICK, "--compile", "--no-reference", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for kind in ("base", "refiner"):
+        unet = data["sections"]["unet"][kind]
+        assert unet["compile_cost_s"] >= 0
+        assert unet["best"]["median_ms"] <= unet["eager"]["median_ms"]
+        if "compile" not in unet["best"]["settings"]:
+            assert any(note.startswith(f"{kind}: compiled is not faster") for note in data["notes"])
+
+
 def test_missing_diffusers_is_reported_and_ours_still_runs(tmp_path, monkeypatch, capsys):
     bench = _load_bench(monkeypatch)
     monkeypatch.setattr(bench, "diffusers_available", lambda: (False, "ModuleNotFoundError: No module named 'x'"))

@@ -235,6 +235,23 @@ def test_cuda_graph_step_matches_eager_and_recaptures_after_a_move():
     assert step.captures == 2
 
 
+def test_unet_traces_as_one_graph_with_every_eager_lever():
+    """torch.compile's gain depends on capturing the whole step: a graph break (a shape check that reads a tensor,
+    a host sync, an unsupported op) would split it and put launch gaps back. `fullgraph=True` makes any break an
+    error; the "eager" backend traces without generating code, so this costs seconds, not minutes."""
+    torch._dynamo.reset()
+    unet = _unet("base")
+    fuse_qkv(unet)
+    to_channels_last(unet)
+    inputs = _inputs("base")
+    reference = _run(unet, inputs)
+    traced = torch.compile(unet, backend="eager", fullgraph=True, dynamic=False)
+    try:
+        assert _rel_err(_run(traced, inputs), reference) <= 1e-6
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.heavy
 def test_compile_keeps_output_and_layout():
     """torch.compile on the CPU needs a C++ compiler and tens of seconds: heavy tier."""
