@@ -6,7 +6,12 @@ ComfyUI `comfy/sd1_clip.py` (`SDTokenizer.tokenize_with_weights`, `ClipTokenWeig
 - Chunking: each weighted segment of the prompt is tokenized as one group; groups are packed into chunks of
   [BOS] + up to 75 tokens + [EOS], padded to 77. A group that no longer fits moves whole to the next chunk, unless it
   has 8 or more tokens: then it is split at the chunk boundary. (Since 2024-12 ComfyUI tokenizes whole segments, not
-  space-separated words; textual-inversion `embedding:` names are not supported here and are ordinary text.)
+  space-separated words.)
+- Textual inversion (`embedding:name`, see `embeddings`): a segment is cut before each embedding; the text before
+  it, the embedding's vectors (one position each, with the segment's weight) and the text after its name are
+  separate groups, packed by the same rule, so an embedding of 8 or more vectors may straddle two chunks and a
+  shorter one moves whole. Each encoder takes its own tensor (`clip_l` / `clip_g`) of its own width; a missing
+  embedding, or one without that tensor, is an error (ComfyUI logs a warning and drops it).
 - Weighting: only if some token's weight differs from 1, the empty prompt (BOS, EOS, pads) is encoded as well and
   every weighted token's hidden state becomes z_empty + (z - z_empty) * w, position by position.
 - Chunks are encoded as one batch and concatenated along the sequence: context [1, 77 k, width].
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .embeddings import EMBEDDING_PREFIX, EmbeddingError, EmbeddingLibrary, split_embedding_words
 from .prompt_weighting import parse_prompt_weights
 from .text_encoders import TextEncoder
 from .tokenizer import ClipTokenizer, SDXLTokenizer
@@ -34,27 +40,38 @@ from .tokenizer import ClipTokenizer, SDXLTokenizer
 EMPTY_PROMPT_MODES = ("encode", "zeros")
 # Groups at least this long may be split across chunks (ComfyUI `SDTokenizer.max_word_length`).
 SPLITTABLE_GROUP_LENGTH = 8
+# Token id left at positions that an embedding vector fills: any id but EOS, where the pooled output is read.
+EMBEDDING_PLACEHOLDER_ID = 0
 
 
 @dataclass(frozen=True)
 class WeightedTokens:
-    """Chunked token ids and their per-token weights, both [chunks, 77]."""
+    """Chunked token ids and their per-token weights, both [chunks, 77], and any textual-inversion vectors."""
 
-    tokens: torch.Tensor  # int64
+    tokens: torch.Tensor  # int64; EMBEDDING_PLACEHOLDER_ID where a vector goes
     weights: torch.Tensor  # float32; 1.0 for BOS/EOS/pad
+    vectors: torch.Tensor | None = None  # float32 [chunks, 77, width]; zero where no vector goes
+    vector_mask: torch.Tensor | None = None  # bool [chunks, 77]: positions taken by `vectors`
 
     @property
     def num_chunks(self) -> int:
         return self.tokens.shape[0]
 
 
-def tokenize_weighted(tokenizer: ClipTokenizer, text: str) -> WeightedTokens:
-    """Weighted, chunked tokens of a prompt (ComfyUI `SDTokenizer.tokenize_with_weights`)."""
+def tokenize_weighted(tokenizer: ClipTokenizer, text: str, embeddings=None, *,
+                      embedding_width: int | None = None) -> WeightedTokens:
+    """Weighted, chunked tokens of a prompt, `embedding:name` vectors in place (ComfyUI
+    `SDTokenizer.tokenize_with_weights`).
+
+    `embeddings`: a folder, a list of folders, a mapping name → tensors, or an `EmbeddingLibrary`; needed only when
+    the prompt names an embedding. `embedding_width` is the encoder's width, which the vectors must have.
+    """
+    library = EmbeddingLibrary.from_source(embeddings)
     length = tokenizer.context_length
     room = length - 1  # a chunk's tokens before its EOS, BOS included
-    chunks: list[list[tuple[int, float]]] = [[(tokenizer.bos_token_id, 1.0)]]
-    for segment, weight in parse_prompt_weights(text):
-        group = [(token, weight) for token in tokenizer.encode(segment)]
+    chunks: list[list[tuple[int | torch.Tensor, float]]] = [[(tokenizer.bos_token_id, 1.0)]]
+    for group, weight in _groups(tokenizer, text, library, embedding_width):
+        group = [(item, weight) for item in group]
         splittable = len(group) >= SPLITTABLE_GROUP_LENGTH
         while group:
             chunk = chunks[-1]
@@ -71,8 +88,47 @@ def tokenize_weighted(tokenizer: ClipTokenizer, text: str) -> WeightedTokens:
     last = chunks[-1]
     last.append((tokenizer.eos_token_id, 1.0))
     last += [(tokenizer.pad_token_id, 1.0)] * (length - len(last))
-    return WeightedTokens(tokens=torch.tensor([[t for t, _ in c] for c in chunks], dtype=torch.long),
-                          weights=torch.tensor([[w for _, w in c] for c in chunks], dtype=torch.float32))
+    tokens = torch.tensor([[EMBEDDING_PLACEHOLDER_ID if isinstance(t, torch.Tensor) else t for t, _ in c]
+                           for c in chunks], dtype=torch.long)
+    weights = torch.tensor([[w for _, w in c] for c in chunks], dtype=torch.float32)
+    mask = torch.tensor([[isinstance(t, torch.Tensor) for t, _ in c] for c in chunks], dtype=torch.bool)
+    if not mask.any():
+        return WeightedTokens(tokens=tokens, weights=weights)
+    vectors = torch.zeros(*tokens.shape, embedding_width)
+    for c, chunk in enumerate(chunks):
+        for position, (item, _) in enumerate(chunk):
+            if isinstance(item, torch.Tensor):
+                vectors[c, position] = item
+    return WeightedTokens(tokens=tokens, weights=weights, vectors=vectors, vector_mask=mask)
+
+
+def _groups(tokenizer: ClipTokenizer, text: str, library: EmbeddingLibrary | None,
+            width: int | None) -> list[tuple[list[int | torch.Tensor], float]]:
+    """The prompt's token groups with their weights: each segment's text between embeddings, and each embedding's
+    vectors (rows of [n, width]) as a group of its own (ComfyUI `tokenize_with_weights`' word loop)."""
+    groups = []
+    for segment, weight in parse_prompt_weights(text):
+        for word in split_embedding_words(segment):
+            if word.startswith(EMBEDDING_PREFIX):
+                vectors, word = _embedding(tokenizer, word[len(EMBEDDING_PREFIX):], library, width)
+                groups.append((list(vectors.unbind(0)), weight))
+                if not word:
+                    continue
+            groups.append((tokenizer.encode(word), weight))
+    return groups
+
+
+def _embedding(tokenizer: ClipTokenizer, reference: str, library: EmbeddingLibrary | None,
+               width: int | None) -> tuple[torch.Tensor, str]:
+    if library is None:
+        name = reference.split()[0] if reference.split() else ""
+        raise EmbeddingError(f"the prompt names {EMBEDDING_PREFIX}{name}, but no embedding source was given (pass "
+                             "embeddings=a folder, a list of folders or a mapping name → tensors; on the command "
+                             "line, --embeddings DIR)")
+    if tokenizer.embedding_key is None or width is None:
+        raise ValueError("the prompt names an embedding: give the tokenizer an embedding_key (e.g. 'clip_g') and "
+                         "tokenize_weighted the encoder's embedding_width")
+    return library.resolve(reference, tokenizer.embedding_key, width)
 
 
 def pad_chunks(weighted: WeightedTokens, tokenizer: ClipTokenizer, num_chunks: int) -> WeightedTokens:
@@ -81,8 +137,13 @@ def pad_chunks(weighted: WeightedTokens, tokenizer: ClipTokenizer, num_chunks: i
     if missing <= 0:
         return weighted
     empty = torch.tensor([tokenizer.empty_chunk()], dtype=torch.long).expand(missing, -1)
+    vectors = mask = None
+    if weighted.vectors is not None:
+        vectors = torch.cat([weighted.vectors, weighted.vectors.new_zeros(missing, *weighted.vectors.shape[1:])])
+        mask = torch.cat([weighted.vector_mask, torch.zeros(empty.shape, dtype=torch.bool)])
     return WeightedTokens(tokens=torch.cat([weighted.tokens, empty]),
-                          weights=torch.cat([weighted.weights, torch.ones(empty.shape)]))
+                          weights=torch.cat([weighted.weights, torch.ones(empty.shape)]), vectors=vectors,
+                          vector_mask=mask)
 
 
 @torch.no_grad()
@@ -90,10 +151,13 @@ def encode_weighted_tokens(encoder: TextEncoder, tokenizer: ClipTokenizer,
                            weighted: WeightedTokens) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Context [1, 77 k, width] and first-chunk pooled output (ComfyUI `encode_token_weights`)."""
     has_weights = bool((weighted.weights != 1.0).any())
-    tokens = weighted.tokens
+    tokens, vectors, mask = weighted.tokens, weighted.vectors, weighted.vector_mask
     if has_weights:
         tokens = torch.cat([tokens, torch.tensor([tokenizer.empty_chunk()], dtype=torch.long)])
-    hidden, pooled = encoder(tokens)
+        if vectors is not None:
+            vectors = torch.cat([vectors, vectors.new_zeros(1, *vectors.shape[1:])])
+            mask = torch.cat([mask, mask.new_zeros(1, mask.shape[1])])
+    hidden, pooled = encoder(tokens, vectors, mask)
     hidden = hidden.float()
     z = hidden[:weighted.num_chunks]
     if has_weights:
@@ -105,11 +169,12 @@ def encode_weighted_tokens(encoder: TextEncoder, tokenizer: ClipTokenizer,
 
 
 def encode_base_prompt(clip_l: TextEncoder, clip_g: TextEncoder, text_l: str, text_g: str | None = None, *,
-                       tokenizer: SDXLTokenizer | None = None,
-                       empty_prompt: str = "encode") -> tuple[torch.Tensor, torch.Tensor]:
+                       tokenizer: SDXLTokenizer | None = None, empty_prompt: str = "encode",
+                       embeddings=None) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL base conditioning: context [1, 77 k, L+G width] and bigG pooled [1, 1280] (ComfyUI CLIPTextEncodeSDXL).
 
-    `text_g` defaults to `text_l` (one prompt for both encoders).
+    `text_g` defaults to `text_l` (one prompt for both encoders). `embeddings` (a folder, list of folders, mapping
+    name → tensors or `EmbeddingLibrary`) is where `embedding:name` is looked up; CLIP-L takes `clip_l`, bigG `clip_g`.
     """
     _check_encoder(clip_l, "clip_l", pooled=False)
     _check_encoder(clip_g, "clip_g", pooled=True)
@@ -118,8 +183,9 @@ def encode_base_prompt(clip_l: TextEncoder, clip_g: TextEncoder, text_l: str, te
     if _is_zeroed(empty_prompt, text_l, text_g):
         width = clip_l.config.hidden_size + clip_g.config.hidden_size
         return _zeros(clip_g, width)
-    tokens_l = tokenize_weighted(tokenizer.clip_l, text_l)
-    tokens_g = tokenize_weighted(tokenizer.clip_g, text_g)
+    library = EmbeddingLibrary.from_source(embeddings)  # one library: each file is read once for both encoders
+    tokens_l = tokenize_weighted(tokenizer.clip_l, text_l, library, embedding_width=clip_l.config.hidden_size)
+    tokens_g = tokenize_weighted(tokenizer.clip_g, text_g, library, embedding_width=clip_g.config.hidden_size)
     chunks = max(tokens_l.num_chunks, tokens_g.num_chunks)
     context_l, _ = encode_weighted_tokens(clip_l, tokenizer.clip_l, pad_chunks(tokens_l, tokenizer.clip_l, chunks))
     context_g, pooled = encode_weighted_tokens(clip_g, tokenizer.clip_g,
@@ -128,13 +194,15 @@ def encode_base_prompt(clip_l: TextEncoder, clip_g: TextEncoder, text_l: str, te
 
 
 def encode_refiner_prompt(clip_g: TextEncoder, text: str, *, tokenizer: SDXLTokenizer | None = None,
-                          empty_prompt: str = "encode") -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL refiner conditioning: bigG context [1, 77 k, 1280] and pooled [1, 1280] (CLIPTextEncodeSDXLRefiner)."""
+                          empty_prompt: str = "encode", embeddings=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL refiner conditioning: bigG context [1, 77 k, 1280] and pooled [1, 1280] (CLIPTextEncodeSDXLRefiner);
+    embeddings contribute their `clip_g` tensor."""
     _check_encoder(clip_g, "clip_g", pooled=True)
     tokenizer = tokenizer or SDXLTokenizer()
     if _is_zeroed(empty_prompt, text):
         return _zeros(clip_g, clip_g.config.hidden_size)
-    return encode_weighted_tokens(clip_g, tokenizer.clip_g, tokenize_weighted(tokenizer.clip_g, text))
+    tokens = tokenize_weighted(tokenizer.clip_g, text, embeddings, embedding_width=clip_g.config.hidden_size)
+    return encode_weighted_tokens(clip_g, tokenizer.clip_g, tokens)
 
 
 def _check_encoder(encoder: TextEncoder, name: str, *, pooled: bool) -> None:

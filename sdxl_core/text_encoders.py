@@ -4,10 +4,17 @@ Outputs follow sgm's `FrozenCLIPEmbedder(layer="hidden", layer_idx=11)` and `Fro
 "penultimate")`: the context is `hidden_states[config.context_layer]` (-2: the input of the last layer, without the
 final LayerNorm); bigG's pooled vector is its final-LayerNorm state at the EOS position times `text_projection`.
 
-EOS position: the *first* token equal to 49407 (ComfyUI `clip_model.py`; transformers whenever the config's
-`eos_token_id` is not the legacy 2). sgm takes `argmax` of the ids instead; the two agree for every prompt made of
-vocabulary tokens (EOS is the largest id and the first EOS comes before any EOS padding), and differ only for ids
-above 49407 (textual-inversion slots), which this encoder rejects.
+EOS position: the *first* token equal to 49407 (transformers whenever the config's `eos_token_id` is not the legacy
+2). sgm takes `argmax` of the ids instead; the two agree for every prompt made of vocabulary tokens (EOS is the
+largest id and the first EOS comes before any EOS padding). Ids above 49407 are rejected.
+
+Textual-inversion vectors enter in place of token embeddings (`forward(tokens, embeds=, embeds_mask=)`): at the
+masked positions the token-embedding output is replaced before the position embeddings are added, which is where
+ComfyUI splices them in (`SDClipModel.process_tokens`). transformers 5's `CLIPTextModel.forward` takes no
+`inputs_embeds`, so the replacement is a forward hook on the token embedding for the duration of the call; the ids
+stay in place, so the pooled vector is still read at the first EOS by id. ComfyUI reads it at `num_tokens - 1`,
+where `num_tokens` counts the positions up to and including the first EOS plus the spliced vectors; as the vectors
+always precede a chunk's EOS, that is the same position.
 
 State dicts speak the single-file layout (what remains after the checkpoint prefix is stripped), in both
 directions, through state-dict hooks, so the encoder also loads and saves correctly when nested in another module:
@@ -98,17 +105,53 @@ class TextEncoder(nn.Module):
     def _text_model(self) -> nn.Module:
         return getattr(self.hf_model, "text_model", self.hf_model)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Context hidden states [B, T, hidden] and, for bigG, the projected pooled vector [B, projection_dim]."""
+    def forward(self, tokens: torch.Tensor, embeds: torch.Tensor | None = None,
+                embeds_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Context hidden states [B, T, hidden] and, for bigG, the projected pooled vector [B, projection_dim].
+
+        `embeds` [B, T, hidden] replaces the token embeddings where `embeds_mask` [B, T] (bool) is set: the input
+        vectors of textual-inversion embeddings (ComfyUI `SDClipModel.process_tokens`)."""
         self._check_tokens(tokens)
-        device = self.hf_model.get_input_embeddings().weight.device
+        token_embedding = self.hf_model.get_input_embeddings()
+        device = token_embedding.weight.device
         tokens = tokens.to(device=device, dtype=torch.long)
+        replace = self._embedding_replacement(tokens, embeds, embeds_mask)
         # Explicit positions: the model's position_ids buffer is bookkeeping that a meta build leaves empty.
         positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0)
-        out = self.hf_model(input_ids=tokens, position_ids=positions, output_hidden_states=True)
+        hook = token_embedding.register_forward_hook(replace) if replace is not None else None
+        try:
+            out = self.hf_model(input_ids=tokens, position_ids=positions, output_hidden_states=True)
+        finally:
+            if hook is not None:
+                hook.remove()
         hidden = out.hidden_states[self.config.context_layer]
         pooled = out.text_embeds if self.has_projection else None
         return hidden, pooled
+
+    def _embedding_replacement(self, tokens: torch.Tensor, embeds: torch.Tensor | None,
+                               embeds_mask: torch.Tensor | None):
+        """A forward hook for the token embedding that puts `embeds` at the masked positions, or None."""
+        if embeds is None and embeds_mask is None:
+            return None
+        if embeds is None or embeds_mask is None:
+            raise ValueError("embeds and embeds_mask go together: give both or neither")
+        width = self.config.hidden_size
+        if embeds.shape != (*tokens.shape, width) or not embeds.is_floating_point():
+            raise ValueError(f"embeds must be a float tensor [{tokens.shape[0]}, {tokens.shape[1]}, {width}] "
+                             f"(batch, length, this encoder's width), got {tuple(embeds.shape)} {embeds.dtype}")
+        if embeds_mask.shape != tokens.shape or embeds_mask.dtype != torch.bool:
+            raise ValueError(f"embeds_mask must be a bool tensor {tuple(tokens.shape)}, got "
+                             f"{tuple(embeds_mask.shape)} {embeds_mask.dtype}")
+        mask = embeds_mask.to(tokens.device)
+        if bool((tokens[mask] == EOS_TOKEN_ID).any()):
+            raise ValueError(f"an embedded position holds EOS ({EOS_TOKEN_ID}); the pooled output is read at the "
+                             "first EOS, so embedded positions need another placeholder id")
+        embeds = embeds.to(tokens.device)
+
+        def replace(module, args, output):
+            return torch.where(mask[..., None], embeds.to(output.dtype), output)
+
+        return replace
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:

@@ -11,6 +11,9 @@ Padding differs between the encoders and matters for the outputs (the pad tokens
 CLIP-L pads with EOS 49407 (HF tokenizer of openai/clip-vit-large-patch14), bigG pads with 0 (`open_clip.tokenize`).
 A literal "!" is token 256 for both: diffusers' `tokenizer_2` registers "!" as its pad *string* and so turns a typed
 "!" into id 0 (diffusers #4153); ComfyUI and sgm do not, and neither do we.
+
+Each tokenizer also names the key its encoder reads from SDXL textual-inversion files (`clip_l` / `clip_g`, ComfyUI's
+`embedding_key`); `embedding:` references themselves are resolved by `prompt_encoding` through `embeddings`.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class ClipTokenizer:
     bos_token_id: int = BOS_TOKEN_ID
     eos_token_id: int = EOS_TOKEN_ID
     context_length: int = CLIP_CONTEXT_LENGTH
+    embedding_key: str | None = None  # the tensor this encoder takes from an SDXL embedding file
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS and without truncation."""
@@ -118,5 +122,5 @@ class ClipTokenizer:
 class SDXLTokenizer:
     """The tokenizer pair of SDXL: CLIP-L pads with EOS, OpenCLIP bigG pads with 0 (the refiner uses `clip_g`)."""
 
-    clip_l: ClipTokenizer = ClipTokenizer(pad_token_id=EOS_TOKEN_ID)
-    clip_g: ClipTokenizer = ClipTokenizer(pad_token_id=0)
+    clip_l: ClipTokenizer = ClipTokenizer(pad_token_id=EOS_TOKEN_ID, embedding_key="clip_l")
+    clip_g: ClipTokenizer = ClipTokenizer(pad_token_id=0, embedding_key="clip_g")

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from sdxl_core.config import TINY_CLIP_G, TINY_CLIP_L
-from sdxl_core.prompt_encoding import (encode_base_prompt, encode_refiner_prompt, encode_weighted_tokens,
-                                       tokenize_weighted)
+from sdxl_core.embeddings import EmbeddingError
+from sdxl_core.prompt_encoding import (WeightedTokens, encode_base_prompt, encode_refiner_prompt,
+                                       encode_weighted_tokens, pad_chunks, tokenize_weighted)
 from sdxl_core.text_encoders import TextEncoder
 from sdxl_core.tokenizer import BOS_TOKEN_ID as BOS
 from sdxl_core.tokenizer import EOS_TOKEN_ID as EOS
@@ -254,6 +255,105 @@ def test_full_size_encoders_match_diffusers(diffusers_tokenizers):
     assert long_context.shape == (1, 154, 2048) and torch.isfinite(long_context).all()
 
 
+# --- textual-inversion embeddings (ComfyUI SDTokenizer `embedding:` words, SDClipModel.process_tokens) -------------
+
+def _embedding(n, seed, l_width=TINY_CLIP_L.hidden_size, g_width=TINY_CLIP_G.hidden_size):
+    generator = torch.Generator().manual_seed(seed)
+    return {"clip_l": torch.randn(n, l_width, generator=generator), "clip_g": torch.randn(n, g_width, generator=generator)}
+
+
+EMBEDDINGS = {"cat3": _embedding(3, 0), "long10": _embedding(10, 1), "one": _embedding(1, 2)}
+
+
+def test_embedding_vectors_take_one_position_each_with_their_weight():
+    red = TOK.clip_g.encode("red")
+    chunks = tokenize_weighted(TOK.clip_g, "a photo of embedding:cat3, red (embedding:one:1.2)", EMBEDDINGS,
+                               embedding_width=64)
+    assert chunks.tokens[0, :11].tolist() == [BOS, 320, 1125, 539, 0, 0, 0, 267, *red, 0, EOS]
+    assert chunks.vector_mask[0].nonzero().flatten().tolist() == [4, 5, 6, 9]
+    assert torch.equal(chunks.vectors[0, 4:7], EMBEDDINGS["cat3"]["clip_g"])
+    assert torch.equal(chunks.vectors[0, 9], EMBEDDINGS["one"]["clip_g"][0])
+    assert chunks.vectors[0, ~chunks.vector_mask[0]].abs().sum() == 0
+    assert chunks.weights[0, :11].tolist() == pytest.approx([1.0] * 9 + [1.2, 1.0])
+    # Each encoder takes its own tensor.
+    l_chunks = tokenize_weighted(TOK.clip_l, "embedding:cat3", EMBEDDINGS, embedding_width=32)
+    assert torch.equal(l_chunks.vectors[0, 1:4], EMBEDDINGS["cat3"]["clip_l"])
+    # Without any embedding the result carries no vectors at all.
+    assert tokenize_weighted(TOK.clip_g, "a cat", EMBEDDINGS, embedding_width=64).vectors is None
+
+
+def test_long_embedding_is_split_at_the_chunk_boundary_short_one_moves_whole():
+    long = tokenize_weighted(TOK.clip_g, "cat " * 70 + "embedding:long10 red", EMBEDDINGS, embedding_width=64)
+    red = TOK.clip_g.encode("red")
+    assert long.tokens.tolist() == [[BOS] + [CAT] * 70 + [0] * 5 + [EOS], [BOS] + [0] * 5 + red + [EOS] + [0] * 69]
+    vectors = EMBEDDINGS["long10"]["clip_g"]
+    assert torch.equal(long.vectors[0, 71:76], vectors[:5]) and torch.equal(long.vectors[1, 1:6], vectors[5:])
+    assert long.vector_mask.sum() == 10
+    short = tokenize_weighted(TOK.clip_g, "cat " * 74 + "embedding:cat3", EMBEDDINGS, embedding_width=64)
+    assert short.tokens.tolist() == [[BOS] + [CAT] * 74 + [EOS, 0], [BOS, 0, 0, 0, EOS] + [0] * 72]
+    assert short.vector_mask[1].nonzero().flatten().tolist() == [1, 2, 3] and not short.vector_mask[0].any()
+
+
+def _by_hand(encoder, tokenizer, weighted):
+    """The same encoding from a copy of the encoder whose unused vocabulary rows hold the vectors."""
+    twin = TextEncoder(encoder.config)
+    twin.load_state_dict(encoder.state_dict())
+    rows = torch.arange(40000, 40000 + int(weighted.vector_mask.sum()))
+    tokens = weighted.tokens.clone()
+    tokens[weighted.vector_mask] = rows
+    with torch.no_grad():
+        twin.hf_model.get_input_embeddings().weight[rows] = weighted.vectors[weighted.vector_mask]
+    return encode_weighted_tokens(twin, tokenizer, WeightedTokens(tokens=tokens, weights=weighted.weights))
+
+
+def test_embedded_prompt_equals_vectors_placed_by_hand(clip_l, clip_g):
+    text_g = "cat " * 70 + "(embedding:long10:1.3), embedding:cat3 on a mat"
+    text_l = "a (photo:0.8) of embedding:one"
+    context, pooled = encode_base_prompt(clip_l, clip_g, text_l, text_g, embeddings=EMBEDDINGS)
+    tokens_g = tokenize_weighted(TOK.clip_g, text_g, EMBEDDINGS, embedding_width=64)
+    tokens_l = pad_chunks(tokenize_weighted(TOK.clip_l, text_l, EMBEDDINGS, embedding_width=32), TOK.clip_l, 2)
+    want_g, want_pooled = _by_hand(clip_g, TOK.clip_g, tokens_g)
+    want_l, _ = _by_hand(clip_l, TOK.clip_l, tokens_l)
+    assert context.shape == (1, 154, 96)
+    torch.testing.assert_close(context, torch.cat([want_l, want_g], dim=-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, want_pooled, rtol=0, atol=1e-6)
+    # The weight applies to the embedding's positions: the same prompt at weight 1 differs exactly there.
+    plain, _ = encode_base_prompt(clip_l, clip_g, text_l, text_g.replace(":1.3)", ":1.0)"), embeddings=EMBEDDINGS)
+    differs = (plain - context)[0, :, 32:].abs().amax(-1) > 1e-5
+    assert differs.nonzero().flatten().tolist() == [*range(71, 76), *range(77 + 1, 77 + 6)]
+
+
+def test_refiner_uses_clip_g_only(clip_g, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"clip_g": EMBEDDINGS["cat3"]["clip_g"]}, str(tmp_path / "g_only.safetensors"))
+    save_file({"clip_l": EMBEDDINGS["cat3"]["clip_l"]}, str(tmp_path / "l_only.safetensors"))
+    context, pooled = encode_refiner_prompt(clip_g, "a embedding:g_only", embeddings=tmp_path)
+    want, want_pooled = encode_refiner_prompt(clip_g, "a embedding:cat3", embeddings=EMBEDDINGS)
+    assert torch.equal(context, want) and torch.equal(pooled, want_pooled)
+    with pytest.raises(EmbeddingError, match="no 'clip_g'.*'clip_l' .* only, made for the CLIP-L encoder"):
+        encode_refiner_prompt(clip_g, "a embedding:l_only", embeddings=tmp_path)
+
+
+def test_embedding_refusals(clip_l, clip_g, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.randn(2, 32)}, str(tmp_path / "sd15.safetensors"))
+    save_file({"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 48)}, str(tmp_path / "narrow.safetensors"))
+    cases = [
+        ("embedding:cat3", None, "no embedding source was given"),
+        ("embedding:dog", tmp_path, r"embedding:dog, which is not in .*available: narrow, sd15"),
+        ("embedding:sd15", tmp_path, r"'emb_params' has shape \[2, 32\]; expected 'clip_g' of shape \[n, 64\]"),
+        ("embedding:narrow", tmp_path, r"shape \[2, 48\]; expected 'clip_g' of shape \[n, 64\]"),
+    ]
+    for prompt, source, message in cases:
+        with pytest.raises(EmbeddingError, match=message):
+            encode_base_prompt(clip_l, clip_g, prompt, embeddings=source)
+    # An SD1.5 embedding in the CLIP-L prompt alone is fine (ComfyUI takes a one-tensor file for either encoder).
+    context, _ = encode_base_prompt(clip_l, clip_g, "embedding:sd15", "a cat", embeddings=tmp_path)
+    assert context.shape == (1, 77, 96)
+
+
 # --- parity with ComfyUI itself (comfy/sd1_clip.py, comfy/sdxl_clip.py, CLIPTextEncodeSDXL) ------------------------
 
 COMFY_PROMPTS = [
@@ -291,6 +391,10 @@ def test_chunks_and_weights_match_comfyui(prompt):
 ])
 def test_base_encoding_matches_comfyui(text_l, text_g):
     """Our encoders and ComfyUI's own CLIP code on identical tiny weights, via CLIPTextEncodeSDXL's steps."""
+    _compare_base_encoding_with_comfyui(text_l, text_g)
+
+
+def _compare_base_encoding_with_comfyui(text_l, text_g, embedding_folder=None):
     from sdxl_core.config import TextEncoderConfig
     from sdxl_core.openclip_conversion import openclip_to_transformers
     from tests._comfyui_text_reference import comfy_sdxl_clip
@@ -308,7 +412,8 @@ def test_base_encoding_matches_comfyui(text_l, text_g):
     missing_g, unexpected_g = comfy.clip_g.load_sd(openclip_to_transformers(clip_g.state_dict()))
     assert missing_l == ["text_projection.weight"] and missing_g == [] and not unexpected_l and not unexpected_g
 
-    tokenizer = sdxl_clip.SDXLTokenizer()
+    folder = str(embedding_folder) if embedding_folder is not None else None
+    tokenizer = sdxl_clip.SDXLTokenizer(embedding_directory=folder)
     tokens = tokenizer.tokenize_with_weights(text_g)
     tokens["l"] = tokenizer.tokenize_with_weights(text_l)["l"]
     empty = tokenizer.tokenize_with_weights("")
@@ -318,7 +423,60 @@ def test_base_encoding_matches_comfyui(text_l, text_g):
         tokens["g"] += empty["g"]
     with torch.no_grad():
         want, want_pooled = comfy.encode_token_weights(tokens)
-    got, got_pooled = encode_base_prompt(clip_l, clip_g, text_l, text_g)
+    got, got_pooled = encode_base_prompt(clip_l, clip_g, text_l, text_g, embeddings=embedding_folder)
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     assert (got_pooled - want_pooled).abs().max() <= 1e-5 * want_pooled.abs().max()
+
+
+def _embedding_folder(root):
+    from safetensors.torch import save_file
+
+    for name, tensors in EMBEDDINGS.items():
+        save_file(tensors, str(root / f"{name}.safetensors"))
+    (root / "styles").mkdir()
+    save_file(_embedding(2, 7), str(root / "styles" / "ink.safetensors"))
+    return root
+
+
+EMBEDDING_PROMPTS = [
+    "a photo of embedding:cat3 on a mat",
+    "(embedding:cat3:1.2), embedding:one, blue",
+    "embedding:cat3.safetensors\nembedding:styles/ink sky embedding:ink",
+    "cat " * 70 + "embedding:long10 red",
+    "cat " * 74 + "(embedding:cat3:0.7) and more",
+    "cat " * 30 + "(embedding:long10 with text:1.4) " + "dog " * 40 + "embedding:long10",
+]
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("prompt", EMBEDDING_PROMPTS)
+def test_embedding_tokens_match_comfyui(prompt, tmp_path):
+    from tests._comfyui_text_reference import comfy_sdxl_clip
+
+    folder = _embedding_folder(tmp_path)
+    comfy_tokens = comfy_sdxl_clip().SDXLTokenizer(embedding_directory=str(folder)).tokenize_with_weights(prompt)
+    for key, tokenizer, width in (("l", TOK.clip_l, 32), ("g", TOK.clip_g, 64)):
+        ours = tokenize_weighted(tokenizer, prompt, folder, embedding_width=width)
+        theirs = comfy_tokens[key]
+        assert ours.num_chunks == len(theirs)
+        spliced = sum(isinstance(item, torch.Tensor) for chunk in theirs for item, _ in chunk)
+        assert spliced == int(ours.vector_mask.sum()) > 0  # ComfyUI found every embedding too
+        for c, chunk in enumerate(theirs):
+            for j, (item, weight) in enumerate(chunk):
+                assert ours.weights[c, j] == torch.tensor(weight, dtype=torch.float32)
+                if isinstance(item, torch.Tensor):
+                    assert ours.vector_mask[c, j]
+                    assert (ours.vectors[c, j] - item).abs().max() <= 1e-5
+                else:
+                    assert not (ours.vector_mask is not None and ours.vector_mask[c, j])
+                    assert int(ours.tokens[c, j]) == item
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("text_l, text_g", [
+    ("a photo of embedding:cat3", "a photo of embedding:cat3"),
+    ("(embedding:one:1.3) blue", "cat " * 70 + "(embedding:long10:1.2), embedding:styles/ink"),
+])
+def test_base_encoding_with_embeddings_matches_comfyui(text_l, text_g, tmp_path):
+    _compare_base_encoding_with_comfyui(text_l, text_g, _embedding_folder(tmp_path))

@@ -166,3 +166,48 @@ def test_half_precision_runs_close_to_fp32(dtype):
 def test_bad_tokens_are_rejected(tokens, message):
     with pytest.raises(ValueError, match=message):
         TextEncoder(TINY_CLIP_G)(tokens)
+
+
+# --- textual-inversion vectors in place of token embeddings ---------------------------------------------------------
+
+def test_embeds_replace_token_embeddings_like_a_vocabulary_with_those_rows():
+    """Placing vectors at masked positions equals writing them into unused vocabulary rows and using those ids;
+    the pooled vector stays at the first EOS."""
+    for config in (TINY_CLIP_L, TINY_CLIP_G):
+        encoder = _randomized(config)
+        mask = torch.zeros(TOKENS.shape, dtype=torch.bool)
+        mask[0, 2:4] = True
+        mask[1, 1] = True
+        vectors = torch.randn(*TOKENS.shape, config.hidden_size)
+        tokens = torch.where(mask, 0, TOKENS)  # placeholder ids under the vectors
+        rows = torch.arange(40000, 40000 + int(mask.sum()))  # ids no test token uses
+        twin = _randomized(config)
+        twin.load_state_dict(encoder.state_dict())
+        with torch.no_grad():
+            twin.hf_model.get_input_embeddings().weight[rows] = vectors[mask]
+            by_hand = tokens.clone()
+            by_hand[mask] = rows
+            want, want_pooled = twin(by_hand)
+            got, got_pooled = encoder(tokens, vectors, mask)
+            plain, _ = encoder(tokens)
+        assert torch.equal(got, want)
+        assert (got_pooled is None) == (config.projection_dim is None)
+        if got_pooled is not None:
+            assert torch.equal(got_pooled, want_pooled)
+        assert not torch.equal(got, plain)
+        # the hook lives for one call only
+        with torch.no_grad():
+            assert torch.equal(encoder(tokens)[0], plain)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda v, m: (v, None), "give both or neither"),
+    (lambda v, m: (v[..., :-1], m), "float tensor"),
+    (lambda v, m: (v, m.float()), "bool tensor"),
+    (lambda v, m: (v, torch.ones_like(m)), "embedded position holds EOS"),
+])
+def test_bad_embeds_are_rejected(change, message):
+    encoder = _randomized(TINY_CLIP_G)
+    vectors, mask = change(torch.zeros(*TOKENS.shape, 64), torch.zeros(TOKENS.shape, dtype=torch.bool))
+    with pytest.raises(ValueError, match=message):
+        encoder(TOKENS, vectors, mask)
