@@ -16,12 +16,6 @@ SAMPLER_NAMES = list(SAMPLERS)
 SCHEDULER_NAMES = list(SCHEDULERS)
 DEFAULT_STEPS = 25
 DEFAULT_HANDOFF = 20  # the refiner takes the last fifth, as in the paper's and ComfyUI's SDXL examples
-# Activation memory of one UNet pass, in elements per latent cell of each guided sample (positive and negative
-# count separately). With fused attention about 4k elements per cell are live at the SDXL UNet's peak (the skip
-# connections kept for the decoder plus the widest feed-forward, estimated from the layer sizes, not measured);
-# twice that leaves room for the allocator: 256 MiB per half-precision 1024x1024 sample. ComfyUI frees room only
-# for the memory it is told about, so a large batch must ask for its share.
-ACTIVATION_ELEMENTS_PER_LATENT_CELL = 8192
 # LATENT key under which the base sampler records where it handed off, so the refiner can check it continues there.
 # Core nodes copy unknown LATENT keys along (or drop them); only a latent that still carries noise has it.
 HANDOFF_KEY = "sdxl_two_stage_handoff"
@@ -107,12 +101,13 @@ def _activation_bytes(model, latent: dict, branches: int = 2) -> int:
     `branches` is the number of conditioning entries evaluated per latent item in one step: 2 for a plain
     positive/negative pair, one more for each extra entry a ConditioningCombine adds (all run in one batch).
     """
+    from sdxl_core.residency import unet_activation_bytes
+
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
         return 0  # the sampler refuses it with a sentence
     batch, _, height, width = samples.shape
-    itemsize = next(model.unet.parameters()).element_size()
-    return branches * batch * height * width * ACTIVATION_ELEMENTS_PER_LATENT_CELL * itemsize
+    return unet_activation_bytes(model.unet, branches * batch, height, width)
 
 
 def _run(model, latent: dict, positive: list, negative: list, total_steps: int, **settings) -> tuple[dict]:

@@ -49,6 +49,19 @@ GiB = 2**30
 # not, so they are evicted before it arrives.
 DEFAULT_ACTIVATION_RESERVE = int(2.5 * GiB)
 
+# Activation memory of one UNet pass, in elements per latent cell of each sample in the batch (a guided step runs
+# positive and negative as two). Measured as the peak of live tensors with `benchmarks/activation_memory.py` (fake
+# tensors, full-size configs, 1024x1024, fused attention): base 5.4k, refiner 6.4k elements per cell. 8192 leaves
+# 1.5x / 1.3x for the caching allocator and cuDNN workspaces: 256 MiB per half-precision 1024x1024 sample, what
+# ComfyUI itself asks for an SDXL UNet (262 MiB).
+UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL = 8192
+
+
+def unet_activation_bytes(unet: nn.Module, batch: int, latent_height: int, latent_width: int) -> int:
+    """Device memory one UNet call on a [batch, 4, latent_height, latent_width] input needs next to its weights."""
+    itemsize = next(unet.parameters()).element_size()
+    return batch * latent_height * latent_width * UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL * itemsize
+
 # The pipeline steps a plan knows, and which components of an SDXLModel each one needs.
 STAGE_PARTS: dict[str, tuple[str, ...]] = {
     "text": ("clip_l", "clip_g"),  # the refiner has no clip_l; only the components the model has are used
