@@ -37,6 +37,14 @@ class DiscreteEpsSchedule:
         self.sigmas = sigmas.float()
         # The log is taken in float64 before the cast, as ComfyUI does; log(sigmas.float()) differs in the last bit.
         self.log_sigmas = sigmas.log().float()
+        self._log_sigmas_by_device: dict[torch.device, torch.Tensor] = {self.log_sigmas.device: self.log_sigmas}
+
+    def _log_sigmas_on(self, device: torch.device) -> torch.Tensor:
+        # Looking sigma up where it lives: a copy to the CPU would make every sampling step wait for the GPU.
+        found = self._log_sigmas_by_device.get(device)
+        if found is None:
+            found = self._log_sigmas_by_device[device] = self.log_sigmas.to(device)
+        return found
 
     @property
     def sigma_min(self) -> torch.Tensor:
@@ -49,8 +57,8 @@ class DiscreteEpsSchedule:
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Index of the nearest training sigma in log space (ComfyUI `ModelSamplingDiscrete.timestep`)."""
         sigma = torch.as_tensor(sigma)
-        distances = sigma.log().to(self.log_sigmas.device) - self.log_sigmas[:, None]
-        return distances.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
+        distances = sigma.log() - self._log_sigmas_on(sigma.device)[:, None]
+        return distances.abs().argmin(dim=0).view(sigma.shape)
 
     def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
         """Sigma at a fractional timestep, interpolated in log sigma (ComfyUI `ModelSamplingDiscrete.sigma`)."""

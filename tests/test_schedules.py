@@ -242,3 +242,13 @@ def test_schedule_and_schedulers_bit_equal_to_comfyui():
     for name, comfy_scheduler in comfy_schedulers.items():
         for steps in (1, 3, 10, 20, 25, 30, 50, 77):
             assert torch.equal(comfy_scheduler(reference, steps), SCHEDULERS[name](SCHEDULE, steps)), (name, steps)
+
+
+def test_timestep_lookup_stays_on_the_sigma_device():
+    """The nearest-timestep lookup runs where sigma lives: a round trip through the CPU would make every sampling
+    step on a GPU wait for the previous one to finish. The meta device stands in for a GPU here: it has no data,
+    so any copy to the CPU fails."""
+    schedule = DiscreteEpsSchedule()
+    on_meta = schedule.timestep(torch.tensor([14.6, 0.03], device="meta"))
+    assert on_meta.device.type == "meta" and on_meta.shape == (2,)
+    assert schedule.timestep(torch.tensor([14.6146, 0.0292])).tolist() == [999, 0]
