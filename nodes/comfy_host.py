@@ -102,6 +102,17 @@ def model_path(folder: str, name: str) -> Path:
     raise FileNotFoundError(f"model file {name!r} was not found in the {folder!r} folders ({searched})")
 
 
+def embedding_directories() -> list[Path]:
+    """The existing folders of ComfyUI's `embeddings` model folder, where prompts' `embedding:name` is looked up
+    (ComfyUI hands the same list to its own CLIP tokenizers); outside ComfyUI the standalone "embeddings" folders."""
+    host = _load_host()
+    if host is not None:
+        folders = [Path(p) for p in host.folder_paths.get_folder_paths("embeddings")]
+    else:
+        folders = _standalone_dirs("embeddings")
+    return [folder for folder in folders if folder.is_dir()]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Devices, dtypes and memory
 

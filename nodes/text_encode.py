@@ -22,7 +22,9 @@ class TextEncodeBase:
     DESCRIPTION = ("Encodes a prompt for the SDXL base. SDXL has two text encoders: OpenCLIP bigG (text_g), the "
                    "large one that carries most of the meaning and also gives the pooled embedding, and CLIP-L "
                    "(text_l). Most people put the same prompt in both (leave text_l empty for that). Supports "
-                   "ComfyUI's (word:1.2) weighting and prompts longer than 75 tokens. The output conditions on the "
+                   "ComfyUI's (word:1.2) weighting, prompts longer than 75 tokens and textual-inversion embeddings "
+                   "from the embeddings folder (embedding:name; SDXL embeddings only, with both clip_l and clip_g: "
+                   "a missing or SD1.5 embedding is an error, not silently dropped). The output conditions on the "
                    "latent's size unless an SDXL Micro-Conditioning node sets it.")
     CATEGORY = f"{CATEGORY}/conditioning"
     RETURN_TYPES = ("CONDITIONING",)
@@ -52,7 +54,8 @@ class TextEncodeBase:
         networks = [model.clip_g] + ([model.clip_l] if model.clip_l is not None else [])
         comfy_host.prepare_networks(networks, role="text_encoder")
         conditioning = encode_base_conditioning(model, text_g, text_l if text_l.strip() else None,
-                                                empty_prompt=empty_prompt)
+                                                empty_prompt=empty_prompt,
+                                                embeddings=comfy_host.embedding_directories())
         return (conditioning_on(conditioning, comfy_host.output_device()),)
 
 
@@ -76,7 +79,8 @@ class TextEncodeRefiner:
                                               "give conditioning the refiner cannot read."}),
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                                 "tooltip": "The prompt, usually the same text as the base's text_g (or its "
-                                           "negative). Supports (word:1.2) weighting."}),
+                                           "negative). Supports (word:1.2) weighting and embedding:name (the "
+                                           "embedding's clip_g vectors)."}),
             "empty_prompt": (["encode", "zeros"], {"default": "encode", "tooltip": _EMPTY_PROMPT_TOOLTIP}),
         }}
 
@@ -85,7 +89,8 @@ class TextEncodeRefiner:
 
         require_stage(model, "refiner", "SDXL Refiner Text Encode")
         comfy_host.prepare_networks([model.clip_g], role="text_encoder")
-        conditioning = encode_refiner_conditioning(model, text, empty_prompt=empty_prompt)
+        conditioning = encode_refiner_conditioning(model, text, empty_prompt=empty_prompt,
+                                                   embeddings=comfy_host.embedding_directories())
         return (conditioning_on(conditioning, comfy_host.output_device()),)
 
 

@@ -31,6 +31,14 @@ def _top_left(text: str) -> tuple[int, int]:
     return top, left
 
 
+def _directory(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a folder of textual-inversion embeddings, got {text!r}, which "
+                                         "is not a folder")
+    return path
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value < 1.0:
@@ -52,6 +60,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, *, with_models: b
                             help="the prompt (both text encoders)")
     parser.add_argument("--prompt-l", help="a separate prompt for CLIP-L (default: --prompt)")
     parser.add_argument("--negative", default="", help="the negative prompt")
+    parser.add_argument("--embeddings", type=_directory, action="append", metavar="DIR",
+                        help="folder of textual-inversion embeddings that prompts name as embedding:NAME "
+                             "(searched with its subfolders; repeat for more folders)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--width", type=int, help="image width in pixels, a multiple of 8")
     size.add_argument("--bucket", type=str, metavar="RATIO",

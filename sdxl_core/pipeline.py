@@ -33,6 +33,7 @@ from .denoiser import EpsDenoiser
 from .guidance import CFGDenoiser, WeightedConditioning
 from .models import SDXLModel
 from .noise import prepare_noise
+from .embeddings import EmbeddingLibrary
 from .prompt_encoding import encode_base_prompt, encode_refiner_prompt
 from .residency import ResidencyPlan, no_residency
 from .samplers import get_sampler, run_sampler
@@ -74,16 +75,18 @@ def empty_latent(width: int, height: int, batch_size: int = 1) -> dict:
 def encode_base_conditioning(model: SDXLModel, text_g: str, text_l: str | None = None, *,
                              width: int | None = None, height: int | None = None, crop_top: int = 0,
                              crop_left: int = 0, target_width: int | None = None, target_height: int | None = None,
-                             empty_prompt: str = "encode") -> list:
+                             empty_prompt: str = "encode", embeddings=None) -> list:
     """Base CONDITIONING: [CLIP-L | bigG] penultimate context, bigG pooled, and the size micro-conditioning
-    (ComfyUI `CLIPTextEncodeSDXL`; `text_l` defaults to `text_g`).
+    (ComfyUI `CLIPTextEncodeSDXL`; `text_l` defaults to `text_g`). `embeddings`: where `embedding:name` is looked
+    up (sdxl_core/embeddings.py).
 
     `width`/`height` are the original size; without them the conditioning carries no size fields and the sampler
     uses the latent's size for original and target (ComfyUI's rule), which is right for every aspect bucket.
     """
     _require_stage(model, "base", "encode a base prompt")
     context, pooled = encode_base_prompt(model.clip_l, model.clip_g, text_l if text_l is not None else text_g,
-                                         text_g, tokenizer=model.tokenizer, empty_prompt=empty_prompt)
+                                         text_g, tokenizer=model.tokenizer, empty_prompt=empty_prompt,
+                                         embeddings=embeddings)
     if _no_size(width, height, crop_top, crop_left, target_width, target_height):
         return make_base_conditioning(context, pooled)
     micro = BaseMicroConditioning(original_size=(height, width), crop_top_left=(crop_top, crop_left),
@@ -93,12 +96,14 @@ def encode_base_conditioning(model: SDXLModel, text_g: str, text_l: str | None =
 
 def encode_refiner_conditioning(model: SDXLModel, text: str, *, width: int | None = None,
                                 height: int | None = None, crop_top: int = 0, crop_left: int = 0,
-                                aesthetic_score: float | None = None, empty_prompt: str = "encode") -> list:
+                                aesthetic_score: float | None = None, empty_prompt: str = "encode",
+                                embeddings=None) -> list:
     """Refiner CONDITIONING: bigG penultimate context, bigG pooled, size and aesthetic score (ComfyUI
     `CLIPTextEncodeSDXLRefiner`). Sizes default to the latent's; the aesthetic score to 6.0 on the positive and
     2.5 on the negative side (decided by the sampler, which knows the side)."""
     _require_stage(model, "refiner", "encode a refiner prompt")
-    context, pooled = encode_refiner_prompt(model.clip_g, text, tokenizer=model.tokenizer, empty_prompt=empty_prompt)
+    context, pooled = encode_refiner_prompt(model.clip_g, text, tokenizer=model.tokenizer, empty_prompt=empty_prompt,
+                                            embeddings=embeddings)
     if _no_size(width, height, crop_top, crop_left):
         return make_refiner_conditioning(context, pooled, aesthetic_score=aesthetic_score)
     micro = RefinerMicroConditioning(original_size=(height, width), crop_top_left=(crop_top, crop_left),
@@ -337,10 +342,13 @@ DEFAULTS = _Defaults()
 
 def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequest, *,
              on_step: Callable[[str], None] | None = None, cancel: Cancel | None = None,
-             empty_prompt: str = "encode", residency: ResidencyPlan | None = None) -> GenerationResult:
+             empty_prompt: str = "encode", residency: ResidencyPlan | None = None,
+             embeddings=None) -> GenerationResult:
     """Text to image: the base runs steps [0, K) and hands its latent, noise left in, to the refiner for [K, N)
     (ComfyUI's KSamplerAdvanced pair; diffusers `denoising_end`/`denoising_start`); without a refiner the base runs
-    all N steps. `residency` moves only each step's weights onto the GPU (sdxl_core/residency.py: 8 GB cards)."""
+    all N steps. `residency` moves only each step's weights onto the GPU (sdxl_core/residency.py: 8 GB cards).
+    `embeddings`: where the prompts' `embedding:name` references are looked up (sdxl_core/embeddings.py)."""
+    embeddings = EmbeddingLibrary.from_source(embeddings)  # one library: each file is read once
     stage = residency.stage if residency is not None else no_residency
     _require_stage(base, "base", "generate")
     if refiner is not None:
@@ -353,10 +361,11 @@ def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequ
         positive = encode_base_conditioning(base, request.prompt, request.prompt_l, width=original[1],
                                             height=original[0], crop_top=crop_top, crop_left=crop_left,
                                             target_width=target[1], target_height=target[0],
-                                            empty_prompt=empty_prompt)
+                                            empty_prompt=empty_prompt, embeddings=embeddings)
         negative = encode_base_conditioning(base, request.negative, None, width=original[1], height=original[0],
                                             crop_top=crop_top, crop_left=crop_left, target_width=target[1],
-                                            target_height=target[0], empty_prompt=empty_prompt)
+                                            target_height=target[0], empty_prompt=empty_prompt,
+                                            embeddings=embeddings)
     latent = empty_latent(width, height, request.batch_size)
     base_end = request.refiner_start if refiner is not None and request.refiner_start < request.steps else None
 
@@ -375,7 +384,7 @@ def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequ
         with stage(refiner, "text"):
             refiner_positive, refiner_negative = (
                 encode_refiner_conditioning(refiner, text, width=width, height=height, aesthetic_score=score,
-                                            empty_prompt=empty_prompt)
+                                            empty_prompt=empty_prompt, embeddings=embeddings)
                 for text, score in ((request.prompt, request.aesthetic_score),
                                     (request.negative, request.negative_aesthetic_score)))
         with stage(refiner, "unet"):

@@ -88,7 +88,8 @@ def _run(request: GenerationRequest, base_path: Path, refiner_path: Path | None,
             refiner = load_checkpoint(refiner_path, dtype=dtype, device=load_device, vae_path=vae_path,
                                       vae_dtype=default_vae_dtype(device), expect="refiner")
         bar = ProgressBar(total=request.steps)
-        result = generate(base, refiner, request, on_step=bar.advance, residency=residency)
+        result = generate(base, refiner, request, on_step=bar.advance, residency=residency,
+                          embeddings=args.embeddings)
     except (CheckpointError, ConditioningMismatch, ValueError, FloatingPointError, ResidencyError) as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 2
@@ -100,7 +101,8 @@ def _run(request: GenerationRequest, base_path: Path, refiner_path: Path | None,
         print("\ncancelled; nothing was written", file=sys.stderr)
         return 130
     sources = {"base": str(base_path), "refiner": str(refiner_path) if refiner_path else None,
-               "vae": str(vae_path) if vae_path else None}
+               "vae": str(vae_path) if vae_path else None,
+               "embeddings": [str(d) for d in args.embeddings] if args.embeddings else None}
     for path in save_png(result.images, args.out, _png_text(request, sources)):
         print(f"wrote {path}")
     return 0

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from sdxl_core.cli import main
@@ -116,3 +117,33 @@ def test_a_refiner_switch_fraction_always_gives_a_valid_step(tmp_path, monkeypat
     monkeypatch.setattr(runner, "run_demo", lambda request, args: seen.setdefault("request", request) and 0)
     assert cli.main(["demo", "--out", str(tmp_path / "x.png"), "--steps", "2", "--refiner-switch", "0.2"]) == 0
     assert seen["request"].refiner_start == 1
+
+
+def test_generate_with_an_embeddings_folder(tiny_checkpoints, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from sdxl_core.config import TINY_CLIP_G, TINY_CLIP_L
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file({"clip_l": torch.randn(2, TINY_CLIP_L.hidden_size), "clip_g": torch.randn(2, TINY_CLIP_G.hidden_size)},
+              str(folder / "shiny.safetensors"))
+    out = tmp_path / "shiny.png"
+    args = _generate_args(tiny_checkpoints, out, "--embeddings", str(folder))
+    args[args.index("--prompt") + 1] = "a (embedding:shiny:1.2) red cube"
+    assert main(args) == 0
+    assert json.loads(Image.open(out).text["sdxl_core"])["embeddings"] == [str(folder)]
+    # A name that is not there is an error naming what is, before anything is written.
+    missing = tmp_path / "missing.png"
+    args[args.index("--out") + 1] = str(missing)
+    args[args.index("--prompt") + 1] = "embedding:dull cube"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "embedding:dull" in err and "available: shiny" in err and "Traceback" not in err
+    assert not missing.exists()
+
+
+def test_embeddings_option_needs_a_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "x.png"), "--embeddings", str(tmp_path / "nowhere")])
+    assert "is not a folder" in capsys.readouterr().err

@@ -208,6 +208,37 @@ def test_micro_conditioning_sets_comfyui_fields_without_touching_the_input(conds
     assert scored[0][1]["aesthetic_score"] == 2.5
 
 
+def test_text_encode_reads_embeddings_from_the_embeddings_folder(loaded, folders, tmp_path):
+    from safetensors.torch import save_file
+
+    from sdxl_core.pipeline import encode_base_conditioning, encode_refiner_conditioning
+
+    base, _, refiner = loaded
+    widths = {"clip_l": base.clip_l.config.hidden_size, "clip_g": base.clip_g.config.hidden_size}
+    (tmp_path / "styles").mkdir()
+    save_file({key: torch.randn(3, width) for key, width in widths.items()},
+              str(tmp_path / "styles" / "shiny.safetensors"))
+    save_file({"clip_l": torch.randn(2, widths["clip_l"])}, str(tmp_path / "l_only.safetensors"))
+    use_folders({**folders, "embeddings": [str(tmp_path), str(tmp_path / "not_there")]})
+    try:
+        prompt = "a (embedding:shiny:1.2) cube"
+        (base_cond,) = node("TextEncodeBase").encode(base, prompt, "", "encode")
+        (refiner_cond,) = node("TextEncodeRefiner").encode(refiner, prompt, "encode")
+        with pytest.raises(ValueError, match=r"embedding:dull, which is not in .*available: l_only, styles/shiny"):
+            node("TextEncodeBase").encode(base, "embedding:dull", "", "encode")
+        with pytest.raises(ValueError, match="no 'clip_g'"):
+            node("TextEncodeRefiner").encode(refiner, "embedding:l_only", "encode")
+    finally:
+        use_folders(folders)
+    want = encode_base_conditioning(base, prompt, embeddings=tmp_path)
+    assert torch.equal(base_cond[0][0], want[0][0])
+    assert torch.equal(base_cond[0][1]["pooled_output"], want[0][1]["pooled_output"])
+    want_refiner = encode_refiner_conditioning(refiner, prompt, embeddings=tmp_path)
+    assert torch.equal(refiner_cond[0][0], want_refiner[0][0])
+    plain = encode_base_conditioning(base, "a (shiny:1.2) cube")
+    assert not torch.equal(base_cond[0][0], plain[0][0])
+
+
 def test_text_encode_refuses_the_other_stage(loaded):
     base, _, refiner = loaded
     with pytest.raises(ValueError, match="needs the SDXL base checkpoint, but the connected model is the SDXL refiner"):

@@ -31,6 +31,7 @@ class FakeComfy:
     def __init__(self, preview=PreviewMethod.Latent2RGB):
         self.interrupt = False
         self.interrupt_after = None  # set the flag once this many progress updates were made
+        self.extra_folders = {}  # folder_paths.get_folder_paths: more folders per model folder key
         self.loads, self.patchers, self.updates, self.bars = [], [], [], []
         fake = self
 
@@ -67,6 +68,7 @@ class FakeComfy:
         self.modules = {
             "folder_paths": types.SimpleNamespace(
                 get_filename_list=lambda folder: [f"{folder}/one.safetensors"],
+                get_folder_paths=lambda folder: [f"/models/{folder}", *fake.extra_folders.get(folder, [])],
                 get_full_path_or_raise=lambda folder, name: f"/models/{folder}/{name}"),
             "comfy": types.ModuleType("comfy"),
             "comfy.model_management": mm,
@@ -137,6 +139,11 @@ def test_inside_comfyui_files_and_devices_come_from_comfyui(comfy):
     assert comfy_host.default_dtypes() == (torch.float32, torch.float32)  # VAE: never fp16, from [bf16, fp32]
     choices = node("CheckpointLoader").INPUT_TYPES()["required"]["ckpt_name"][0]
     assert choices == ["checkpoints/one.safetensors"]
+
+
+def test_embedding_folders_come_from_comfyui(comfy, tmp_path):
+    comfy.extra_folders["embeddings"] = [str(tmp_path)]
+    assert comfy_host.embedding_directories() == [tmp_path]  # /models/embeddings does not exist here
 
 
 def test_networks_go_through_model_management_once_wrapped(comfy, stage):
