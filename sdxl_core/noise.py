@@ -2,19 +2,19 @@
 
 `prepare_noise` and `noise_scaling` reproduce ComfyUI (`comfy/sample.py prepare_noise`, `model_sampling.EPS
 .noise_scaling`, `samplers.Sampler.max_denoise`) bit for bit. `GaussianNoiseSampler` is ComfyUI's
-`default_noise_sampler` (ancestral samplers). `BrownianNoiseSampler` replaces torchsde's BrownianTree, which this
-project does not depend on: it samples the same kind of Brownian path, seeded and deterministic, but not the same
-random numbers, so dpmpp_sde / dpmpp_2m_sde are reproducible here but not bit-equal to ComfyUI.
+`default_noise_sampler` (ancestral samplers). `BrownianTreeNoiseSampler` is ComfyUI's noise sampler of dpmpp_sde /
+dpmpp_2m_sde with the same numbers, over this project's own re-derivation of torchsde's BrownianTree (torchsde is
+not a dependency).
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 
+from .brownian_tree import BrownianTree
 from .denoiser import broadcastable_sigma
 
 # noise_sampler(sigma, sigma_next) -> standard normal noise shaped like the latent.
@@ -86,43 +86,43 @@ class GaussianNoiseSampler:
         return torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device, generator=self._generator)
 
 
-class BrownianNoiseSampler:
-    """Normalized increments (W(sigma_next) - W(sigma)) / sqrt|sigma_next - sigma| of one seeded Brownian path in
-    sigma, filled in lazily with Brownian bridges (Lévy's construction); stands in for ComfyUI's
-    `BrownianTreeNoiseSampler` with the same law, including the correlation of overlapping intervals."""
+class BrownianTreeNoiseSampler:
+    """Normalized Brownian increments (W(sigma_next) - W(sigma)) / sqrt|sigma_next - sigma| over [sigma_min,
+    sigma_max], ComfyUI's numbers: k-diffusion `BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed, cpu=True)`
+    as ComfyUI's dpmpp_sde / dpmpp_2m_sde build it, over torchsde 0.2.6's BrownianTree (see `brownian_tree`).
 
-    def __init__(self, x: torch.Tensor, seed: int):
-        self._shape, self._dtype, self._device = x.shape, x.dtype, x.device
-        # Drawn on the CPU in float32 so a seed gives the same path on every device.
-        self._generator = torch.Generator(device="cpu").manual_seed(seed)
-        self._times: list[float] = []
-        self._values: list[torch.Tensor] = []
+    An int seed drives one tree shaped like the whole batch (what ComfyUI's KSampler passes); a sequence of seeds,
+    one per batch item, drives one tree per item. The tree lives on the CPU in x's dtype; the noise comes back on
+    sigma's device in sigma's dtype, as ComfyUI returns it."""
+
+    def __init__(self, x: torch.Tensor, sigma_min: torch.Tensor | float, sigma_max: torch.Tensor | float,
+                 seed: int | Sequence[int]):
+        low, high, self._sign = _ordered(torch.as_tensor(sigma_min), torch.as_tensor(sigma_max))
+        t0, t1 = float(low.detach().cpu()), float(high.detach().cpu())
+        self._batched = not isinstance(seed, int)
+        if self._batched:
+            seeds = list(seed)
+            if len(seeds) != x.shape[0]:
+                raise ValueError(f"one seed per batch item expected ({x.shape[0]}), got {len(seeds)} seeds")
+            self._trees = [BrownianTree(t0, t1, x.shape[1:], entropy=s, dtype=x.dtype) for s in seeds]
+        else:
+            self._trees = [BrownianTree(t0, t1, x.shape, entropy=seed, dtype=x.dtype)]
 
     def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-        s, s_next = float(sigma), float(sigma_next)
-        if s == s_next:
-            raise ValueError(f"a Brownian increment needs two different sigmas, got {s} twice")
-        increment = self._value_at(s_next) - self._value_at(s)
-        return (increment / math.sqrt(abs(s_next - s))).to(device=self._device, dtype=self._dtype)
+        sigma, sigma_next = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
+        if bool(sigma == sigma_next):
+            raise ValueError(f"a Brownian increment needs two different sigmas, got {float(sigma)} twice")
+        low, high, sign = _ordered(sigma, sigma_next)
+        # ComfyUI queries the tree at float32 times.
+        ta, tb = float(low.detach().cpu().float()), float(high.detach().cpu().float())
+        increments = [tree.increment(ta, tb) for tree in self._trees]
+        w = torch.stack(increments) if self._batched else increments[0]
+        w = w.to(device=low.device, dtype=low.dtype)
+        if self._sign * sign < 0:
+            w = -w
+        return w / (sigma_next - sigma).abs().sqrt()
 
-    def _value_at(self, t: float) -> torch.Tensor:
-        k = bisect.bisect_left(self._times, t)
-        if k < len(self._times) and self._times[k] == t:
-            return self._values[k]
-        if not self._times:
-            value = torch.zeros(self._shape)
-        elif k == 0:
-            value = self._values[0] + math.sqrt(self._times[0] - t) * self._randn()
-        elif k == len(self._times):
-            value = self._values[-1] + math.sqrt(t - self._times[-1]) * self._randn()
-        else:
-            t0, t1 = self._times[k - 1], self._times[k]
-            w0, w1 = self._values[k - 1], self._values[k]
-            mean = w0 + (w1 - w0) * ((t - t0) / (t1 - t0))
-            value = mean + math.sqrt((t - t0) * (t1 - t) / (t1 - t0)) * self._randn()
-        self._times.insert(k, t)
-        self._values.insert(k, value)
-        return value
 
-    def _randn(self) -> torch.Tensor:
-        return torch.randn(self._shape, generator=self._generator)
+def _ordered(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(smaller, larger, +1 if already in order else -1), ties counting as swapped as in k-diffusion."""
+    return (a, b, 1) if a < b else (b, a, -1)

@@ -10,8 +10,8 @@ seeded with `seed`; deterministic samplers accept and ignore both so one call si
 Parity with ComfyUI (tests compare against ComfyUI's own code when COMFYUI_PATH names a checkout):
 - bit-equal: euler, euler_ancestral (its default noise too: ComfyUI's generator seeded with the KSampler seed on
   x's device), heun, dpm_2, dpmpp_2m, ddim (ComfyUI runs `sample_euler` for it);
-- dpmpp_sde, dpmpp_2m_sde: the update rules are bit-equal given the same noise, but the default noise comes from
-  `noise.BrownianNoiseSampler` (same law as torchsde's Brownian tree, other numbers): seeded, not ComfyUI's images;
+- dpmpp_sde, dpmpp_2m_sde: bit-equal too, default noise included: `noise.BrownianTreeNoiseSampler` over
+  [min positive sigma, max sigma] seeded with the KSampler seed reproduces ComfyUI's torchsde Brownian tree;
 - lms: within a few 1e-7 (ComfyUI integrates the multistep coefficients with scipy quad on float32 values, this
   module exactly).
 Churn (s_churn) is not offered: ComfyUI's KSampler never sets it and its noise would come from the global RNG.
@@ -22,11 +22,11 @@ each step and a true result raises `SamplingCancelled`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from .noise import BrownianNoiseSampler, GaussianNoiseSampler, NoiseSampler, is_max_denoise, noise_scaling
+from .noise import BrownianTreeNoiseSampler, GaussianNoiseSampler, NoiseSampler, is_max_denoise, noise_scaling
 
 Denoiser = Callable[..., torch.Tensor]
 Callback = Callable[[dict], None]
@@ -42,10 +42,14 @@ class SamplingCancelled(Exception):
         self.total = total
 
 
-def _steps(sigmas: torch.Tensor, cancel: Cancel | None) -> Iterator[int]:
+def _grid_length(sigmas: torch.Tensor) -> int:
     if sigmas.ndim != 1:
         raise ValueError(f"expected a 1-D sigma grid, got shape {tuple(sigmas.shape)}")
-    total = len(sigmas) - 1
+    return len(sigmas)
+
+
+def _steps(sigmas: torch.Tensor, cancel: Cancel | None) -> Iterator[int]:
+    total = _grid_length(sigmas) - 1
     for i in range(total):
         if cancel is not None and cancel():
             raise SamplingCancelled(i, total)
@@ -72,13 +76,28 @@ def _ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -
     return sigma_down, sigma_up
 
 
-def _noise_source(kind: type, x: torch.Tensor, noise_sampler: NoiseSampler | None, seed: int | None,
-                  sampler: str) -> NoiseSampler:
+def _check_seeded(noise_sampler: NoiseSampler | None, seed: int | Sequence[int] | None, sampler: str) -> None:
+    if noise_sampler is None and seed is None:
+        raise ValueError(f"{sampler} is stochastic: pass seed= (or a noise_sampler) so the run is reproducible")
+
+
+def _gaussian_noise(x: torch.Tensor, noise_sampler: NoiseSampler | None, seed: int | None,
+                    sampler: str) -> NoiseSampler:
+    _check_seeded(noise_sampler, seed, sampler)
+    return GaussianNoiseSampler(x, seed) if noise_sampler is None else noise_sampler
+
+
+def _brownian_noise(x: torch.Tensor, sigmas: torch.Tensor, noise_sampler: NoiseSampler | None,
+                    seed: int | Sequence[int] | None, sampler: str) -> NoiseSampler:
+    """ComfyUI's default for the SDE samplers: a Brownian tree over [smallest positive sigma, largest sigma] seeded
+    with the KSampler seed (or one tree per batch item for a sequence of seeds)."""
+    _check_seeded(noise_sampler, seed, sampler)
     if noise_sampler is not None:
         return noise_sampler
-    if seed is None:
-        raise ValueError(f"{sampler} is stochastic: pass seed= (or a noise_sampler) so the run is reproducible")
-    return kind(x, seed)
+    positive = sigmas[sigmas > 0]
+    if positive.numel() == 0:
+        raise ValueError(f"{sampler} needs a positive sigma in its grid, got {sigmas.tolist()}")
+    return BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seed)
 
 
 @torch.no_grad()
@@ -99,7 +118,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=Non
                            seed=None, eta=1.0, s_noise=1.0):
     """Ancestral Euler (k-diffusion `sample_euler_ancestral`): Euler to sigma_down, then noise of std sigma_up."""
     extra_args = {} if extra_args is None else extra_args
-    noise_sampler = _noise_source(GaussianNoiseSampler, x, noise_sampler, seed, "euler_ancestral")
+    noise_sampler = _gaussian_noise(x, noise_sampler, seed, "euler_ancestral")
     s_in = x.new_ones([x.shape[0]])
     for i in _steps(sigmas, cancel):
         denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
@@ -218,7 +237,9 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, noi
                      seed=None, eta=1.0, s_noise=1.0, r=0.5):
     """DPM-Solver++ (stochastic, second order with a midpoint at ratio r), k-diffusion `sample_dpmpp_sde`."""
     extra_args = {} if extra_args is None else extra_args
-    noise_sampler = _noise_source(BrownianNoiseSampler, x, noise_sampler, seed, "dpmpp_sde")
+    if _grid_length(sigmas) <= 1:
+        return x
+    noise_sampler = _brownian_noise(x, sigmas, noise_sampler, seed, "dpmpp_sde")
     s_in = x.new_ones([x.shape[0]])
     for i in _steps(sigmas, cancel):
         denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
@@ -256,7 +277,9 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, 
                         seed=None, eta=1.0, s_noise=1.0):
     """DPM-Solver++(2M) SDE with the midpoint correction, k-diffusion `sample_dpmpp_2m_sde` (Lu et al. 2022)."""
     extra_args = {} if extra_args is None else extra_args
-    noise_sampler = _noise_source(BrownianNoiseSampler, x, noise_sampler, seed, "dpmpp_2m_sde")
+    if _grid_length(sigmas) <= 1:
+        return x
+    noise_sampler = _brownian_noise(x, sigmas, noise_sampler, seed, "dpmpp_2m_sde")
     s_in = x.new_ones([x.shape[0]])
     old_denoised, h, h_last = None, None, None
     for i in _steps(sigmas, cancel):
@@ -301,9 +324,6 @@ SAMPLERS: dict[str, Sampler] = {
 
 # Samplers whose results depend on a seed; the others ignore `seed` and `noise_sampler`.
 STOCHASTIC_SAMPLERS = frozenset({"euler_ancestral", "dpmpp_sde", "dpmpp_2m_sde"})
-# Stochastic samplers whose default noise is ComfyUI's own (same seed, same numbers); the rest use
-# `BrownianNoiseSampler`, seeded but not ComfyUI's torchsde BrownianTree.
-COMFYUI_EXACT_NOISE_SAMPLERS = frozenset({"euler_ancestral"})
 
 
 def get_sampler(name: str) -> Sampler:

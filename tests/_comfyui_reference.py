@@ -1,7 +1,8 @@
 """ComfyUI's own sampling code as a test reference, loaded from a checkout named by COMFYUI_PATH.
 
 Only the pure-math pieces are loaded: `comfy/k_diffusion/sampling.py` and `comfy/model_sampling.py` as modules
-(with stand-ins for the few imports they need but never call in these tests: torchsde, the model patcher), and
+(with stand-ins for the few imports they need but never call in these tests: the model patcher, and torchsde when
+it is not installed; with torchsde installed ComfyUI's Brownian-tree noise runs for real), and
 single functions or classes of `comfy/samplers.py`, `comfy/sample.py` and `comfy/conds.py` lifted out with `ast`,
 because those modules pull in ComfyUI's whole runtime. Nothing here is vendored: without COMFYUI_PATH the
 tests that use it are skipped.
@@ -10,6 +11,7 @@ tests that use it are skipped.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import math
 import os
 import sys
@@ -28,17 +30,22 @@ requires_comfyui = pytest.mark.skipif(
 )
 
 
+# ComfyUI's dpmpp_sde / dpmpp_2m_sde draw their default noise from torchsde's BrownianTree.
+HAS_TORCHSDE = importlib.util.find_spec("torchsde") is not None
+
+
 def _stubs() -> dict[str, types.ModuleType]:
     class _NoBrownianTree:
         def __init__(self, *args, **kwargs):
             raise RuntimeError("torchsde is not installed; the Brownian-tree samplers cannot run the reference")
 
     stubs = {
-        "torchsde": {"BrownianTree": _NoBrownianTree},
         "comfy.model_patcher": {},
         "comfy.ldm.util": {"instantiate_from_config": None},
         "comfy.ops": {},
     }
+    if not HAS_TORCHSDE:
+        stubs["torchsde"] = {"BrownianTree": _NoBrownianTree}
     modules = {}
     for name, attrs in stubs.items():
         module = types.ModuleType(name)

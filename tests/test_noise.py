@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
+from sdxl_core.brownian_tree import BrownianTree
 from sdxl_core.noise import (
-    BrownianNoiseSampler,
+    BrownianTreeNoiseSampler,
     GaussianNoiseSampler,
     is_max_denoise,
     noise_scaling,
@@ -73,35 +74,159 @@ def test_gaussian_noise_sampler_continues_one_seeded_stream():
         assert torch.equal(sampler(torch.tensor(2.0), torch.tensor(1.0)), torch.randn(x.shape, generator=generator))
 
 
-def test_brownian_noise_sampler_is_seeded_and_standard_normal():
+def _grid(scheduler="karras", steps=12):
+    return SCHEDULERS[scheduler](SCHEDULE, steps)
+
+
+def _dpmpp_sde_queries(sigmas):
+    """The (sigma, sigma_next) pairs dpmpp_sde asks for: the midpoint in log-sigma, then the whole step."""
+    queries = []
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        if s_next > 0:
+            queries += [(s, (-(-s.log() + 0.5 * (-s_next.log() + s.log()))).exp()), (s, s_next)]
+    return queries
+
+
+def test_brownian_tree_is_seeded_and_standard_normal():
     x = torch.zeros(64, 4, 16, 16)
-    a = BrownianNoiseSampler(x, 1)
-    b = BrownianNoiseSampler(x, 1)
-    sigmas = SCHEDULERS["karras"](SCHEDULE, 10)
-    for s, s_next in zip(sigmas[:-2], sigmas[1:-1]):
+    sigmas = _grid()
+    a = BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], 1)
+    b = BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], 1)
+    for s, s_next in _dpmpp_sde_queries(sigmas):
         na, nb = a(s, s_next), b(s, s_next)
-        assert torch.equal(na, nb) and na.shape == x.shape and na.dtype == x.dtype
+        assert torch.equal(na, nb) and na.shape == x.shape and na.dtype == sigmas.dtype
         assert na.mean().item() == pytest.approx(0.0, abs=0.02)
         assert na.std().item() == pytest.approx(1.0, abs=0.02)
-    other_seed = BrownianNoiseSampler(x, 2)(sigmas[0], sigmas[1])
-    assert not torch.equal(other_seed, BrownianNoiseSampler(x, 1)(sigmas[0], sigmas[1]))
+    other_seed = BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], 2)(sigmas[0], sigmas[1])
+    assert (other_seed - a(sigmas[0], sigmas[1])).abs().mean() > 0.5
     with pytest.raises(ValueError, match="two different sigmas"):
         a(sigmas[0], sigmas[0])
 
 
-def test_brownian_increments_are_consistent_across_nested_intervals():
-    # W(c) - W(a) = (W(b) - W(a)) + (W(c) - W(b)) whatever order the points were first asked for, and increments
-    # over overlapping intervals are correlated as Brownian motion demands: corr = sqrt(overlap ratio).
-    x = torch.zeros(200_000)
-    sampler = BrownianNoiseSampler(x, 3)
-    a, b, c = 4.0, 2.5, 1.0
-    whole = sampler(torch.tensor(a), torch.tensor(c)) * math.sqrt(a - c)
-    first = sampler(torch.tensor(a), torch.tensor(b)) * math.sqrt(a - b)
-    second = sampler(torch.tensor(b), torch.tensor(c)) * math.sqrt(b - c)
+def test_brownian_tree_increments_add_up_and_correlate_like_brownian_motion():
+    # W(c) - W(a) = (W(b) - W(a)) + (W(c) - W(b)), and increments over overlapping intervals are correlated as
+    # Brownian motion demands: corr = sqrt(overlap ratio); disjoint ones are independent.
+    tree = BrownianTree(0.5, 5.0, (200_000,), entropy=3)
+    a, b, c = 1.0, 2.5, 4.0
+    first, second, whole = tree.increment(a, b), tree.increment(b, c), tree.increment(a, c)
     assert torch.allclose(first + second, whole, atol=1e-5)
+    assert whole.var().item() == pytest.approx(c - a, rel=0.02)
     corr = torch.corrcoef(torch.stack([first, whole]))[0, 1].item()
-    assert corr == pytest.approx(math.sqrt((a - b) / (a - c)), abs=0.01)
+    assert corr == pytest.approx(math.sqrt((b - a) / (c - a)), abs=0.01)
     assert torch.corrcoef(torch.stack([first, second]))[0, 1].item() == pytest.approx(0.0, abs=0.01)
+
+
+def test_brownian_tree_values_depend_neither_on_query_order_nor_on_what_is_kept():
+    sigmas = _grid("normal", 9)
+    queries = [(float(lo), float(hi)) for hi, lo in _dpmpp_sde_queries(sigmas)]
+    forward = BrownianTree(float(sigmas[-2]), float(sigmas[0]), (2, 3, 4), entropy=11)
+    expected = [forward.increment(lo, hi) for lo, hi in queries]
+    backward = BrownianTree(float(sigmas[-2]), float(sigmas[0]), (2, 3, 4), entropy=11)
+    for (lo, hi), value in reversed(list(zip(queries, expected))):
+        assert torch.equal(backward.increment(lo, hi), value)
+        fresh = BrownianTree(float(sigmas[-2]), float(sigmas[0]), (2, 3, 4), entropy=11)  # nothing kept
+        assert torch.equal(fresh.increment(lo, hi), value)
+    # Handing out a value must not let the caller corrupt what the tree keeps: the whole range (the root) and its
+    # left half (a kept bridge draw) are single pieces.
+    t0, t1 = float(sigmas[-2]), float(sigmas[0])
+    for lo, hi in ((t0, t1), (t0, round(0.5 * (t0 + t1), 6))):
+        before = forward.increment(lo, hi)
+        forward.increment(lo, hi).fill_(0.0)
+        assert torch.equal(forward.increment(lo, hi), before) and before.abs().sum() > 0
+
+
+def test_brownian_noise_sign_follows_the_query_direction():
+    x = torch.zeros(1, 4, 8, 8)
+    sigmas = _grid()
+    down = BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], 5)
+    # k-diffusion sorts both the range and each query and flips the sign for each swap.
+    swapped_range = BrownianTreeNoiseSampler(x, sigmas[0], sigmas[-2], 5)
+    for s, s_next in _dpmpp_sde_queries(sigmas):
+        assert torch.equal(down(s_next, s), -down(s, s_next))
+        assert torch.equal(swapped_range(s, s_next), -down(s, s_next))
+
+
+def test_brownian_noise_batch_seeds():
+    x = torch.zeros(2, 4, 8, 8)
+    sigmas = _grid()
+    one_tree = BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], 7)(sigmas[0], sigmas[1])
+    assert (one_tree[0] - one_tree[1]).abs().mean() > 0.5  # one tree over the batch: items differ
+    per_item = BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], [7, 9])(sigmas[0], sigmas[1])
+    alone = BrownianTreeNoiseSampler(x[:1], sigmas[-2], sigmas[0], 9)(sigmas[0], sigmas[1])
+    assert torch.equal(per_item[1:], alone)
+    with pytest.raises(ValueError, match="one seed per batch item expected"):
+        BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], [7])
+
+
+def test_brownian_tree_rejects_bad_queries():
+    tree = BrownianTree(0.03, 14.6, (3,), entropy=1)
+    with pytest.raises(ValueError, match="outside the tree's range"):
+        tree.increment(0.01, 1.0)
+    with pytest.raises(ValueError, match="less than the tree's resolution"):
+        tree.increment(1.0000001, 1.0000003)
+    with pytest.raises(ValueError, match="ta <= tb"):
+        tree.increment(2.0, 1.0)
+    with pytest.raises(ValueError, match="non-negative int"):
+        BrownianTree(0.03, 14.6, (3,), entropy=-1)
+    with pytest.raises(ValueError, match="t0 <= t1"):
+        BrownianTree(2.0, 1.0, (3,), entropy=1)
+    assert torch.equal(tree.increment(1.0, 1.0), torch.zeros(3))
+    # Float32 query times just outside a float64 range are clamped, as torchsde clamps them.
+    assert torch.equal(tree.increment(14.6 + 1e-7, 14.6 + 1e-7), torch.zeros(3))
+
+
+# torchsde warns about the float32 query times just past its range ends, which it clamps (as we do).
+IGNORE_TORCHSDE_CLAMP_WARNING = pytest.mark.filterwarnings("ignore:Should have:UserWarning")
+
+
+@IGNORE_TORCHSDE_CLAMP_WARNING
+@pytest.mark.parametrize("seed", [0, 42, 0xFFFFFFFFFFFFFFFF])
+@pytest.mark.parametrize("scheduler", ["karras", "normal", "simple"])
+def test_brownian_tree_bit_equal_to_torchsde(seed, scheduler):
+    torchsde = pytest.importorskip("torchsde")
+    sigmas = _grid(scheduler, 15)
+    t0, t1 = sigmas[-2], sigmas[0]
+    shape = (2, 4, 8, 8)
+    reference = torchsde.BrownianTree(t0, torch.zeros(shape), t1, entropy=seed)
+    ours = BrownianTree(float(t0), float(t1), shape, entropy=seed)
+    queries = [(float(lo), float(hi)) for hi, lo in _dpmpp_sde_queries(sigmas)]
+    queries += [(float(t0), float(t1)), (float(sigmas[5]), float(sigmas[1]))]
+    generator = torch.Generator().manual_seed(seed % 2**32)
+    order = torch.randperm(len(queries), generator=generator).tolist()  # any order, the same path
+    for k in list(range(len(queries))) + order:
+        lo, hi = queries[k]
+        assert torch.equal(ours.increment(lo, hi), reference(lo, hi)), (k, lo, hi)
+
+
+@IGNORE_TORCHSDE_CLAMP_WARNING
+def test_brownian_tree_bit_equal_to_torchsde_in_float64_and_half():
+    torchsde = pytest.importorskip("torchsde")
+    for dtype in (torch.float64, torch.float16):
+        reference = torchsde.BrownianTree(0.1, torch.zeros(5, 7, dtype=dtype), 3.0, entropy=8)
+        ours = BrownianTree(0.1, 3.0, (5, 7), entropy=8, dtype=dtype)
+        for lo, hi in ((0.1, 3.0), (0.25, 0.5), (1.123456, 2.654321), (0.3, 2.9)):
+            assert torch.equal(ours.increment(lo, hi), reference(lo, hi)), (dtype, lo, hi)
+
+
+@IGNORE_TORCHSDE_CLAMP_WARNING
+@requires_comfyui
+@pytest.mark.comfyui
+@pytest.mark.parametrize("sigma_dtype", [torch.float32, torch.float64])
+def test_brownian_noise_sampler_bit_equal_to_comfyui(sigma_dtype):
+    pytest.importorskip("torchsde")
+    from tests._comfyui_reference import load_modules
+
+    reference = load_modules().sampling.BrownianTreeNoiseSampler
+    sigmas = _grid("karras", 20).to(sigma_dtype)
+    sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()
+    x = torch.zeros(2, 4, 16, 16)
+    for seed in (0, 123456789, [3, 4]):
+        theirs = reference(x, sigma_min, sigma_max, seed=seed, cpu=True)
+        ours = BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed)
+        for s, s_next in _dpmpp_sde_queries(sigmas):
+            expected = theirs(s, s_next)
+            got = ours(s, s_next)
+            assert got.dtype == expected.dtype and torch.equal(got, expected), (seed, float(s), float(s_next))
 
 
 @requires_comfyui

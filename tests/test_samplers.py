@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
+from sdxl_core.noise import BrownianTreeNoiseSampler
 from sdxl_core.samplers import (
-    COMFYUI_EXACT_NOISE_SAMPLERS,
     SAMPLERS,
     STOCHASTIC_SAMPLERS,
     SamplingCancelled,
@@ -16,7 +16,7 @@ from sdxl_core.samplers import (
     sample_heun,
 )
 from sdxl_core.schedules import SCHEDULERS, DiscreteEpsSchedule
-from tests._comfyui_reference import KDiffusionModelStub, load_modules, requires_comfyui
+from tests._comfyui_reference import HAS_TORCHSDE, KDiffusionModelStub, load_modules, requires_comfyui
 
 SCHEDULE = DiscreteEpsSchedule()
 DETERMINISTIC = sorted(set(SAMPLERS) - STOCHASTIC_SAMPLERS)
@@ -112,7 +112,6 @@ def test_stochastic_samplers_are_deterministic_per_seed(name):
 def test_euler_ancestral_noise_is_comfyuis_seeded_generator():
     # ComfyUI's default noise sampler is a generator on x's device seeded with the KSampler seed, so on CPU the
     # first ancestral noise equals the initial noise drawn with the same seed.
-    assert "euler_ancestral" in COMFYUI_EXACT_NOISE_SAMPLERS
     sigmas = torch.tensor([2.0, 1.0, 0.0])
     x = torch.zeros(1, 2, 4, 4)
     expected_noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(99))
@@ -241,6 +240,7 @@ def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep(scheduler):
 
 @requires_comfyui
 @pytest.mark.comfyui
+@pytest.mark.filterwarnings("ignore:Should have:UserWarning")  # torchsde clamping float32 times at its range ends
 @pytest.mark.parametrize("scheduler", ["karras", "normal", "simple"])
 def test_samplers_bit_equal_to_comfyui(scheduler):
     reference = load_modules()
@@ -254,8 +254,8 @@ def test_samplers_bit_equal_to_comfyui(scheduler):
         comfy_name = "euler" if name == "ddim" else name  # ComfyUI's "ddim" is `ksampler("euler")`
         comfy_sampler = getattr(reference.sampling, f"sample_{comfy_name}")
         kwargs = {}
-        if name in STOCHASTIC_SAMPLERS and name not in COMFYUI_EXACT_NOISE_SAMPLERS:
-            # torchsde's Brownian tree is not reproduced: compare the update rules on one shared noise stream.
+        if name in ("dpmpp_sde", "dpmpp_2m_sde") and not HAS_TORCHSDE:
+            # ComfyUI's default noise needs torchsde: compare the update rules on one shared noise stream.
             kwargs = {"noise_sampler": _shared_noise(x)}
             ours_kwargs = {"noise_sampler": _shared_noise(x)}
         else:
@@ -273,3 +273,47 @@ def test_samplers_bit_equal_to_comfyui(scheduler):
 def _shared_noise(x):
     generator = torch.Generator().manual_seed(5)
     return lambda sigma, sigma_next: torch.randn(x.shape, generator=generator)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_2m_sde"])
+def test_sde_samplers_draw_from_a_brownian_tree_seeded_with_the_ksampler_seed(name):
+    # ComfyUI: BrownianTreeNoiseSampler(x, min positive sigma, max sigma, seed=extra_args["seed"]), i.e. the
+    # KSampler seed, one tree for the whole batch; run_sampler must hand the same seed down.
+    latent, noise = torch.zeros(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sigmas = SCHEDULERS["karras"](SCHEDULE, 8)
+    x = noise * (1 + sigmas[0] ** 2) ** 0.5
+    tree = BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], 31)
+    expected = SAMPLERS[name](gaussian_denoiser, x, sigmas, noise_sampler=tree)
+    out = run_sampler(name, gaussian_denoiser, latent, noise, sigmas, sigma_max=SCHEDULE.sigma_max, seed=31)
+    assert torch.equal(out, expected)
+    per_item = SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=[31, 32])
+    # One tree per item: an item's result does not depend on its batch mates.
+    assert torch.equal(per_item[:1], SAMPLERS[name](gaussian_denoiser, x[:1], sigmas, seed=[31]))
+    assert (per_item[1] - out[1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="needs a positive sigma"):
+        SAMPLERS[name](gaussian_denoiser, x, torch.zeros(3), seed=1)
+
+
+@requires_comfyui
+@pytest.mark.comfyui
+@pytest.mark.filterwarnings("ignore:Should have:UserWarning")
+@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("seed", [0, 1234567890123, [5, 6]])
+def test_sde_samplers_give_comfyuis_images_for_the_same_seed(name, seed):
+    pytest.importorskip("torchsde")
+    reference = load_modules()
+    model_sampling = reference.model_sampling.ModelSamplingDiscrete()
+
+    def twisted(x, sigma):
+        return gaussian_denoiser(x, sigma) + 0.05 * torch.tanh(x)
+
+    latent = torch.zeros(2, 4, 16, 16)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    sigmas = SCHEDULERS["karras"](SCHEDULE, 20)
+    x = noise * (1 + sigmas[0] ** 2) ** 0.5
+    comfy_sampler = getattr(reference.sampling, f"sample_{name}")
+    expected = comfy_sampler(KDiffusionModelStub(twisted, model_sampling), x, sigmas, extra_args={"seed": seed},
+                             disable=True)
+    ours = run_sampler(name, twisted, latent, noise, sigmas, sigma_max=SCHEDULE.sigma_max, seed=seed)
+    assert (ours - expected).abs().max().item() <= 1e-6
+    assert torch.equal(ours, expected)
