@@ -46,6 +46,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _write_tiny_embedding(path: Path) -> None:
+    """An SDXL textual-inversion file for the tiny encoders: clip_l and clip_g vectors of their widths."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdxl_core.config import TINY_CLIP_G, TINY_CLIP_L
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(5)
+    save_file({"clip_l": torch.randn(2, TINY_CLIP_L.hidden_size, generator=generator),
+               "clip_g": torch.randn(2, TINY_CLIP_G.hidden_size, generator=generator)}, str(path))
+
+
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("comfyui")
@@ -56,9 +69,10 @@ def server(tiny_checkpoints, tmp_path_factory):
         shutil.copyfile(path, root / "models" / "checkpoints" / f"tiny_sdxl_{kind}.safetensors")
     pixels = (np.indices((H, W, 3)).sum(axis=0) * 7 % 256).astype(np.uint8)
     Image.fromarray(pixels).save(root / "input" / "example.png")
+    _write_tiny_embedding(root / "models" / "embeddings" / "shiny.safetensors")
     (root / "extra_model_paths.yaml").write_text(
         f"sdxl_two_stage_test:\n  base_path: {root}\n  custom_nodes: custom_nodes\n"
-        "  checkpoints: models/checkpoints\n  vae: models/vae\n")
+        "  checkpoints: models/checkpoints\n  vae: models/vae\n  embeddings: models/embeddings\n")
     port = _free_port()
     log = open(root / "comfyui.log", "w")
     command = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
@@ -287,6 +301,18 @@ def test_progress_per_step_with_latent_previews_over_the_websocket(server):
     assert event in (1, 4)  # PREVIEW_IMAGE or PREVIEW_IMAGE_WITH_METADATA (protocol.py)
     if event == 1:
         assert image_type == 1 and previews[0][8:10] == b"\xff\xd8"  # JPEG
+
+
+def test_prompts_name_embeddings_from_comfyuis_embeddings_folder(server):
+    settings = {"3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
+                "11.steps": STEPS, "11.start_at_step": HANDOFF}
+    prompt = _example("sdxl_two_stage_txt2img", **settings, **{"4.text_g": "a (embedding:shiny:1.2) lighthouse",
+                                                                "8.text": "a embedding:shiny lighthouse"})
+    images, _ = _run(server, prompt)
+    assert len(images) == 1
+    prompt = _example("sdxl_two_stage_txt2img", **settings, **{"4.text_g": "a embedding:dull lighthouse"})
+    with pytest.raises(client.WorkflowError, match=r"embedding:dull, which is not in .*available: shiny"):
+        _run(server, prompt)
 
 
 def test_validation_errors_are_node_errors_with_sentences(server):
