@@ -37,6 +37,7 @@ ENCODER_NAMES = {"clip_l": "CLIP-L", "clip_g": "OpenCLIP bigG"}
 _WORD_SPLIT = re.compile(f"[ \n]{re.escape(EMBEDDING_PREFIX)}")
 _LISTED_NAMES = 20  # names shown in a "not found" message before "and N more"
 
+
 class EmbeddingError(ValueError):
     """An `embedding:` reference that cannot be used: missing, unreadable, or not made for this encoder."""
 
