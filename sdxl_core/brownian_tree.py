@@ -135,9 +135,11 @@ class BrownianTree:
             reciprocal = 1 / (node.end - node.start)
             seed = np.random.SeedSequence(entropy=self.entropy, spawn_key=(node.path, node.depth),
                                           pool_size=POOL_SIZE).generate_state(1)[0]
-            noise = _seeded_normal(seed, self.shape, self.dtype)
-            mean = left_length * value * reciprocal
-            left = mean + math.sqrt(left_length * right_length * reciprocal) * noise
+            # torchsde's `left_diff * W * h_reciprocal + sqrt(var) * noise`, op for op (in place: no new buffers).
+            mean = value * left_length
+            mean.mul_(reciprocal)
+            left = _seeded_normal(seed, self.shape, self.dtype).mul_(math.sqrt(left_length * right_length * reciprocal))
+            left.add_(mean)
             self._left_increments[node] = left
         return left
 
