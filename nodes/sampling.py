@@ -25,7 +25,7 @@ _COMMON_TOOLTIPS = {
     "negative": "What to steer away from: CONDITIONING from this stage's own text-encode node (may be an empty "
                 "prompt).",
     "seed": "Seed of the starting noise and of the noise the ancestral and SDE samplers add on the way. ComfyUI "
-            "draws both the same way, so a seed gives the same image as in a core KSampler workflow.",
+            "draws both the same way, so a seed gives the same noise as in a core KSampler workflow.",
     "steps": "N, the total steps of the whole base + refiner schedule. Use the same N in both samplers.",
     "cfg": "Classifier-free guidance: how strongly to follow the prompt over the negative. SDXL works best around "
            "5-8; higher burns colours.",
