@@ -48,6 +48,12 @@ def _grid_length(sigmas: torch.Tensor) -> int:
     return len(sigmas)
 
 
+def _zero_flags(sigmas: torch.Tensor) -> list[bool]:
+    """Which grid entries are 0, read once per run: branching on `sigmas[i + 1] == 0` in the loop would make every
+    step on a GPU wait for the previous one to finish (a device-to-host read)."""
+    return [value == 0 for value in sigmas.detach().cpu().tolist()]
+
+
 def _steps(sigmas: torch.Tensor, cancel: Cancel | None) -> Iterator[int]:
     total = _grid_length(sigmas) - 1
     for i in range(total):
@@ -137,12 +143,13 @@ def sample_heun(denoiser, x, sigmas, *, extra_args=None, callback=None, noise_sa
     """Heun's second-order method, Karras et al. (2022) Algorithm 2 without churn; Euler on the last step to 0."""
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
+    zero = _zero_flags(sigmas)
     for i in _steps(sigmas, cancel):
         denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
         d = _derivative(x, sigmas[i], denoised)
         _report(callback, i, x, sigmas[i], denoised)
         dt = sigmas[i + 1] - sigmas[i]
-        if sigmas[i + 1] == 0:
+        if zero[i + 1]:
             x = x + d * dt
         else:
             x_2 = x + d * dt
@@ -156,11 +163,12 @@ def sample_dpm_2(denoiser, x, sigmas, *, extra_args=None, callback=None, noise_s
     """DPM-Solver-2 (Lu et al. 2022) as a midpoint method in log sigma, k-diffusion `sample_dpm_2`."""
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
+    zero = _zero_flags(sigmas)
     for i in _steps(sigmas, cancel):
         denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
         d = _derivative(x, sigmas[i], denoised)
         _report(callback, i, x, sigmas[i], denoised)
-        if sigmas[i + 1] == 0:
+        if zero[i + 1]:
             x = x + d * (sigmas[i + 1] - sigmas[i])
         else:
             sigma_mid = sigmas[i].log().lerp(sigmas[i + 1].log(), 0.5).exp()
@@ -195,13 +203,13 @@ def sample_lms(denoiser, x, sigmas, *, extra_args=None, callback=None, noise_sam
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     # ComfyUI integrates over the float32 grid's values.
-    grid = [float(s) for s in sigmas.detach().cpu().float()]
+    grid = sigmas.detach().cpu().float().tolist()
     derivatives = []
     for i in _steps(sigmas, cancel):
         denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
         derivatives = (derivatives + [_derivative(x, sigmas[i], denoised)])[-order:]
         _report(callback, i, x, sigmas[i], denoised)
-        if sigmas[i + 1] == 0:
+        if grid[i + 1] == 0:
             x = denoised
         else:
             current = min(i + 1, order)
@@ -217,12 +225,13 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, callback=None, nois
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     old_denoised = None
+    zero = _zero_flags(sigmas)
     for i in _steps(sigmas, cancel):
         denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
         _report(callback, i, x, sigmas[i], denoised)
         t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
         h = t_next - t
-        if old_denoised is not None and sigmas[i + 1] != 0:
+        if old_denoised is not None and not zero[i + 1]:
             r = (t + sigmas[i - 1].log()) / h
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
         else:
@@ -355,7 +364,8 @@ def run_sampler(
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from latent shape {tuple(latent.shape)}")
     if sigmas.numel() == 0:
         return latent
+    max_denoise = is_max_denoise(sigmas, sigma_max)  # reads the grid where it was made (the CPU), once per run
     noise = noise.to(device=latent.device)
     sigmas = sigmas.to(device=latent.device)
-    x = noise_scaling(sigmas[0], noise, latent, is_max_denoise(sigmas, sigma_max))
+    x = noise_scaling(sigmas[0], noise, latent, max_denoise)
     return sampler(denoiser, x, sigmas, extra_args=extra_args, callback=callback, cancel=cancel, seed=seed)
