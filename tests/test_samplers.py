@@ -16,6 +16,7 @@ from sdxl_core.samplers import (
     sample_heun,
 )
 from sdxl_core.schedules import SCHEDULERS, DiscreteEpsSchedule, ksampler_sigmas
+from tests._host_reads import HostReads
 from tests._comfyui_reference import HAS_TORCHSDE, KDiffusionModelStub, load_modules, requires_comfyui
 
 SCHEDULE = DiscreteEpsSchedule()
@@ -319,20 +320,6 @@ def test_sde_samplers_give_comfyuis_images_for_the_same_seed(name, seed):
     assert torch.equal(ours, expected)
 
 
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the reads of a tensor's value into Python (`.item()`, `bool()`, `float()`): on a GPU each one makes
-    the host wait for every kernel queued before it."""
-
-    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.READS
-        return func(*args, **(kwargs or {}))
-
 
 @pytest.mark.parametrize("name", ["euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim"])
 def test_deterministic_samplers_read_nothing_back_per_step(name):
@@ -347,7 +334,7 @@ def test_deterministic_samplers_read_nothing_back_per_step(name):
     for steps in (4, 9):
         sigmas = ksampler_sigmas(schedule, "karras", name, steps)
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
-        with _HostReads() as reads:
+        with HostReads() as reads:
             get_sampler(name)(denoiser, x, sigmas)
         counts.append(reads.count)
     assert counts[0] == counts[1], f"{name}: {counts[0]} host reads for 4 steps, {counts[1]} for 9"
