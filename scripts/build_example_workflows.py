@@ -40,19 +40,19 @@ class Node:
 
 
 def _checkpoint_loader(id, pos, name, title):
-    return Node(id, P + "CheckpointLoader", pos, (380, 130), [name, "default", BAKED_VAE],
+    return Node(id, P + "CheckpointLoader", pos, (380, 150), [name, "default", BAKED_VAE],
                 {"ckpt_name": name, "weight_dtype": "default", "vae_name": BAKED_VAE}, outputs=[("model", "SDXL_MODEL"), ("vae", "SDXL_VAE")],
                 title=title)
 
 
 def _base_encode(id, pos, model, text, title, color):
-    return Node(id, P + "TextEncodeBase", pos, (400, 260), [text, "", "encode"],
+    return Node(id, P + "TextEncodeBase", pos, (400, 275), [text, "", "encode"],
                 {"text_g": text, "text_l": "", "empty_prompt": "encode"}, inputs=[("model", "SDXL_MODEL", model)],
                 outputs=[("CONDITIONING", "CONDITIONING")], title=title, **color)
 
 
 def _refiner_encode(id, pos, model, text, title, color):
-    return Node(id, P + "TextEncodeRefiner", pos, (400, 250), [text, "encode"],
+    return Node(id, P + "TextEncodeRefiner", pos, (400, 265), [text, "encode"],
                 {"text": text, "empty_prompt": "encode"}, inputs=[("model", "SDXL_MODEL", model)],
                 outputs=[("CONDITIONING", "CONDITIONING")], title=title, **color)
 
@@ -67,11 +67,11 @@ def txt2img() -> tuple[list[Node], list[dict]]:
     nodes = [
         _checkpoint_loader(1, (20, 80), "sd_xl_base_1.0.safetensors", "Load SDXL Base"),
         _checkpoint_loader(2, (20, 800), "sd_xl_refiner_1.0.safetensors", "Load SDXL Refiner"),
-        Node(3, P + "EmptyLatent", (20, 240), (380, 150), ["1024x1024 (1:1)", 1024, 1024, 1],
+        Node(3, P + "EmptyLatent", (20, 290), (380, 150), ["1024x1024 (1:1)", 1024, 1024, 1],
              {"resolution": "1024x1024 (1:1)", "width": 1024, "height": 1024, "batch_size": 1},
              outputs=[("latent", "LATENT"), ("width", "INT"), ("height", "INT")]),
         _base_encode(4, (440, 80), (1, 0), POSITIVE, "Positive (base)", GREEN),
-        _base_encode(5, (440, 380), (1, 0), NEGATIVE, "Negative (base)", RED),
+        _base_encode(5, (440, 400), (1, 0), NEGATIVE, "Negative (base)", RED),
         Node(6, P + "MicroConditioning", (880, 80), (340, 230), [1024, 1024, 0, 0, 1024, 1024],
              {"width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0, "target_width": 1024, "target_height": 1024},
              inputs=[("conditioning", "CONDITIONING", (4, 0))], outputs=[("CONDITIONING", "CONDITIONING")]),
@@ -83,8 +83,8 @@ def txt2img() -> tuple[list[Node], list[dict]]:
                      ("negative", "CONDITIONING", (5, 0)), ("latent_image", "LATENT", (3, 0))],
              outputs=[("LATENT", "LATENT")]),
         _refiner_encode(8, (440, 800), (2, 0), POSITIVE, "Positive (refiner)", GREEN),
-        _refiner_encode(9, (440, 1090), (2, 0), NEGATIVE, "Negative (refiner)", RED),
-        Node(10, P + "AestheticScore", (880, 1090), (340, 82), [2.5], {"aesthetic_score": 2.5},
+        _refiner_encode(9, (440, 1110), (2, 0), NEGATIVE, "Negative (refiner)", RED),
+        Node(10, P + "AestheticScore", (880, 1110), (340, 82), [2.5], {"aesthetic_score": 2.5},
              inputs=[("conditioning", "CONDITIONING", (9, 0))], outputs=[("CONDITIONING", "CONDITIONING")]),
         Node(11, P + "RefinerSampler", (1260, 800), (340, 310),
              [seed, "fixed", steps, cfg, "euler", "normal", handoff, 1.0],
@@ -100,7 +100,7 @@ def txt2img() -> tuple[list[Node], list[dict]]:
     ]
     groups = [
         {"title": "Base: steps 0..K (K = end_at_step)", "bounding": [0, 0, 1620, 700], "color": "#3f789e"},
-        {"title": "Refiner: steps K..N, its own text encode", "bounding": [0, 720, 1620, 620], "color": "#8A8"},
+        {"title": "Refiner: steps K..N, its own text encode", "bounding": [0, 720, 1620, 680], "color": "#8A8"},
     ]
     return nodes, groups
 
@@ -114,7 +114,7 @@ def img2img_refine() -> tuple[list[Node], list[dict]]:
         Node(3, P + "VAEEncode", (440, 80), (260, 80), ["auto"], {"tiling": "auto"},
              inputs=[("vae", "SDXL_VAE", (2, 1)), ("pixels", "IMAGE", (1, 0))], outputs=[("LATENT", "LATENT")]),
         _refiner_encode(4, (440, 220), (2, 0), REFINE_POSITIVE, "Positive (refiner)", GREEN),
-        _refiner_encode(5, (440, 530), (2, 0), NEGATIVE, "Negative (refiner)", RED),
+        _refiner_encode(5, (440, 550), (2, 0), NEGATIVE, "Negative (refiner)", RED),
         Node(6, P + "RefinerSampler", (880, 80), (340, 310),
              [seed, "fixed", steps, cfg, "euler", "normal", 0, denoise],
              {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
