@@ -437,8 +437,9 @@ def _comfy_lora():
     if not path or not os.path.isfile(os.path.join(path, "comfy", "lora.py")):
         pytest.skip("set COMFYUI_PATH to a ComfyUI checkout to compare against ComfyUI itself")
     if "comfy.lora" not in sys.modules:
-        if path not in sys.path:
-            sys.path.insert(0, path)
+        # On sys.path only while importing: the checkout has its own `tests` package, which would shadow ours.
+        saved_path = list(sys.path)
+        sys.path.insert(0, path)
         import comfy.cli_args
 
         if "comfy.model_management" not in sys.modules:
@@ -461,6 +462,7 @@ def _comfy_lora():
         try:
             import comfy.lora  # noqa: F401
         finally:
+            sys.path[:] = saved_path
             if stood_in:
                 del sys.modules["comfy.model_base"]
     return sys.modules["comfy.lora"], sys.modules["comfy.utils"]
