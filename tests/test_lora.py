@@ -11,7 +11,6 @@ import types
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from sdxl_core.config import ADM_SCALAR_EMBED_DIM
 from sdxl_core.demo import build_random_model
@@ -19,58 +18,7 @@ from sdxl_core.lora import LoRAError, apply_lora, merged_weight, unet_diffusers_
 from sdxl_core.openclip_conversion import openclip_to_transformers
 from sdxl_core.timestep_embedding import timestep_embedding
 
-RANK = 4
-
-
-def _layers(module: nn.Module) -> dict[str, nn.Module]:
-    return {path: layer for path, layer in module.named_modules() if isinstance(layer, (nn.Linear, nn.Conv2d))}
-
-
-def _pair(shape: tuple, gen: torch.Generator, rank: int = RANK) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) for a weight of `shape`; kohya LoCon for convs: kxk down, 1x1 up."""
-    out_dim, in_dim, *kernel = shape
-    down = torch.randn(rank, in_dim, *kernel, generator=gen) * 0.1
-    up = torch.randn(out_dim, rank, *([1] * len(kernel)), generator=gen) * 0.1
-    return up, down
-
-
-def _delta(up: torch.Tensor, down: torch.Tensor, shape: tuple, factor: float) -> torch.Tensor:
-    return factor * (up.flatten(1).double() @ down.flatten(1).double()).reshape(shape)
-
-
-def _text_modules(model) -> dict[str, dict[str, tuple]]:
-    """transformers module path -> weight shape, per text encoder, read from the single-file state dicts."""
-    encoders = {"clip_l": model.clip_l.state_dict()} if model.clip_l is not None else {}
-    encoders["clip_g"] = openclip_to_transformers(model.clip_g.state_dict())
-    return {component: {key[:-len(".weight")]: tuple(value.shape) for key, value in state.items()
-                        if key.endswith(("proj.weight", "fc1.weight", "fc2.weight")) and value.ndim == 2
-                        and "embeddings" not in key}
-            for component, state in encoders.items()}
-
-
-def kohya_lora(model, *, unet: bool = True, text: bool = True, alpha: float | None = 2.0, seed: int = 0,
-               rank: int = RANK):
-    """A kohya-format LoRA over every UNet Linear/Conv (diffusers names) and every text-encoder Linear."""
-    from sdxl_core.diffusers_twins import diffusers_unet
-
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-
-    def add(name, shape):
-        up, down = _pair(shape, gen, rank)
-        state[f"{name}.lora_up.weight"], state[f"{name}.lora_down.weight"] = up, down
-        if alpha is not None:
-            state[f"{name}.alpha"] = torch.tensor(alpha)
-
-    if unet:
-        for path, layer in _layers(diffusers_unet(model.unet)).items():
-            add("lora_unet_" + path.replace(".", "_"), tuple(layer.weight.shape))
-    if text:
-        prefixes = {"clip_l": "lora_te1_", "clip_g": "lora_te2_" if model.clip_l is not None else "lora_te_"}
-        for component, modules in _text_modules(model).items():
-            for path, shape in modules.items():
-                add(prefixes[component] + path.replace(".", "_"), shape)
-    return state
+from _lora_files import RANK, adaptable_layers, kohya_lora, lora_delta, lora_pair, text_modules
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +48,8 @@ def test_unet_names_are_diffusers_names(stage, base, refiner):
     from sdxl_core.diffusers_twins import diffusers_unet
 
     model = base if stage == "base" else refiner
-    ours = _layers(model.unet)
-    theirs = _layers(diffusers_unet(model.unet))
+    ours = adaptable_layers(model.unet)
+    theirs = adaptable_layers(diffusers_unet(model.unet))
     names = unet_diffusers_names(model.unet.config, list(ours))
     assert sorted(names.values()) == sorted(theirs)
     # Same weights under the paired names: diffusers' own converter agrees with the pairing, layer by layer.
@@ -114,7 +62,7 @@ def test_full_size_unet_names_cover_sdxl_layers():
     from sdxl_core.unet import UNetModel
 
     unet = UNetModel(SDXL_BASE.unet, device="meta")
-    names = unet_diffusers_names(SDXL_BASE.unet, list(_layers(unet)))
+    names = unet_diffusers_names(SDXL_BASE.unet, list(adaptable_layers(unet)))
     assert names["input_blocks.4.1.transformer_blocks.0.attn1.to_q"] == \
         "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     assert names["output_blocks.2.2.conv"] == "up_blocks.0.upsamplers.0.conv"
@@ -147,11 +95,11 @@ def test_unet_lora_matches_a_hand_merge_on_the_diffusers_twin(base, lora):
     merged = apply_lora(base, lora, strength_model=strength, strength_clip=0.0)
     twin = diffusers_unet(base.unet)
     with torch.no_grad():
-        for path, layer in _layers(twin).items():
+        for path, layer in adaptable_layers(twin).items():
             name = "lora_unet_" + path.replace(".", "_")
             up, down = lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"]
             factor = strength * float(lora[f"{name}.alpha"]) / RANK
-            layer.weight += _delta(up, down, layer.weight.shape, factor).float()
+            layer.weight += lora_delta(up, down, layer.weight.shape, factor).float()
     ours_as_diffusers = diffusers_unet(merged.unet).state_dict()
     for key, value in twin.state_dict().items():
         torch.testing.assert_close(ours_as_diffusers[key], value, rtol=1e-6, atol=1e-6, msg=key)
@@ -180,7 +128,7 @@ def test_hand_computed_merges_on_a_linear_a_conv_and_a_bigg_slice(base):
               k_te2: (width, width)}
     state = {}
     for name, shape in shapes.items():
-        state[f"{name}.lora_up.weight"], state[f"{name}.lora_down.weight"] = _pair(tuple(shape), gen)
+        state[f"{name}.lora_up.weight"], state[f"{name}.lora_down.weight"] = lora_pair(tuple(shape), gen)
     state[f"{linear}.alpha"] = torch.tensor(8.0)  # scale 8 / 4 = 2
     state[f"{conv}.alpha"] = torch.tensor(1.0)  # 1 / 4; the text layers have no alpha: scale 1
     merged = apply_lora(base, state, strength_model=0.5, strength_clip=-1.5)
@@ -239,9 +187,9 @@ def test_the_given_model_is_untouched_and_untouched_tensors_are_shared(base):
     gen = torch.Generator().manual_seed(9)
     name = "lora_unet_mid_block_attentions_0_transformer_blocks_1_attn1_to_v"
     shape = tuple(base.unet.state_dict()["middle_block.1.transformer_blocks.1.attn1.to_v.weight"].shape)
-    up, down = _pair(shape, gen)
+    up, down = lora_pair(shape, gen)
     te2 = "lora_te2_text_model_encoder_layers_0_mlp_fc1"
-    up2, down2 = _pair(tuple(base.clip_g.state_dict()["transformer.resblocks.0.mlp.c_fc.weight"].shape), gen)
+    up2, down2 = lora_pair(tuple(base.clip_g.state_dict()["transformer.resblocks.0.mlp.c_fc.weight"].shape), gen)
     state = {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down,
              f"{te2}.lora_up.weight": up2, f"{te2}.lora_down.weight": down2}
     before = {component: {k: (p, p.data_ptr(), p.detach().clone()) for k, p in net.named_parameters()}
@@ -284,8 +232,8 @@ def test_chained_loras_add_up(base, lora):
     key = "lora_unet_down_blocks_2_attentions_1_transformer_blocks_1_ff_net_0_proj"
     ours = "input_blocks.8.1.transformer_blocks.1.ff.net.0.proj.weight"
     old = base.unet.state_dict()[ours].double()
-    want = old + _delta(lora[f"{key}.lora_up.weight"], lora[f"{key}.lora_down.weight"], old.shape, 0.6 * 2.0 / RANK)
-    want = want + _delta(second[f"{key}.lora_up.weight"], second[f"{key}.lora_down.weight"], old.shape, -0.3)
+    want = old + lora_delta(lora[f"{key}.lora_up.weight"], lora[f"{key}.lora_down.weight"], old.shape, 0.6 * 2.0 / RANK)
+    want = want + lora_delta(second[f"{key}.lora_up.weight"], second[f"{key}.lora_down.weight"], old.shape, -0.3)
     torch.testing.assert_close(chained.unet.state_dict()[ours].double(), want, rtol=0, atol=1e-5)
 
 
@@ -296,10 +244,10 @@ def _renamed(lora: dict, base_model) -> dict:
     """The same LoRA under diffusers/PEFT names (unet.<path>.lora_A/B, text_encoder(_2).<path>.lora_A/B)."""
     from sdxl_core.diffusers_twins import diffusers_unet
 
-    names = {"lora_unet_" + p.replace(".", "_"): "unet." + p for p in _layers(diffusers_unet(base_model.unet))}
+    names = {"lora_unet_" + p.replace(".", "_"): "unet." + p for p in adaptable_layers(diffusers_unet(base_model.unet))}
     for component, prefix, diffusers in (("clip_l", "lora_te1_", "text_encoder."),
                                          ("clip_g", "lora_te2_", "text_encoder_2.")):
-        names.update({prefix + p.replace(".", "_"): diffusers + p for p in _text_modules(base_model)[component]})
+        names.update({prefix + p.replace(".", "_"): diffusers + p for p in text_modules(base_model)[component]})
     out = {}
     for key, value in lora.items():
         module, _, role = key.partition(".")
@@ -320,7 +268,7 @@ def test_diffusers_peft_names_give_the_same_model(base, lora):
 def test_other_diffusers_spellings_and_sgm_kohya_names(base):
     gen = torch.Generator().manual_seed(4)
     shape = tuple(base.unet.state_dict()["input_blocks.5.1.transformer_blocks.0.attn2.to_out.0.weight"].shape)
-    up, down = _pair(shape, gen)
+    up, down = lora_pair(shape, gen)
     spellings = [
         {"lora_unet_input_blocks_5_1_transformer_blocks_0_attn2_to_out_0.lora_up.weight": up,
          "lora_unet_input_blocks_5_1_transformer_blocks_0_attn2_to_out_0.lora_down.weight": down},
@@ -351,7 +299,7 @@ def test_a_lora_file_on_disk(base, lora, tmp_path):
 
 
 def _one_layer(name: str, shape: tuple, extra: dict | None = None) -> dict:
-    up, down = _pair(shape, torch.Generator().manual_seed(0))
+    up, down = lora_pair(shape, torch.Generator().manual_seed(0))
     return {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, **(extra or {})}
 
 

@@ -53,7 +53,7 @@ def _all_inputs(cls):
 
 def test_every_node_follows_the_v1_contract():
     assert not nodes.FAILED_FAMILIES
-    assert len(nodes.NODE_CLASS_MAPPINGS) == 11
+    assert len(nodes.NODE_CLASS_MAPPINGS) == 12
     for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
         assert name.startswith(PREFIX) and name in nodes.NODE_DISPLAY_NAME_MAPPINGS
         assert cls.CATEGORY.startswith("sdxl_two_stage/")
@@ -98,7 +98,7 @@ def test_pack_imports_like_comfyui_without_heavy_modules():
         "print(len(pack.NODE_CLASS_MAPPINGS), pack.WEB_DIRECTORY)\n"
         "print('heavy:', sorted(m for m in ('transformers', 'sdxl_core.pipeline', 'sdxl_core.unet', 'comfy') "
         "if m in sys.modules))\n")
-    assert "11 ./web/js" in out
+    assert "12 ./web/js" in out
     assert "heavy: []" in out
     assert (REPO / "web" / "js" / "sdxl_two_stage.js").is_file()
 
@@ -461,3 +461,95 @@ def test_vae_encode_gives_the_posterior_mean_like_comfyui(loaded):
     (latent,) = node("VAEEncode").encode(vae, image, "never")
     mean = encode_images(vae, image.movedim(-1, 1) * 2 - 1, sample=False, tiled=False)
     torch.testing.assert_close(latent["samples"], mean.float().cpu())
+
+
+def test_core_image_to_image_is_the_nodes_img2img_chain(loaded):
+    """`sdxl_core.pipeline.image_to_image` (the CLI's img2img) is VAE Encode -> Refiner Sampler (start 0, denoise)
+    -> VAE Decode with the refiner's text-encode nodes, bit for bit."""
+    from sdxl_core.pipeline import ImageToImageRequest, image_to_image
+
+    _, _, refiner = loaded
+    image = torch.rand(1, SIZE_H, SIZE_W, 3, generator=torch.Generator().manual_seed(1))
+    positive = node("TextEncodeRefiner").encode(refiner, "a red cube", "encode")[0]
+    negative = node("TextEncodeRefiner").encode(refiner, "blurry", "encode")[0]
+    (latent,) = node("VAEEncode").encode(refiner.vae, image, "auto")
+    (refined,) = node("RefinerSampler").sample(refiner, positive, negative, latent, 5, STEPS, 4.0, "dpmpp_2m",
+                                               "karras", 0, 0.3)
+    (expected,) = node("VAEDecode").decode(refiner.vae, refined, "auto")
+    request = ImageToImageRequest(prompt="a red cube", negative="blurry", strength=0.3, steps=STEPS, cfg=4.0,
+                                  sampler="dpmpp_2m", scheduler="karras", seed=5)
+    result = image_to_image(refiner, image, request)
+    assert torch.equal(result.latent["samples"], refined["samples"])
+    assert torch.equal(result.images, expected)
+
+
+# --- LoRA ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def loras(folders, loaded, tmp_path_factory):
+    """models/loras with two kohya LoRAs for the tiny base (one in a subfolder)."""
+    from safetensors.torch import save_file
+
+    from _lora_files import kohya_lora
+
+    root = tmp_path_factory.mktemp("loras")
+    (root / "sub").mkdir()
+    for name, state in (("style.safetensors", kohya_lora(loaded[0], seed=3)),
+                        ("sub/detail.safetensors", kohya_lora(loaded[0], seed=4, alpha=None, rank=2))):
+        save_file({k: v.contiguous() for k, v in state.items()}, str(root / name))
+    use_folders({**folders, "loras": [str(root)]})
+    yield root
+    use_folders(folders)
+
+
+def test_lora_node_widgets_are_comfyuis(loras):
+    inputs = _all_inputs(node_class("LoraLoader"))
+    assert inputs["lora_name"][0] == ["style.safetensors", "sub/detail.safetensors"]
+    for strength in ("strength_model", "strength_clip"):
+        options = inputs[strength][1]
+        assert inputs[strength][0] == "FLOAT"
+        assert (options["default"], options["min"], options["max"], options["step"]) == (1.0, -10.0, 10.0, 0.01)
+
+
+def test_lora_node_chains_and_leaves_its_input_alone(loaded, loras):
+    from sdxl_core.lora import apply_lora
+
+    base = loaded[0]
+    assert node("LoraLoader").apply(base, "style.safetensors", 0.0, 0.0)[0] is base
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    (one,) = node("LoraLoader").apply(base, "style.safetensors", 1.0, 0.5)
+    (two,) = node("LoraLoader").apply(one, "sub/detail.safetensors", -0.5, 0.0)
+    assert one.unet is not base.unet and one.clip_g is not base.clip_g and two.clip_g is one.clip_g
+    assert all(torch.equal(v, before[k]) for k, v in base.unet.state_dict().items())
+    expected = apply_lora(apply_lora(base, loras / "style.safetensors", 1.0, 0.5), loras / "sub" / "detail.safetensors",
+                          -0.5, 0.0)
+    for (key, ours), (_, theirs) in zip(two.unet.named_parameters(), expected.unet.named_parameters()):
+        assert torch.equal(ours, theirs), key
+    assert not torch.equal(two.unet.out[2].weight, one.unet.out[2].weight)
+    with pytest.raises(ValueError, match="strength_model must be at most 10.0"):
+        node("LoraLoader").apply(base, "style.safetensors", 10.5, 1.0)
+
+
+def test_lora_node_refuses_a_base_lora_on_the_refiner(loaded, loras):
+    with pytest.raises(ValueError, match="SDXL LoRAs are trained for the base model, whose layers differ from the refiner.s: apply it to the base"):
+        node("LoraLoader").apply(loaded[2], "style.safetensors", 1.0, 1.0)
+    with pytest.raises(ValueError, match="needs an SDXL model from the SDXL checkpoint loader"):
+        node("LoraLoader").apply(loaded[1], "style.safetensors", 1.0, 1.0)
+
+
+def test_two_stage_graph_with_a_lora_equals_the_core_pipeline(loaded, conds, loras):
+    from sdxl_core.lora import apply_lora
+    from sdxl_core.pipeline import GenerationRequest, generate
+
+    base, base_vae, refiner = loaded
+    (styled,) = node("LoraLoader").apply(base, "style.safetensors", 0.8, 0.6)
+    styled_conds = {**conds, "base": (node("TextEncodeBase").encode(styled, "a red cube", "", "encode")[0],
+                                      node("TextEncodeBase").encode(styled, "blurry", "", "encode")[0])}
+    _, refined, image = _two_stage((styled, base_vae, refiner), styled_conds)
+    request = GenerationRequest(prompt="a red cube", negative="blurry", width=SIZE_W, height=SIZE_H, steps=STEPS,
+                                refiner_start=HANDOFF, cfg=4.0, sampler="euler", scheduler="normal", seed=11)
+    expected = generate(apply_lora(base, loras / "style.safetensors", 0.8, 0.6), refiner, request)
+    assert torch.equal(refined["samples"], expected.latent["samples"])
+    assert torch.equal(image, expected.images)
+    _, plain, _ = _two_stage(loaded, conds)
+    assert (plain["samples"] - refined["samples"]).abs().max() > 1e-3  # the LoRA changed the picture

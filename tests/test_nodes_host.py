@@ -263,3 +263,21 @@ def test_sampler_tells_comfyui_the_activation_memory_of_its_batch(comfy, stage):
     node("BaseSampler").sample(base, positive + positive, negative, latent, 1, 2, 4.0, "euler", "normal", 2, True, 1.0)
     (unet_load,) = [kw for models, kw in comfy.loads if models[0].model.network is base.unet]
     assert unet_load["memory_required"] == 3 * (H // 8) * (W // 8) * ACTIVATION_ELEMENTS_PER_LATENT_CELL * 4
+
+
+def test_a_lorad_model_gets_its_own_patchers_and_shares_the_rest(comfy, stage, tmp_path):
+    """The LoRA'd UNet is a new network with its own ModelPatcher (ComfyUI must not load the original in its
+    place); networks the LoRA leaves alone stay the same objects, with the patcher they already had."""
+    from safetensors.torch import save_file
+
+    from _lora_files import kohya_lora
+
+    base = stage[0]
+    save_file({k: v.contiguous() for k, v in kohya_lora(base, text=False).items()}, str(tmp_path / "s.safetensors"))
+    comfy.modules["folder_paths"].get_full_path_or_raise = lambda folder, name: str(tmp_path / name)
+    assert node("LoraLoader").INPUT_TYPES()["required"]["lora_name"][0] == ["loras/one.safetensors"]
+    comfy_host.prepare_networks([base.unet], role="unet")
+    (styled,) = node("LoraLoader").apply(base, "s.safetensors", 1.0, 1.0)
+    assert styled.unet is not base.unet and styled.clip_g is base.clip_g and styled.vae is base.vae
+    comfy_host.prepare_networks([styled.unet], role="unet")
+    assert [patcher.model.network for patcher in comfy.patchers] == [base.unet, styled.unet]
