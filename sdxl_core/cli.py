@@ -1,4 +1,4 @@
-"""The command line: `python -m sdxl_core {generate,demo,inspect}`."""
+"""The command line: `python -m sdxl_core {generate,img2img,demo,inspect}`."""
 
 from __future__ import annotations
 
@@ -46,51 +46,97 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _add_generation_arguments(parser: argparse.ArgumentParser, *, with_models: bool) -> None:
-    from .samplers import SAMPLERS
-    from .schedules import SCHEDULERS
+def _strength(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"the strength is the share of the noise schedule run again, in (0, 1]; "
+                                         f"got {text}")
+    return value
 
-    if with_models:
-        parser.add_argument("--base", required=True, type=Path, help="SDXL base checkpoint (.safetensors or folder)")
-        parser.add_argument("--refiner", type=Path, help="SDXL refiner checkpoint; without it the base runs all steps")
-        parser.add_argument("--vae", type=Path, help="a separate VAE file replacing the checkpoints' VAE")
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
+    return value
+
+
+def _add_prompt_arguments(parser: argparse.ArgumentParser, *, prompt_default: str | None) -> None:
+    if prompt_default is None:
         parser.add_argument("--prompt", required=True, help="the prompt (both text encoders)")
     else:
-        parser.add_argument("--prompt", default="a lighthouse on a cliff at dusk, oil painting",
-                            help="the prompt (both text encoders)")
-    parser.add_argument("--prompt-l", help="a separate prompt for CLIP-L (default: --prompt)")
+        parser.add_argument("--prompt", default=prompt_default, help="the prompt (both text encoders)")
+    parser.add_argument("--prompt-l", help="a separate prompt for CLIP-L (default: --prompt; the refiner has no "
+                                           "CLIP-L)")
     parser.add_argument("--negative", default="", help="the negative prompt")
     parser.add_argument("--embeddings", type=_directory, action="append", metavar="DIR",
                         help="folder of textual-inversion embeddings that prompts name as embedding:NAME "
                              "(searched with its subfolders; repeat for more folders)")
+    parser.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner aesthetic score, positive side")
+    parser.add_argument("--negative-aesthetic-score", type=float, default=2.5,
+                        help="refiner aesthetic score, negative side")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, *, steps_help: str) -> None:
+    from .samplers import SAMPLERS
+    from .schedules import SCHEDULERS
+
+    parser.add_argument("--steps", type=int, help=steps_help)
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler (ComfyUI names)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sigma schedule (ComfyUI names)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same image")
+
+
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="UNet and text-encoder precision")
+    parser.add_argument("--low-vram", action="store_true",
+                        help="keep weights in system RAM and move one network at a time onto the GPU (8 GB cards)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output PNG file (a batch adds _1, _2, ... to the name for the images after the first)")
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser, *, with_models: bool) -> None:
+    if with_models:
+        parser.add_argument("--base", required=True, type=Path, help="SDXL base checkpoint (.safetensors or folder)")
+        parser.add_argument("--refiner", type=Path, help="SDXL refiner checkpoint; without it the base runs all steps")
+        parser.add_argument("--vae", type=Path, help="a separate VAE file replacing the checkpoints' VAE")
+    _add_prompt_arguments(parser, prompt_default=None if with_models else
+                          "a lighthouse on a cliff at dusk, oil painting")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--width", type=int, help="image width in pixels, a multiple of 8")
     size.add_argument("--bucket", type=str, metavar="RATIO",
                       help="pick the nearest SDXL training bucket for an aspect ratio, e.g. 16:9")
     parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (with --width)")
+    parser.add_argument("--batch-size", type=_positive_int, default=1,
+                        help="images sampled together from one seed, as ComfyUI's batch_size")
     parser.add_argument("--original-size", type=_size, metavar="WxH",
                         help="micro-conditioning: the apparent source size (default: the output size)")
     parser.add_argument("--crop-top-left", type=_top_left, metavar="TOP,LEFT", default=(0, 0),
                         help="micro-conditioning: apparent crop offset; 0,0 keeps subjects centred")
     parser.add_argument("--target-size", type=_size, metavar="WxH",
                         help="micro-conditioning: the training bucket to aim for (default: the output size)")
-    parser.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner aesthetic score, positive side")
-    parser.add_argument("--negative-aesthetic-score", type=float, default=2.5,
-                        help="refiner aesthetic score, negative side")
-    parser.add_argument("--steps", type=int, help="total steps of the trajectory (base + refiner)")
+    _add_sampling_arguments(parser, steps_help="total steps of the trajectory (base + refiner)")
     switch = parser.add_mutually_exclusive_group()
     switch.add_argument("--refiner-start", type=int, metavar="K", help="the refiner takes over at step K")
     switch.add_argument("--refiner-switch", type=_fraction, metavar="FRACTION",
                         help="the refiner takes over after this fraction of the steps (default 0.8)")
-    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale")
-    parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler (ComfyUI names)")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sigma schedule (ComfyUI names)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same image")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="UNet and text-encoder precision")
-    parser.add_argument("--low-vram", action="store_true",
-                        help="keep weights in system RAM and move one network at a time onto the GPU (8 GB cards)")
-    parser.add_argument("--out", required=True, type=Path, help="output PNG file")
+    _add_runtime_arguments(parser)
+
+
+def _add_img2img_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path,
+                        help="SDXL refiner (to polish a finished image) or base checkpoint; which one is read from "
+                             "the file")
+    parser.add_argument("--vae", type=Path, help="a separate VAE file replacing the checkpoint's VAE")
+    parser.add_argument("--image", required=True, type=Path, help="the picture to rework; sides multiples of 8")
+    parser.add_argument("--strength", type=_strength, default=None,
+                        help="share of the noise schedule run again, in (0, 1]: about 0.2-0.3 polishes details, "
+                             "1 repaints from noise (default 0.3)")
+    _add_prompt_arguments(parser, prompt_default=None)
+    _add_sampling_arguments(parser, steps_help="steps actually run (default 20)")
+    _add_runtime_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="text to image with the SDXL base and (optionally) refiner")
     _add_generation_arguments(generate, with_models=True)
+    img2img = commands.add_parser("img2img", help="rework an image with the SDXL refiner (or base): encode, "
+                                                  "partial denoise, decode")
+    _add_img2img_arguments(img2img)
     demo = commands.add_parser("demo", help="the whole two-stage path on tiny built-in random-weight models")
     _add_generation_arguments(demo, with_models=False)
     inspect = commands.add_parser("inspect", help="say what a checkpoint file is, from its header")
@@ -141,8 +190,24 @@ def _request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             negative_aesthetic_score=args.negative_aesthetic_score, steps=steps, refiner_start=refiner_start,
             cfg=args.cfg if args.cfg is not None else defaults["cfg"],
             sampler=args.sampler or defaults["sampler"], scheduler=args.scheduler or defaults["scheduler"],
-            seed=args.seed,
+            seed=args.seed, batch_size=args.batch_size,
         )
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def _img2img_request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from .pipeline import ImageToImageRequest
+
+    defaults = ImageToImageRequest(prompt="")
+    try:
+        return ImageToImageRequest(
+            prompt=args.prompt, prompt_l=args.prompt_l, negative=args.negative,
+            strength=args.strength if args.strength is not None else defaults.strength,
+            steps=args.steps if args.steps is not None else defaults.steps,
+            aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
+            cfg=args.cfg if args.cfg is not None else defaults.cfg, sampler=args.sampler or defaults.sampler,
+            scheduler=args.scheduler or defaults.scheduler, seed=args.seed)
     except ValueError as error:
         parser.error(str(error))
 
@@ -155,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_inspect(args)
     from .pipeline import DEFAULTS
-    from .runner import run_demo, run_generate
+    from .runner import run_demo, run_generate, run_img2img
 
+    if args.command == "img2img":
+        return run_img2img(_img2img_request_from_args(args, parser), args)
     if args.command == "demo":
         request = _request_from_args(args, parser, DEFAULTS.demo)
         return run_demo(request, args)

@@ -303,20 +303,58 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         check_image_size(self.width, self.height)
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        _check_sampling(self.steps, self.sampler, self.scheduler)
         if not 0 < self.refiner_start <= self.steps:
             raise ValueError(f"the refiner start step must lie in 1..{self.steps} (the total steps), "
                              f"got {self.refiner_start}")
-        get_sampler(self.sampler)
-        from .schedules import SCHEDULERS
-
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {self.scheduler!r}; expected one of {sorted(SCHEDULERS)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
     def parameters(self) -> dict:
         """The settings as plain values, for the PNG text chunk."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        return _plain(self)
+
+
+@dataclass(frozen=True)
+class ImageToImageRequest:
+    """Everything one image-to-image run needs: KSampler's partial denoise of an encoded image by one stage (the
+    refiner polishing a finished image, or the base reworking one)."""
+
+    prompt: str
+    negative: str = ""
+    prompt_l: str | None = None  # base only: a separate CLIP-L prompt
+    strength: float = 0.3  # KSampler's denoise: the share of the noise schedule run again, (0, 1]
+    steps: int = 20  # steps actually run (ComfyUI stretches the grid to steps / strength and runs its tail)
+    aesthetic_score: float = DEFAULT_POSITIVE_AESTHETIC_SCORE  # refiner only
+    negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE  # refiner only
+    cfg: float = 7.0
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_sampling(self.steps, self.sampler, self.scheduler)
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must lie in (0, 1] (1 repaints the image from pure noise), got "
+                             f"{self.strength}")
+
+    def parameters(self) -> dict:
+        return _plain(self)
+
+
+def _check_sampling(steps: int, sampler: str, scheduler: str) -> None:
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    get_sampler(sampler)
+    from .schedules import SCHEDULERS
+
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {sorted(SCHEDULERS)}")
+
+
+def _plain(request) -> dict:
+    """A request's settings as plain values, for the PNG text chunk."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in request.__dict__.items()}
 
 
 @dataclass
@@ -394,3 +432,41 @@ def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequ
     with stage(base, "vae"):
         images = decode(base, latent)
     return GenerationResult(images=images, latent=latent, parameters=request.parameters())
+
+
+def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImageRequest, *,
+                   on_step: Callable[[str], None] | None = None, cancel: Cancel | None = None,
+                   empty_prompt: str = "encode", residency: ResidencyPlan | None = None,
+                   embeddings=None) -> GenerationResult:
+    """IMAGE → IMAGE with one stage: VAE encode (posterior mean, as ComfyUI's VAEEncode), KSampler with
+    `denoise=strength`, VAE decode: the nodes' VAE Encode → sampler (start 0, denoise) → VAE Decode chain. The
+    conditioning describes the image's own size with crop (0, 0); the refiner's carries the aesthetic scores."""
+    embeddings = EmbeddingLibrary.from_source(embeddings)
+    stage = residency.stage if residency is not None else no_residency
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
+        found = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected images as a [batch, height, width, 3] tensor in 0..1, got {found}")
+    height, width = images.shape[1:3]
+    check_image_size(width, height)
+    with stage(model, "vae"):
+        latent = encode(model, images)
+    with stage(model, "text"):
+        if model.kind == "refiner":
+            positive, negative = (
+                encode_refiner_conditioning(model, text, width=width, height=height, aesthetic_score=score,
+                                            empty_prompt=empty_prompt, embeddings=embeddings)
+                for text, score in ((request.prompt, request.aesthetic_score),
+                                    (request.negative, request.negative_aesthetic_score)))
+        else:
+            positive, negative = (
+                encode_base_conditioning(model, text_g, text_l, width=width, height=height,
+                                         empty_prompt=empty_prompt, embeddings=embeddings)
+                for text_g, text_l in ((request.prompt, request.prompt_l), (request.negative, None)))
+    with stage(model, "unet"):
+        latent = sample_latent(model, latent, positive, negative, seed=request.seed, steps=request.steps,
+                               cfg=request.cfg, sampler=request.sampler, scheduler=request.scheduler,
+                               denoise=request.strength, cancel=cancel,
+                               callback=None if on_step is None else (lambda _info: on_step(model.kind)))
+    with stage(model, "vae"):
+        out = decode(model, latent)
+    return GenerationResult(images=out, latent=latent, parameters=request.parameters())

@@ -1,4 +1,4 @@
-"""What the `generate` and `demo` commands do once their arguments are parsed: load, generate, save."""
+"""What the `generate`, `img2img` and `demo` commands do once their arguments are parsed: load, sample, save."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch
 from .checkpoint import default_dtype, default_vae_dtype, load_checkpoint
 from .checkpoint_errors import CheckpointError
 from .conditioning import ConditioningMismatch
-from .pipeline import GenerationRequest, generate
+from .pipeline import GenerationRequest, GenerationResult, ImageToImageRequest, generate, image_to_image
 from .progress import ProgressBar
 from .residency import ResidencyError, ResidencyPlan
 from .samplers import SamplingCancelled
@@ -34,11 +36,12 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _png_text(request: GenerationRequest, sources: dict[str, str]) -> dict[str, str]:
-    """PNG text chunks: a one-line summary in the common `parameters` style and the full settings as JSON."""
+def _png_text(request: GenerationRequest | ImageToImageRequest, details: str, sources: dict) -> dict[str, str]:
+    """PNG text chunks: a summary in the common `parameters` style (prompt, negative, settings, then `details`)
+    and the full settings as JSON."""
     summary = (f"{request.prompt}\nNegative prompt: {request.negative}\nSteps: {request.steps}, "
                f"Sampler: {request.sampler}, Scheduler: {request.scheduler}, CFG scale: {request.cfg}, "
-               f"Seed: {request.seed}, Size: {request.width}x{request.height}, Refiner start: {request.refiner_start}")
+               f"Seed: {request.seed}, {details}")
     return {"parameters": summary, "sdxl_core": json.dumps({**request.parameters(), **sources}, sort_keys=True)}
 
 
@@ -62,8 +65,39 @@ def save_png(images: torch.Tensor, path: Path, text: dict[str, str]) -> list[Pat
     return written
 
 
-def _run(request: GenerationRequest, base_path: Path, refiner_path: Path | None, vae_path: Path | None,
-         args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class _Setup:
+    """Where and in what precision a command runs, from --device, --dtype and --low-vram."""
+
+    device: torch.device
+    dtype: torch.dtype
+    residency: ResidencyPlan | None
+
+    @property
+    def load_device(self) -> torch.device:
+        # Under a residency plan the weights wait in system RAM and the plan moves each network in when it runs.
+        return torch.device("cpu") if self.residency is not None else self.device
+
+    def load(self, path: Path, vae_path: Path | None, expect: str | None):
+        return load_checkpoint(path, dtype=self.dtype, device=self.load_device, vae_path=vae_path,
+                               vae_dtype=default_vae_dtype(self.device), expect=expect)
+
+
+def _setup(args: argparse.Namespace) -> _Setup:
+    device = _device(args.device)
+    residency = None
+    if getattr(args, "low_vram", False):
+        if device.type != "cuda":
+            raise ValueError("--low-vram manages GPU memory; it needs a CUDA device")
+        residency = ResidencyPlan.for_card(device)
+    dtype = _DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    return _Setup(device, dtype, residency)
+
+
+def _run(args: argparse.Namespace, total_steps: int,
+         produce: Callable[[_Setup, ProgressBar], tuple[GenerationResult, dict[str, str]]]) -> int:
+    """Check --out, run `produce` (load, sample, decode) with the errors every command reports as sentences, and
+    write the PNGs only once everything succeeded."""
     if args.out.suffix.lower() != ".png":
         print(f"error: --out must name a .png file, got {args.out}", file=sys.stderr)
         return 2
@@ -71,25 +105,7 @@ def _run(request: GenerationRequest, base_path: Path, refiner_path: Path | None,
         print(f"error: the folder {args.out.parent} does not exist", file=sys.stderr)
         return 2
     try:
-        device = _device(args.device)
-        dtype = _DTYPES[args.dtype] if args.dtype else None
-        residency = None
-        if getattr(args, "low_vram", False):
-            if device.type != "cuda":
-                raise ValueError("--low-vram manages GPU memory; it needs a CUDA device")
-            residency = ResidencyPlan.for_card(device)
-        # Under a residency plan the weights wait in system RAM and the plan moves each network in when it runs.
-        load_device = torch.device("cpu") if residency is not None else device
-        dtype = dtype or default_dtype(device)
-        base = load_checkpoint(base_path, dtype=dtype, device=load_device, vae_path=vae_path,
-                               vae_dtype=default_vae_dtype(device), expect="base")
-        refiner = None
-        if refiner_path is not None:
-            refiner = load_checkpoint(refiner_path, dtype=dtype, device=load_device, vae_path=vae_path,
-                                      vae_dtype=default_vae_dtype(device), expect="refiner")
-        bar = ProgressBar(total=request.steps)
-        result = generate(base, refiner, request, on_step=bar.advance, residency=residency,
-                          embeddings=args.embeddings)
+        result, text = produce(_setup(args), ProgressBar(total=total_steps))
     except (CheckpointError, ConditioningMismatch, ValueError, FloatingPointError, ResidencyError) as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 2
@@ -100,16 +116,64 @@ def _run(request: GenerationRequest, base_path: Path, refiner_path: Path | None,
     except (KeyboardInterrupt, SamplingCancelled):
         print("\ncancelled; nothing was written", file=sys.stderr)
         return 130
-    sources = {"base": str(base_path), "refiner": str(refiner_path) if refiner_path else None,
-               "vae": str(vae_path) if vae_path else None,
-               "embeddings": [str(d) for d in args.embeddings] if args.embeddings else None}
-    for path in save_png(result.images, args.out, _png_text(request, sources)):
+    for path in save_png(result.images, args.out, text):
         print(f"wrote {path}")
     return 0
 
 
+def _embedding_sources(args: argparse.Namespace) -> list[str] | None:
+    return [str(d) for d in args.embeddings] if args.embeddings else None
+
+
+def _run_text_to_image(request: GenerationRequest, base_path: Path, refiner_path: Path | None,
+                       vae_path: Path | None, args: argparse.Namespace) -> int:
+    def produce(setup: _Setup, bar: ProgressBar):
+        base = setup.load(base_path, vae_path, "base")
+        refiner = setup.load(refiner_path, vae_path, "refiner") if refiner_path is not None else None
+        result = generate(base, refiner, request, on_step=bar.advance, residency=setup.residency,
+                          embeddings=args.embeddings)
+        sources = {"base": str(base_path), "refiner": str(refiner_path) if refiner_path else None,
+                   "vae": str(vae_path) if vae_path else None, "embeddings": _embedding_sources(args)}
+        details = f"Size: {request.width}x{request.height}, Refiner start: {request.refiner_start}"
+        return result, _png_text(request, details, sources)
+
+    return _run(args, request.steps, produce)
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """A picture file as IMAGE [1, H, W, 3] float32 in 0..1 (alpha and palettes dropped to RGB)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            pixels = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
+    except FileNotFoundError:
+        raise ValueError(f"--image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"--image {path} is not a picture PIL can read ({error})") from None
+    height, width = pixels.shape[:2]
+    if height % 8 or width % 8:
+        raise ValueError(f"--image {path} is {width}x{height} pixels; SDXL's VAE needs sides that are multiples of "
+                         f"8: crop or resize it to {width - width % 8 or 8}x{height - height % 8 or 8}, say")
+    return torch.from_numpy(pixels)[None]
+
+
+def run_img2img(request: ImageToImageRequest, args: argparse.Namespace) -> int:
+    def produce(setup: _Setup, bar: ProgressBar):
+        images = read_image(args.image)
+        model = setup.load(args.model, args.vae, None)
+        result = image_to_image(model, images, request, on_step=bar.advance, residency=setup.residency,
+                                embeddings=args.embeddings)
+        sources = {"model": str(args.model), "model_kind": model.kind, "image": str(args.image),
+                   "vae": str(args.vae) if args.vae else None, "embeddings": _embedding_sources(args)}
+        details = f"Denoising strength: {request.strength}, Model: SDXL {model.kind}"
+        return result, _png_text(request, details, sources)
+
+    return _run(args, request.steps, produce)
+
+
 def run_generate(request: GenerationRequest, args: argparse.Namespace) -> int:
-    return _run(request, args.base, args.refiner, args.vae, args)
+    return _run_text_to_image(request, args.base, args.refiner, args.vae, args)
 
 
 def run_demo(request: GenerationRequest, args: argparse.Namespace) -> int:
@@ -117,4 +181,4 @@ def run_demo(request: GenerationRequest, args: argparse.Namespace) -> int:
 
     paths = demo_checkpoints()
     print(f"demo: tiny random-weight SDXL base and refiner from {paths['base'].parent}", file=sys.stderr)
-    return _run(request, paths["base"], paths["refiner"], None, args)
+    return _run_text_to_image(request, paths["base"], paths["refiner"], None, args)

@@ -147,3 +147,61 @@ def test_embeddings_option_needs_a_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--out", str(tmp_path / "x.png"), "--embeddings", str(tmp_path / "nowhere")])
     assert "is not a folder" in capsys.readouterr().err
+
+
+def _picture(path, width=64, height=48):
+    pixels = (torch.arange(height * width * 3) % 251).reshape(height, width, 3).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _img2img_args(model, image, out, *extra):
+    return ["img2img", "--model", str(model), "--image", str(image), "--prompt", "a red cube", "--steps", "3",
+            "--cfg", "2.5", "--seed", "4", "--out", str(out), *extra]
+
+
+def test_img2img_reworks_a_picture_with_the_refiner_and_records_how(tiny_checkpoints, tmp_path, capsys):
+    source = _picture(tmp_path / "in.png")
+    out = tmp_path / "refined.png"
+    assert main(_img2img_args(tiny_checkpoints["refiner"], source, out, "--strength", "0.4")) == 0
+    image = Image.open(out)
+    assert image.size == (64, 48)
+    settings = json.loads(image.text["sdxl_core"])
+    assert settings["strength"] == 0.4 and settings["model_kind"] == "refiner" and settings["steps"] == 3
+    assert "Denoising strength: 0.4" in image.text["parameters"]
+    assert image.tobytes() != Image.open(source).tobytes()
+    # The base reworks pictures too; the kind is read from the file.
+    base_out = tmp_path / "base.png"
+    assert main(_img2img_args(tiny_checkpoints["base"], source, base_out, "--prompt-l", "a cube")) == 0
+    assert json.loads(Image.open(base_out).text["sdxl_core"])["model_kind"] == "base"
+    assert capsys.readouterr().out.count("wrote") == 2
+
+
+@pytest.mark.parametrize("setup, extra, message", [
+    (lambda tmp: _picture(tmp / "odd.png", 60, 48), [], "is 60x48 pixels; SDXL's VAE needs sides that are multiples "
+                                                        "of 8: crop or resize it to 56x48"),
+    (lambda tmp: tmp / "missing.png", [], "does not exist"),
+    (lambda tmp: (tmp / "notes.png").write_text("not a picture") and tmp / "notes.png", [], "is not a picture"),
+])
+def test_img2img_bad_pictures_are_sentences_and_write_nothing(tiny_checkpoints, tmp_path, capsys, setup, extra,
+                                                              message):
+    out = tmp_path / "out.png"
+    assert main(_img2img_args(tiny_checkpoints["refiner"], setup(tmp_path), out, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_img2img_strength_outside_its_range_is_refused(tiny_checkpoints, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(_img2img_args(tiny_checkpoints["refiner"], tmp_path / "x.png", tmp_path / "y.png", "--strength", "0"))
+    assert exit_info.value.code == 2
+    assert "in (0, 1]" in capsys.readouterr().err
+
+
+def test_batch_size_writes_one_file_per_image(tiny_checkpoints, tmp_path):
+    out = tmp_path / "batch.png"
+    assert main(_generate_args(tiny_checkpoints, out, "--batch-size", "2")) == 0
+    first, second = Image.open(out), Image.open(tmp_path / "batch_1.png")
+    assert first.size == second.size == (64, 48)
+    assert first.tobytes() != second.tobytes()  # one seed, a batch of different noise, as ComfyUI draws it
+    assert json.loads(first.text["sdxl_core"])["batch_size"] == 2

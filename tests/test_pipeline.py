@@ -284,3 +284,20 @@ def test_a_guided_stage_reads_nothing_back_per_step(tiny_base, base_conds, sampl
                     scheduler="karras")
         counts.append(reads.count)
     assert counts[0] == counts[1], f"{counts[0]} host reads for 4 steps, {counts[1]} for 9"
+
+
+def test_image_to_image_checks_its_inputs(tiny_base):
+    from sdxl_core.pipeline import ImageToImageRequest, image_to_image
+
+    with pytest.raises(ValueError, match=r"strength must lie in \(0, 1\]"):
+        ImageToImageRequest(prompt="x", strength=0.0)
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        ImageToImageRequest(prompt="x", scheduler="fast")
+    request = ImageToImageRequest(prompt="a red cube", steps=2)
+    with pytest.raises(ValueError, match=r"\[batch, height, width, 3\] tensor"):
+        image_to_image(tiny_base, torch.rand(1, 3, SIZE, SIZE), request)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        image_to_image(tiny_base, torch.rand(1, SIZE, SIZE + 4, 3), request)
+    image = torch.rand(2, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(2))
+    result = image_to_image(tiny_base, image, request)
+    assert result.images.shape == image.shape and result.parameters["strength"] == 0.3
