@@ -37,6 +37,7 @@ PACK_FOLDER = "sdxl_two_stage"
 TINY = {"sd_xl_base_1.0.safetensors": "tiny_sdxl_base.safetensors",
         "sd_xl_refiner_1.0.safetensors": "tiny_sdxl_refiner.safetensors"}
 W, H, STEPS, HANDOFF = 64, 96, 4, 3
+LORA = "tiny_style.safetensors"
 STARTUP_TIMEOUT = 240
 
 
@@ -59,6 +60,19 @@ def _write_tiny_embedding(path: Path) -> None:
                "clip_g": torch.randn(2, TINY_CLIP_G.hidden_size, generator=generator)}, str(path))
 
 
+def _write_tiny_lora(path: Path, base_checkpoint: Path) -> None:
+    """A kohya-format LoRA over every layer of the tiny base (UNet and both text encoders)."""
+    from safetensors.torch import save_file
+
+    from sdxl_core.checkpoint import load_checkpoint
+
+    from _lora_files import kohya_lora
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = kohya_lora(load_checkpoint(base_checkpoint), seed=7)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("comfyui")
@@ -70,9 +84,11 @@ def server(tiny_checkpoints, tmp_path_factory):
     pixels = (np.indices((H, W, 3)).sum(axis=0) * 7 % 256).astype(np.uint8)
     Image.fromarray(pixels).save(root / "input" / "example.png")
     _write_tiny_embedding(root / "models" / "embeddings" / "shiny.safetensors")
+    _write_tiny_lora(root / "models" / "loras" / LORA, tiny_checkpoints["base"])
     (root / "extra_model_paths.yaml").write_text(
         f"sdxl_two_stage_test:\n  base_path: {root}\n  custom_nodes: custom_nodes\n"
-        "  checkpoints: models/checkpoints\n  vae: models/vae\n  embeddings: models/embeddings\n")
+        "  checkpoints: models/checkpoints\n  vae: models/vae\n  embeddings: models/embeddings\n"
+        "  loras: models/loras\n")
     port = _free_port()
     log = open(root / "comfyui.log", "w")
     command = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
@@ -151,16 +167,20 @@ def test_pack_loads_and_object_info_lists_every_node(server):
     assert sorted(templates[PACK_FOLDER]) == ["sdxl_refiner_img2img", "sdxl_two_stage_txt2img"]
 
 
-def _local_two_stage(root: Path) -> np.ndarray:
-    """The same graph run in this process through the node classes (the reference for the server's PNG)."""
+def _local_two_stage(root: Path, lora: tuple[str, float, float] | None = None) -> np.ndarray:
+    """The same graph run in this process through the node classes (the reference for the server's PNG);
+    `lora` = (file, strength_model, strength_clip) puts a Load SDXL LoRA node after the base loader."""
     from nodes import comfy_host
 
     from _nodes_helpers import node
 
-    comfy_host.set_standalone_model_folders({"checkpoints": [str(root / "models" / "checkpoints")]})
+    comfy_host.set_standalone_model_folders({"checkpoints": [str(root / "models" / "checkpoints")],
+                                             "loras": [str(root / "models" / "loras")]})
     try:
         base, vae = node("CheckpointLoader").load("tiny_sdxl_base.safetensors", "default")
         refiner, _ = node("CheckpointLoader").load("tiny_sdxl_refiner.safetensors", "default")
+        if lora is not None:
+            (base,) = node("LoraLoader").apply(base, *lora)
     finally:
         comfy_host.set_standalone_model_folders({})
     prompt = _example("sdxl_two_stage_txt2img")
@@ -195,6 +215,28 @@ def test_two_stage_txt2img_example_runs_and_matches_the_nodes_in_process(server)
     expected = _local_two_stage(server["root"])
     # Another torch build runs inside ComfyUI, so allow rounding to land one level apart.
     assert np.abs(served.astype(int) - expected.astype(int)).max() <= 2
+
+
+def test_lora_node_in_the_two_stage_example_matches_the_nodes_in_process(server):
+    sizes = {"3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
+             "11.steps": STEPS, "11.start_at_step": HANDOFF}
+    prompt = _example("sdxl_two_stage_txt2img", **sizes)
+    prompt["20"] = {"class_type": "SDXLTwoStage.LoraLoader",
+                    "inputs": {"model": ["1", 0], "lora_name": LORA, "strength_model": 0.8, "strength_clip": 0.6}}
+    for consumer in ("4", "5", "7"):  # the base's text encoders and sampler take the LoRA'd model
+        prompt[consumer]["inputs"]["model"] = ["20", 0]
+    images, _ = _run(server, prompt)
+    with Image.open(images[0]) as png:
+        served = np.asarray(png.convert("RGB"))
+    expected = _local_two_stage(server["root"], (LORA, 0.8, 0.6))
+    assert np.abs(served.astype(int) - expected.astype(int)).max() <= 2
+    assert np.abs(served.astype(int) - _local_two_stage(server["root"]).astype(int)).max() > 2  # it did something
+    prompt["20"]["inputs"]["model"] = ["2", 0]  # the refiner into the LoRA loader
+    prompt["11"]["inputs"]["model"] = ["20", 0]
+    for consumer in ("4", "5", "7"):
+        prompt[consumer]["inputs"]["model"] = ["1", 0]
+    with pytest.raises(client.WorkflowError, match="SDXL LoRAs are trained for the base model"):
+        _run(server, prompt)
 
 
 def test_refiner_img2img_example_runs(server):

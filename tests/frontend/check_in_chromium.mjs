@@ -82,7 +82,7 @@ try {
     return out;
   }, { workflow, baseCkpt, refinerCkpt });
 
-  assert.equal(findings.types.length, 11, JSON.stringify(findings.types));
+  assert.equal(findings.types.length, 12, JSON.stringify(findings.types));
   assert.equal(findings.extensionCount, 1);
   assert.deepEqual(findings.afterBucket, { latent: [1344, 768], micro: [1344, 768, 1344, 768] });
   assert.deepEqual(findings.afterTyping, { resolution: "832x1216 (13:19)", micro: [832, 1216, 832, 1216] });
