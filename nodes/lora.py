@@ -57,7 +57,9 @@ class LoraLoader:
         if strength_model == 0 and strength_clip == 0:
             return (model,)
         path = comfy_host.model_path("loras", lora_name)
-        return (apply_lora(model, self._read(path), strength_model, strength_clip, name=lora_name),)
+        # Merged on the compute device (the GPU in ComfyUI) while the weights stay where the loader keeps them.
+        return (apply_lora(model, self._read(path), strength_model, strength_clip, name=lora_name,
+                           device=comfy_host.compute_device()),)
 
     def _read(self, path: Path) -> dict:
         from sdxl_core.lora import read_lora_file

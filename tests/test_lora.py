@@ -168,6 +168,17 @@ def test_half_precision_weights_merge_in_float32():
     assert torch.equal(out, (weight.float() + 0.37 * (up @ down)).half())
 
 
+def test_a_reused_float32_buffer_gives_the_same_merge():
+    weight = torch.randn(8, 6, 3, 3).to(memory_format=torch.channels_last)
+    up, down = torch.randn(8, 2, 1, 1), torch.randn(2, 6, 3, 3)
+    plain = merged_weight(weight, up, down, 0.25)
+    scratch = torch.full((1000,), float("nan"))
+    reused = merged_weight(weight, up, down, 0.25, device="cpu", scratch=scratch)
+    assert torch.equal(reused, plain) and reused.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="at least 432 elements"):
+        merged_weight(weight, up, down, 0.25, scratch=torch.empty(10))
+
+
 def test_text_encoder_outputs_change_only_with_strength_clip(base, lora):
     tokens = torch.tensor([[49406, 320, 1125, 49407] + [49407] * 73])
     unet_only = apply_lora(base, lora, strength_model=1.0, strength_clip=0.0)
@@ -290,7 +301,7 @@ def test_a_lora_file_on_disk(base, lora, tmp_path):
     path = tmp_path / "style.safetensors"
     save_file({k: v.contiguous() for k, v in lora.items()}, str(path))
     from_file = apply_lora(base, path, 1.0, 1.0)
-    in_memory = apply_lora(base, lora, 1.0, 1.0)
+    in_memory = apply_lora(base, lora, 1.0, 1.0, device="cpu")
     assert torch.equal(from_file.unet.out[2].weight, in_memory.unet.out[2].weight)
     assert not torch.equal(from_file.unet.out[2].weight, base.unet.out[2].weight)
 
@@ -449,3 +460,62 @@ def test_merged_weights_equal_comfyuis_lora_code(base, lora):
         torch.testing.assert_close(ours[key], reference, rtol=1e-6, atol=1e-6, msg=key)
     untouched = set(weights) - set(patches)
     assert all(torch.equal(ours[k], weights[k]) for k in untouched)
+
+
+# ------------------------------------------------------------------------------------------------ full size
+
+
+def _full_size_twin_layers(config) -> dict[str, tuple]:
+    """diffusers' UNet2DConditionModel for a full-size config, built on the meta device: layer path -> shape."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils
+
+    from sdxl_core.diffusers_twins import sgm_network_config
+    from sdxl_core.unet import UNetModel
+
+    checkpoint = {f"model.diffusion_model.{k}": v for k, v in UNetModel(config, device="meta").state_dict().items()}
+    settings = single_file_utils.create_unet_diffusers_config_from_ldm(sgm_network_config(config), checkpoint)
+    settings.update(class_embed_type=None, addition_embed_type="text_time",
+                    addition_time_embed_dim=ADM_SCALAR_EMBED_DIM)
+    with torch.device("meta"):
+        twin = UNet2DConditionModel(**settings)
+    return {path: tuple(layer.weight.shape) for path, layer in adaptable_layers(twin).items()}
+
+
+def test_a_full_size_sdxl_lora_lands_on_the_full_size_base_on_meta():
+    """The 722 attention layers of a standard kohya SDXL LoRA, LoCon convs and all text-encoder layers of the real
+    SDXL architecture, merged on the meta device (shapes only, no memory)."""
+    from sdxl_core.config import CLIP_BIG_G, CLIP_L, SDXL_BASE, SDXL_REFINER
+    from sdxl_core.models import SDXLModel
+    from sdxl_core.text_encoders import TextEncoder
+    from sdxl_core.unet import UNetModel
+
+    def meta_model(config):
+        return SDXLModel(config=config, unet=UNetModel(config.unet, device="meta"), vae=None,
+                         clip_g=TextEncoder(CLIP_BIG_G, device="meta"),
+                         clip_l=TextEncoder(CLIP_L, device="meta") if config.clip_l else None,
+                         tokenizer=None, source=None, dtype=torch.float16)
+
+    base = meta_model(SDXL_BASE)
+    layers = _full_size_twin_layers(SDXL_BASE.unet)
+    assert sum(".attentions." in path for path in layers) == 722
+    state = {}
+    for path, shape in layers.items():
+        up, down = (torch.empty(shape[0], RANK, *[1] * (len(shape) - 2), device="meta"),
+                    torch.empty(RANK, *shape[1:], device="meta"))
+        state[f"lora_unet_{path.replace('.', '_')}.lora_up.weight"] = up
+        state[f"lora_unet_{path.replace('.', '_')}.lora_down.weight"] = down
+    for prefix, width, count in (("lora_te1_", 768, 12), ("lora_te2_", 1280, 32)):
+        for layer in range(count):
+            for module, (out_dim, in_dim) in {"self_attn_q_proj": (width, width), "self_attn_k_proj": (width, width),
+                                              "self_attn_v_proj": (width, width),
+                                              "self_attn_out_proj": (width, width), "mlp_fc1": (4 * width, width),
+                                              "mlp_fc2": (width, 4 * width)}.items():
+                name = f"{prefix}text_model_encoder_layers_{layer}_{module}"
+                state[f"{name}.lora_up.weight"] = torch.empty(out_dim, RANK, device="meta")
+                state[f"{name}.lora_down.weight"] = torch.empty(RANK, in_dim, device="meta")
+    merged = apply_lora(base, state)
+    assert merged.unet is not base.unet and merged.clip_l is not base.clip_l and merged.clip_g is not base.clip_g
+    assert merged.unet.input_blocks[4][1].transformer_blocks[0].attn1.to_q.weight.shape == (640, 640)
+    with pytest.raises(LoRAError, match="SDXL LoRAs are trained for the base model"):
+        apply_lora(meta_model(SDXL_REFINER), state)
