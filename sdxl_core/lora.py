@@ -217,11 +217,11 @@ _ROLES = (
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 # Adapter kinds this loader does not merge, told from their tensor names.
 _FOREIGN_KINDS = (
-    ("hada_", "a LyCORIS LoHa (Hadamard-product) adapter"),
-    ("lokr_", "a LyCORIS LoKr (Kronecker-product) adapter"),
-    ("dora_scale", "a DoRA (weight-decomposed LoRA) adapter"),
+    (".hada_", "a LyCORIS LoHa (Hadamard-product) adapter"),
+    (".lokr_", "a LyCORIS LoKr (Kronecker-product) adapter"),
+    (".dora_scale", "a DoRA (weight-decomposed LoRA) adapter"),
     (".lora_mid.", "a LyCORIS LoCon with a Tucker-decomposed middle tensor"),
-    ("oft_", "an OFT (orthogonal fine-tuning) adapter"),
+    (".oft_", "an OFT (orthogonal fine-tuning) adapter"),
 )
 
 
@@ -236,8 +236,8 @@ def read_lora_file(path: Path | str) -> dict[str, torch.Tensor]:
     path = Path(path)
     header = read_header(path)  # refuses pickles, truncated and damaged files with their own sentences
     shapes = {name: lazy.shape for name, lazy in header.tensors.items()}
-    found = identify(shapes)
-    if found.kind != "lora" and not _foreign_kind(shapes):
+    if not any(_role(key) for key in shapes) and not _foreign_kind(shapes):
+        found = identify(shapes)
         raise LoRAError(f"{path.name} is {found.description}, not a LoRA: load checkpoints with the SDXL checkpoint "
                         "loader and put LoRA files (with lora_down/lora_up or lora_A/lora_B tensors) in "
                         "models/loras")
@@ -251,6 +251,18 @@ def _foreign_kind(keys) -> str | None:
     return None
 
 
+def _role(key: str) -> tuple[str, str] | None:
+    """(layer name, "down" | "up" | "alpha") of one LoRA tensor name, or None for any other tensor."""
+    processor = _PROCESSOR.match(key)
+    if processor:
+        layer, projection, role = processor.groups()
+        return f"{layer}.{'to_out.0' if projection == 'to_out' else projection}", role
+    for ending, role in _ROLES:
+        if key.endswith(ending):
+            return key[:-len(ending)], role
+    return None
+
+
 def parse_lora(state_dict: Mapping[str, torch.Tensor], name: str = "the LoRA") -> list[LoRALayer]:
     """Group a LoRA state dict into layers; refuse other adapter kinds and tensors that belong to no LoRA pair."""
     foreign = _foreign_kind(state_dict)
@@ -260,18 +272,11 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], name: str = "the LoRA") -
     parts: dict[str, dict[str, torch.Tensor]] = {}
     stray = []
     for key, tensor in state_dict.items():
-        processor = _PROCESSOR.match(key)
-        if processor:
-            layer, projection, role = processor.groups()
-            layer = f"{layer}.{'to_out.0' if projection == 'to_out' else projection}"
-        else:
-            for ending, role in _ROLES:
-                if key.endswith(ending):
-                    layer = key[:-len(ending)]
-                    break
-            else:
-                stray.append(key)
-                continue
+        found = _role(key)
+        if found is None:
+            stray.append(key)
+            continue
+        layer, role = found
         if role in parts.setdefault(layer, {}):
             raise LoRAError(f"{name} holds the {role} tensor of layer {layer!r} twice (under two spellings)")
         parts[layer][role] = tensor

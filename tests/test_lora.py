@@ -297,13 +297,23 @@ def test_other_diffusers_spellings_and_sgm_kohya_names(base):
         assert torch.equal(result, results[0])
 
 
-def test_a_lora_file_on_disk(base, lora, tmp_path):
+def test_lora_files_on_disk(base, lora, tmp_path):
     path = tmp_path / "style.safetensors"
     save_file({k: v.contiguous() for k, v in lora.items()}, str(path))
     from_file = apply_lora(base, path, 1.0, 1.0)
     in_memory = apply_lora(base, lora, 1.0, 1.0, device="cpu")
     assert torch.equal(from_file.unet.out[2].weight, in_memory.unet.out[2].weight)
     assert not torch.equal(from_file.unet.out[2].weight, base.unet.out[2].weight)
+    # diffusers' attention-processor spelling has none of the lora_up/lora_A markers: still read as a LoRA.
+    shape = tuple(base.unet.state_dict()["input_blocks.4.1.transformer_blocks.0.attn1.to_k.weight"].shape)
+    up, down = lora_pair(shape, torch.Generator().manual_seed(1))
+    processor = tmp_path / "processor.safetensors"
+    save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_k_lora.up.weight": up,
+               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_k_lora.down.weight": down},
+              str(processor))
+    merged = apply_lora(base, processor)
+    assert not torch.equal(merged.unet.input_blocks[4][1].transformer_blocks[0].attn1.to_k.weight,
+                           base.unet.input_blocks[4][1].transformer_blocks[0].attn1.to_k.weight)
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -317,6 +327,7 @@ def _one_layer(name: str, shape: tuple, extra: dict | None = None) -> dict:
 @pytest.mark.parametrize("state, message", [
     ({"lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2)}, "LoHa"),
     ({"lora_unet_down_blocks_1_attentions_0_proj_in.lokr_w1": torch.zeros(2, 2)}, "LoKr"),
+    ({"lora_unet_down_blocks_1_attentions_0_proj_in.oft_blocks": torch.zeros(2, 2)}, "OFT"),
     (_one_layer("lora_unet_down_blocks_1_attentions_0_proj_in", (64, 64),
                 {"lora_unet_down_blocks_1_attentions_0_proj_in.dora_scale": torch.ones(64, 1)}), "DoRA"),
     (_one_layer("lora_unet_conv_in", (32, 4, 3, 3),
