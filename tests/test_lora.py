@@ -356,11 +356,13 @@ def test_refusals_say_why(base, state, message):
     assert "x.safetensors" in str(error.value)
 
 
-def test_a_base_lora_on_the_refiner_is_refused_with_advice(refiner, lora):
+@pytest.mark.parametrize("text", [True, False], ids=["with text encoders", "unet only"])
+def test_a_base_lora_on_the_refiner_is_refused_with_advice(refiner, base, text):
     with pytest.raises(LoRAError) as error:
-        apply_lora(refiner, lora, name="style.safetensors")
-    text = str(error.value)
-    assert "does not fit the SDXL refiner" in text and "SDXL LoRAs are trained for the base model" in text
+        apply_lora(refiner, kohya_lora(base, text=text), name="style.safetensors")
+    message = str(error.value)
+    assert "style.safetensors does not fit the SDXL refiner" in message
+    assert "SDXL LoRAs are trained for the base model" in message
 
 
 def test_a_refiner_lora_applies_to_the_refiner(refiner):
