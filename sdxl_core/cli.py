@@ -61,6 +61,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _lora(text: str) -> tuple[Path, float, float]:
+    """Parse FILE[:STRENGTH[:CLIP_STRENGTH]] (strengths from the right, so a Windows drive letter stays in the
+    path); one strength applies to the UNet and the text encoders alike, as A1111's <lora:name:weight>."""
+    parts = text.rsplit(":", 2)
+    strengths: list[float] = []
+    while len(parts) > 1 and len(strengths) < 2:
+        try:
+            strengths.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    path = Path(":".join(parts))
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"expected a LoRA file as FILE[:STRENGTH[:CLIP_STRENGTH]], got {text!r}: "
+                                         f"{path} is not a file")
+    model_strength = strengths[0] if strengths else 1.0
+    clip_strength = strengths[1] if len(strengths) > 1 else model_strength
+    return path, model_strength, clip_strength
+
+
 def _add_prompt_arguments(parser: argparse.ArgumentParser, *, prompt_default: str | None) -> None:
     if prompt_default is None:
         parser.add_argument("--prompt", required=True, help="the prompt (both text encoders)")
@@ -72,6 +92,9 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser, *, prompt_default: st
     parser.add_argument("--embeddings", type=_directory, action="append", metavar="DIR",
                         help="folder of textual-inversion embeddings that prompts name as embedding:NAME "
                              "(searched with its subfolders; repeat for more folders)")
+    parser.add_argument("--lora", type=_lora, action="append", metavar="FILE[:STRENGTH[:CLIP]]",
+                        help="merge an SDXL LoRA into the base (repeat for more, applied in order); the strength "
+                             "(default 1) applies to the UNet and, unless CLIP is given, the text encoders")
     parser.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner aesthetic score, positive side")
     parser.add_argument("--negative-aesthetic-score", type=float, default=2.5,
                         help="refiner aesthetic score, negative side")

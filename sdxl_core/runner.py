@@ -16,6 +16,7 @@ import torch
 from .checkpoint import default_dtype, default_vae_dtype, load_checkpoint
 from .checkpoint_errors import CheckpointError
 from .conditioning import ConditioningMismatch
+from .lora import apply_lora
 from .pipeline import GenerationRequest, GenerationResult, ImageToImageRequest, generate, image_to_image
 from .progress import ProgressBar
 from .residency import ResidencyError, ResidencyPlan
@@ -78,9 +79,18 @@ class _Setup:
         # Under a residency plan the weights wait in system RAM and the plan moves each network in when it runs.
         return torch.device("cpu") if self.residency is not None else self.device
 
-    def load(self, path: Path, vae_path: Path | None, expect: str | None):
-        return load_checkpoint(path, dtype=self.dtype, device=self.load_device, vae_path=vae_path,
-                               vae_dtype=default_vae_dtype(self.device), expect=expect)
+    def load(self, path: Path, vae_path: Path | None, expect: str | None, loras=()):
+        """A checkpoint, with the LoRAs of --lora merged in order (each merge drops the previous copy's patched
+        weights, so the peak is the model plus one LoRA's worth of weights)."""
+        model = load_checkpoint(path, dtype=self.dtype, device=self.load_device, vae_path=vae_path,
+                                vae_dtype=default_vae_dtype(self.device), expect=expect)
+        for lora_path, strength_model, strength_clip in loras:
+            model = apply_lora(model, lora_path, strength_model, strength_clip)
+        return model
+
+
+def _lora_sources(args: argparse.Namespace) -> list[list] | None:
+    return [[str(path), model, clip] for path, model, clip in args.lora] if args.lora else None
 
 
 def _setup(args: argparse.Namespace) -> _Setup:
@@ -128,12 +138,13 @@ def _embedding_sources(args: argparse.Namespace) -> list[str] | None:
 def _run_text_to_image(request: GenerationRequest, base_path: Path, refiner_path: Path | None,
                        vae_path: Path | None, args: argparse.Namespace) -> int:
     def produce(setup: _Setup, bar: ProgressBar):
-        base = setup.load(base_path, vae_path, "base")
+        base = setup.load(base_path, vae_path, "base", args.lora or ())
         refiner = setup.load(refiner_path, vae_path, "refiner") if refiner_path is not None else None
         result = generate(base, refiner, request, on_step=bar.advance, residency=setup.residency,
                           embeddings=args.embeddings)
         sources = {"base": str(base_path), "refiner": str(refiner_path) if refiner_path else None,
-                   "vae": str(vae_path) if vae_path else None, "embeddings": _embedding_sources(args)}
+                   "vae": str(vae_path) if vae_path else None, "embeddings": _embedding_sources(args),
+                   "loras": _lora_sources(args)}
         details = f"Size: {request.width}x{request.height}, Refiner start: {request.refiner_start}"
         return result, _png_text(request, details, sources)
 
@@ -161,11 +172,12 @@ def read_image(path: Path) -> torch.Tensor:
 def run_img2img(request: ImageToImageRequest, args: argparse.Namespace) -> int:
     def produce(setup: _Setup, bar: ProgressBar):
         images = read_image(args.image)
-        model = setup.load(args.model, args.vae, None)
+        model = setup.load(args.model, args.vae, None, args.lora or ())
         result = image_to_image(model, images, request, on_step=bar.advance, residency=setup.residency,
                                 embeddings=args.embeddings)
         sources = {"model": str(args.model), "model_kind": model.kind, "image": str(args.image),
-                   "vae": str(args.vae) if args.vae else None, "embeddings": _embedding_sources(args)}
+                   "vae": str(args.vae) if args.vae else None, "embeddings": _embedding_sources(args),
+                   "loras": _lora_sources(args)}
         details = f"Denoising strength: {request.strength}, Model: SDXL {model.kind}"
         return result, _png_text(request, details, sources)
 

@@ -205,3 +205,46 @@ def test_batch_size_writes_one_file_per_image(tiny_checkpoints, tmp_path):
     assert first.size == second.size == (64, 48)
     assert first.tobytes() != second.tobytes()  # one seed, a batch of different noise, as ComfyUI draws it
     assert json.loads(first.text["sdxl_core"])["batch_size"] == 2
+
+
+@pytest.fixture(scope="module")
+def lora_file(tiny_checkpoints, tmp_path_factory):
+    pytest.importorskip("diffusers")  # the test LoRA is named from diffusers' module paths
+    from safetensors.torch import save_file
+
+    from sdxl_core.checkpoint import load_checkpoint
+    from tests._lora_files import kohya_lora
+
+    path = tmp_path_factory.mktemp("loras") / "style.safetensors"
+    save_file(kohya_lora(load_checkpoint(tiny_checkpoints["base"]), seed=3), str(path))
+    return path
+
+
+def test_generate_merges_loras_into_the_base(tiny_checkpoints, lora_file, tmp_path):
+    plain, styled, off = tmp_path / "plain.png", tmp_path / "styled.png", tmp_path / "off.png"
+    assert main(_generate_args(tiny_checkpoints, plain)) == 0
+    assert main(_generate_args(tiny_checkpoints, styled, "--lora", f"{lora_file}:0.7")) == 0
+    assert main(_generate_args(tiny_checkpoints, off, "--lora", f"{lora_file}:0:0")) == 0
+    assert Image.open(styled).tobytes() != Image.open(plain).tobytes()
+    assert Image.open(off).tobytes() == Image.open(plain).tobytes()  # strength 0: the model as loaded
+    assert json.loads(Image.open(styled).text["sdxl_core"])["loras"] == [[str(lora_file), 0.7, 0.7]]
+
+
+def test_a_base_lora_on_the_refiner_is_a_sentence(tiny_checkpoints, lora_file, tmp_path, capsys):
+    source = _picture(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    assert main(_img2img_args(tiny_checkpoints["refiner"], source, out, "--lora", str(lora_file))) == 2
+    assert "refiner" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_lora_option_reads_strengths_from_the_right(tmp_path):
+    from sdxl_core.cli import _lora
+
+    odd = tmp_path / "c:style.safetensors"  # a colon inside the name (a Windows drive letter) stays in the path
+    odd.write_bytes(b"")
+    assert _lora(str(odd)) == (odd, 1.0, 1.0)
+    assert _lora(f"{odd}:0.5") == (odd, 0.5, 0.5)
+    assert _lora(f"{odd}:0.5:-1") == (odd, 0.5, -1.0)
+    with pytest.raises(Exception, match="is not a file"):
+        _lora(str(tmp_path / "missing.safetensors:0.5"))
