@@ -93,8 +93,9 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser, *, prompt_default: st
                         help="folder of textual-inversion embeddings that prompts name as embedding:NAME "
                              "(searched with its subfolders; repeat for more folders)")
     parser.add_argument("--lora", type=_lora, action="append", metavar="FILE[:STRENGTH[:CLIP]]",
-                        help="merge an SDXL LoRA into the base (repeat for more, applied in order); the strength "
-                             "(default 1) applies to the UNet and, unless CLIP is given, the text encoders")
+                        help="merge an SDXL LoRA into the base (img2img: into --model; repeat for more, applied "
+                             "in order); the strength (default 1) applies to the UNet and, unless CLIP is given, "
+                             "the text encoders")
     parser.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner aesthetic score, positive side")
     parser.add_argument("--negative-aesthetic-score", type=float, default=2.5,
                         help="refiner aesthetic score, negative side")
