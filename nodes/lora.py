@@ -57,9 +57,11 @@ class LoraLoader:
         if strength_model == 0 and strength_clip == 0:
             return (model,)
         path = comfy_host.model_path("loras", lora_name)
-        # Merged on the compute device (the GPU in ComfyUI) while the weights stay where the loader keeps them.
+        # Merged on the compute device (the GPU in ComfyUI); the new model lives on the offload device like a
+        # freshly loaded checkpoint, even if the input's weights are on the GPU right now, so ComfyUI's model
+        # management counts every byte of it when it loads it.
         return (apply_lora(model, self._read(path), strength_model, strength_clip, name=lora_name,
-                           device=comfy_host.compute_device()),)
+                           device=comfy_host.compute_device(), storage=comfy_host.storage_device()),)
 
     def _read(self, path: Path) -> dict:
         from sdxl_core.lora import read_lora_file

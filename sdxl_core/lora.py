@@ -33,12 +33,16 @@ and dtype, so the extra memory is the size of the patched weights, plus one floa
 weight while merging. A typical kohya SDXL LoRA adapts all 722 attention and feed-forward layers of the UNet, which
 hold 86% of its weights: 4.1 GiB of new fp16 tensors next to the 4.8 GiB UNet, plus about 1.4 GiB when it also
 adapts both text encoders. A network the LoRA does not touch (the VAE always; the text encoders at strength_clip 0)
-is the same object in both models.
+is the same object in both models. Sharing lasts while both models stay put: a host that moves networks with
+`.to()` (ComfyUI's model management, when it loads the LoRA'd model onto the GPU and offloads it again) gives the
+copy its own host tensors on the way back, so from then on it also holds its unpatched weights (about 0.7 GiB of
+the UNet for the typical LoRA above).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,7 +55,7 @@ from .checkpoint_detect import identify
 from .checkpoint_files import read_header
 from .config import UNetConfig
 from .models import SDXLModel
-from .optimize import is_qkv_fused
+from .optimize import is_compiled, is_qkv_fused
 from .text_encoders import TextEncoder
 from .unet import UNetModel
 
@@ -396,11 +400,13 @@ def merged_weight(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, fa
     return out
 
 
-def _rebuilt(network: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+def _rebuilt(network: nn.Module, weights: Mapping[str, torch.Tensor], storage: torch.device | None = None
+             ) -> nn.Module:
     """A new network of the same architecture holding the same tensors as `network`, except `weights` (by name).
 
     Built on the meta device (nothing allocated, nothing initialised); new Parameter objects wrap the shared
-    storages, so moving or casting one network in place (`.to`) leaves the other as it was."""
+    storages, so moving or casting one network in place (`.to`) leaves the other as it was. With `storage`, every
+    tensor of the copy lives there: shared where the original's already does, copied where it does not."""
     if isinstance(network, UNetModel):
         copy = UNetModel(network.config, device="meta")
     elif isinstance(network, TextEncoder):
@@ -415,29 +421,45 @@ def _rebuilt(network: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Modu
     for name, parameter in originals.items():
         owner, _, leaf = name.rpartition(".")
         data = weights.get(name, parameter.detach())
+        if storage is not None:
+            data = data.to(storage)
         owners[owner]._parameters[leaf] = nn.Parameter(data, requires_grad=parameter.requires_grad)
     for name, buffer in network.named_buffers():
         owner, _, leaf = name.rpartition(".")
-        owners[owner]._buffers[leaf] = buffer
+        owners[owner]._buffers[leaf] = buffer if storage is None else buffer.to(storage)
     for (_, source), (_, target) in zip(network.named_modules(), copy.named_modules()):
         target.training = source.training
     return copy
 
 
+def _resolved(device: torch.device | str) -> torch.device:
+    """The device tensors on it report (`cuda` -> `cuda:0`), so comparisons with `tensor.device` hold."""
+    return torch.empty(0, device=device).device
+
+
 def apply_lora(model: SDXLModel, lora: Mapping[str, torch.Tensor] | Path | str, strength_model: float = 1.0,
                strength_clip: float = 1.0, *, name: str | None = None,
-               device: torch.device | str | None = None) -> SDXLModel:
+               device: torch.device | str | None = None, storage: torch.device | str | None = None) -> SDXLModel:
     """A new SDXLModel with the LoRA merged in: W + strength * alpha/rank * up @ down (kohya sd-scripts, ComfyUI
     `LoraLoader`); the UNet takes `strength_model`, the text encoders `strength_clip`.
 
     `lora` is a LoRA .safetensors file or its state dict. `model` is never modified; untouched tensors are shared
     (see the module docstring for the memory cost). The whole file is validated even for a zero strength; with
     both strengths 0 the given model itself is returned. `device` is where the merge is computed (e.g. the GPU
-    while the weights wait in system RAM: each weight makes the round trip); by default where each weight lives."""
+    while the weights wait in system RAM: each weight makes the round trip); by default where each weight lives.
+    `storage` is where the new model's tensors live (e.g. the offload device of a host that moves networks itself:
+    a copy built from weights that happen to sit on the GPU would otherwise hold GPU memory behind the host's
+    back); by default each stays where the original's is."""
     if isinstance(lora, (str, Path)):
         name = name or Path(lora).name
         lora = read_lora_file(lora)
     name = name or "the LoRA"
+    for label, value in (("strength_model", strength_model), ("strength_clip", strength_clip)):
+        if not math.isfinite(value):
+            raise LoRAError(f"{label} must be a finite number, got {value}")
+    if is_compiled(model.unet):
+        raise LoRAError("this UNet has been compiled (torch.compile) for speed, and a merged copy would quietly "
+                        "run uncompiled: apply LoRAs to the model as loaded, then optimise it")
     if is_qkv_fused(model.unet):
         raise LoRAError("this UNet's q/k/v projections have been fused for speed, so LoRA layers no longer find "
                         "them: apply LoRAs to the model as loaded, then optimise it")
@@ -448,18 +470,23 @@ def apply_lora(model: SDXLModel, lora: Mapping[str, torch.Tensor] | Path | str, 
             for layer, target in matched if strengths[target.component] != 0.0]
     patched: dict[str, dict[str, torch.Tensor]] = {}
     scratch: dict[torch.device, torch.Tensor] = {}  # one float32 buffer per device, sized for the largest weight
+    compute = None if device is None else _resolved(device)
+    storage = None if storage is None else _resolved(storage)
     for _, _, weight in work:
-        where = weight.device if device is None else torch.device(device)
+        where = weight.device if compute is None else compute
         if weight.numel() > scratch.get(where, torch.empty(0)).numel():
             scratch[where] = torch.empty(weight.numel(), dtype=torch.float32, device=where)
     with torch.no_grad():
         for layer, target, weight in work:
-            where = weight.device if device is None else torch.device(device)
+            where = weight.device if compute is None else compute
             merged = merged_weight(weight, layer.up, layer.down, strengths[target.component] * layer.scale,
                                    device=where, scratch=scratch[where])
-            patched.setdefault(target.component, {})[target.parameter] = merged
+            # Straight to where the copy lives, so merged weights never pile up on the compute device.
+            patched.setdefault(target.component, {})[target.parameter] = (
+                merged if storage is None else merged.to(storage))
     scratch.clear()
     if not patched:
         return model
-    replaced = {component: _rebuilt(networks[component], weights) for component, weights in patched.items()}
+    replaced = {component: _rebuilt(networks[component], weights, storage)
+                for component, weights in patched.items()}
     return dataclasses.replace(model, **replaced)

@@ -399,6 +399,30 @@ def test_a_restructured_unet_is_refused(lora):
         apply_lora(model, lora)
 
 
+def test_a_compiled_unet_and_non_finite_strengths_are_refused(lora):
+    model = _tiny_base()
+    model.unet.compile()  # marks the module; nothing is traced until it is called
+    with pytest.raises(LoRAError, match="compiled"):
+        apply_lora(model, lora)
+    for strengths in ((float("nan"), 1.0), (1.0, float("inf"))):
+        with pytest.raises(LoRAError, match="must be a finite number"):
+            apply_lora(_tiny_base(), lora, *strengths)
+
+
+def test_devices_named_without_an_index_and_a_storage_device(base, lora):
+    """`device="cpu:0"` names the device tensors report as `cpu`; and with `storage` every tensor of the new model
+    lives there (meta stands in for a host's offload device), the original staying where it was."""
+    reference = apply_lora(base, lora, 0.5, 0.5)
+    indexed = apply_lora(base, lora, 0.5, 0.5, device="cpu:0")
+    for (name, a), (_, b) in zip(reference.unet.state_dict().items(), indexed.unet.state_dict().items()):
+        assert torch.equal(a, b), name
+    moved = apply_lora(base, lora, 0.5, 0.5, storage="meta")
+    for network in (moved.unet, moved.clip_l, moved.clip_g):
+        assert {t.device.type for t in (*network.parameters(), *network.buffers())} == {"meta"}
+    assert moved.vae is base.vae  # untouched networks are the same objects, wherever they are
+    assert {p.device.type for p in base.unet.parameters()} == {"cpu"}
+
+
 # ------------------------------------------------------------------------------------------------ ComfyUI
 
 
