@@ -196,7 +196,7 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
     scale = model.config.vae.scale_factor
     denoiser = _guided_denoiser(model, positive, negative, cfg, tuple(samples.shape[-2:]))
     with torch.inference_mode():
-        x = run_sampler(sampler, denoiser, samples.to(device) * scale, noise.to(device), sigmas.to(device),
+        x = run_sampler(sampler, denoiser, samples.to(device) * scale, noise.to(device), sigmas,
                         sigma_max=schedule.sigma_max, seed=seed, callback=callback, cancel=cancel)
     out = (x / scale).float().cpu()
     if not torch.isfinite(out).all():

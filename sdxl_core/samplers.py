@@ -77,9 +77,19 @@ def _ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -
     `get_ancestral_step`)."""
     if not eta:
         return sigma_next, torch.zeros_like(sigma_next)
-    sigma_up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    # torch.minimum, not min(): the same value without reading the comparison back to the host.
+    sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
     sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
     return sigma_down, sigma_up
+
+
+def _ancestral_lands_on_zero(sigmas: torch.Tensor, eta: float) -> list[bool]:
+    """Whether each step's sigma_down is 0 (then the step returns x0), for the whole grid at once on the CPU: the
+    same elementwise float ops as the per-step values, without a device read per step."""
+    grid = sigmas.detach().cpu()
+    if len(grid) < 2:
+        return []
+    return (_ancestral_step(grid[:-1], grid[1:], eta)[0] == 0).tolist()
 
 
 def _check_seeded(noise_sampler: NoiseSampler | None, seed: int | Sequence[int] | None, sampler: str) -> None:
@@ -126,11 +136,12 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=Non
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = _gaussian_noise(x, noise_sampler, seed, "euler_ancestral")
     s_in = x.new_ones([x.shape[0]])
+    lands_on_zero = _ancestral_lands_on_zero(sigmas, eta)
     for i in _steps(sigmas, cancel):
         denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
         sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
         _report(callback, i, x, sigmas[i], denoised)
-        if sigma_down == 0:
+        if lands_on_zero[i]:
             x = denoised
         else:
             d = _derivative(x, sigmas[i], denoised)
@@ -250,10 +261,11 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, noi
         return x
     noise_sampler = _brownian_noise(x, sigmas, noise_sampler, seed, "dpmpp_sde")
     s_in = x.new_ones([x.shape[0]])
+    zero = _zero_flags(sigmas)
     for i in _steps(sigmas, cancel):
         denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
         _report(callback, i, x, sigmas[i], denoised)
-        if sigmas[i + 1] == 0:
+        if zero[i + 1]:
             x = denoised
             continue
         # lambda = log(alpha/sigma) = -log(sigma) in the VE parameterisation of an eps model.
@@ -291,10 +303,11 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, 
     noise_sampler = _brownian_noise(x, sigmas, noise_sampler, seed, "dpmpp_2m_sde")
     s_in = x.new_ones([x.shape[0]])
     old_denoised, h, h_last = None, None, None
+    zero = _zero_flags(sigmas)
     for i in _steps(sigmas, cancel):
         denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
         _report(callback, i, x, sigmas[i], denoised)
-        if sigmas[i + 1] == 0:
+        if zero[i + 1]:
             x = denoised
         else:
             lambda_s, lambda_t = -sigmas[i].log(), -sigmas[i + 1].log()
@@ -364,7 +377,7 @@ def run_sampler(
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from latent shape {tuple(latent.shape)}")
     if sigmas.numel() == 0:
         return latent
-    max_denoise = is_max_denoise(sigmas, sigma_max)  # reads the grid where it was made (the CPU), once per run
+    max_denoise = is_max_denoise(sigmas, sigma_max)  # one read of the grid per run, before it moves
     noise = noise.to(device=latent.device)
     sigmas = sigmas.to(device=latent.device)
     x = noise_scaling(sigmas[0], noise, latent, max_denoise)

@@ -321,10 +321,11 @@ def test_sde_samplers_give_comfyuis_images_for_the_same_seed(name, seed):
 
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim"])
-def test_deterministic_samplers_read_nothing_back_per_step(name):
-    """A sampling loop that branches on a device value per step stalls the GPU once per step; the deterministic
-    samplers read the grid once per run, so their host reads do not grow with the number of steps."""
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim"])
+def test_samplers_read_nothing_back_per_step(name):
+    """A sampling loop that branches on a device value per step stalls the GPU once per step; these samplers read
+    the grid once per run, so their host reads do not grow with the number of steps. (The SDE samplers' Brownian
+    noise is drawn on the CPU from sigma values, as ComfyUI's is: a read per step they cannot avoid.)"""
     schedule = DiscreteEpsSchedule()
 
     def denoiser(x, sigma, **_):
@@ -335,6 +336,22 @@ def test_deterministic_samplers_read_nothing_back_per_step(name):
         sigmas = ksampler_sigmas(schedule, "karras", name, steps)
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
         with HostReads() as reads:
-            get_sampler(name)(denoiser, x, sigmas)
+            get_sampler(name)(denoiser, x, sigmas, seed=1)
         counts.append(reads.count)
     assert counts[0] == counts[1], f"{name}: {counts[0]} host reads for 4 steps, {counts[1]} for 9"
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0, 2.0])
+def test_ancestral_landing_flags_equal_the_per_step_values(eta):
+    """euler_ancestral decides "sigma_down is 0, return x0" from flags computed for the whole grid at once; they
+    equal the per-step scalar values, including where a large eta clamps sigma_up to sigma_next mid-grid."""
+    from sdxl_core.samplers import _ancestral_lands_on_zero, _ancestral_step
+
+    schedule = DiscreteEpsSchedule()
+    for grid in (ksampler_sigmas(schedule, "karras", "euler_ancestral", 10),
+                 torch.tensor([14.6146, 2.0, 0.0292, 0.0])):
+        per_step = [bool(_ancestral_step(grid[i], grid[i + 1], eta)[0] == 0) for i in range(len(grid) - 1)]
+        assert _ancestral_lands_on_zero(grid, eta) == per_step
+        assert per_step[-1]
+    if eta == 2.0:
+        assert any(_ancestral_lands_on_zero(torch.tensor([14.6146, 2.0, 0.0292, 0.0]), eta)[:-1])
