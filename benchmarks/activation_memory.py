@@ -126,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     if width % 8 or height % 8:
         parser.error(f"--size must be multiples of 8 (the VAE's downscale); got {width}x{height}")
     dtype, vae_dtype = DTYPES[args.dtype], DTYPES[args.vae_dtype]
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
 
     results = [measure_unet(kind, config.unet, dtype, args.batch, height // 8, width // 8)
                for kind, config in (("base", SDXL_BASE), ("refiner", SDXL_REFINER))]

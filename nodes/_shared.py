@@ -5,6 +5,7 @@ Kept free of ComfyUI (see comfy_host.py) and of heavy core imports, so the pack 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,13 @@ LATENT_CELL = 8
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def file_identity(path: Path, *parts: Any) -> tuple:
+    """A file as a cache key: its resolved path, modification time and size (a replaced file is another key), plus
+    whatever else the cached result depends on."""
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size, *parts)
 
 
 def node_id(name: str) -> str:

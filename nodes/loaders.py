@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import threading
 import weakref
-from pathlib import Path
-from typing import Any
 
 from . import comfy_host
-from ._shared import CATEGORY, SDXL_MODEL, SDXL_VAE, WEIGHT_DTYPES, node_id
+from ._shared import CATEGORY, SDXL_MODEL, SDXL_VAE, WEIGHT_DTYPES, file_identity, node_id
 
 _WEIGHT_DTYPE_TOOLTIP = ("Precision of the weights once loaded. 'default' lets ComfyUI choose for your device "
                          "(fp16 on most GPUs, fp32 on the CPU; the VAE never uses fp16, which overflows into black "
@@ -27,11 +25,6 @@ BAKED_VAE = "baked into the checkpoint"
 
 _cache: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _cache_lock = threading.Lock()
-
-
-def _file_key(path: Path, *parts: Any) -> tuple:
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size, *parts)
 
 
 def _cached(key: tuple, load):
@@ -97,8 +90,8 @@ class CheckpointLoader:
         path = comfy_host.model_path("checkpoints", ckpt_name)
         vae_path = None if vae_name == BAKED_VAE else comfy_host.model_path("vae", vae_name)
         dtype, vae_dtype = _dtypes(weight_dtype)
-        key = _file_key(path, "checkpoint", str(dtype), str(vae_dtype),
-                        *(_file_key(vae_path) if vae_path is not None else ()))
+        key = file_identity(path, "checkpoint", str(dtype), str(vae_dtype),
+                        *(file_identity(vae_path) if vae_path is not None else ()))
         model = _cached(key, lambda: load_checkpoint(path, dtype=dtype, vae_dtype=vae_dtype, vae_path=vae_path,
                                                      device=comfy_host.storage_device()))
         return (model, model.vae)
@@ -130,7 +123,7 @@ class VAELoader:
 
         path = comfy_host.model_path("vae", vae_name)
         _, vae_dtype = _dtypes(weight_dtype)
-        key = _file_key(path, "vae", str(vae_dtype))
+        key = file_identity(path, "vae", str(vae_dtype))
         return (_cached(key, lambda: load_vae(path, dtype=vae_dtype, device=comfy_host.storage_device())),)
 
 

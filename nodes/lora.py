@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import comfy_host
-from ._shared import CATEGORY, SDXL_MODEL, check_widgets, node_id
+from ._shared import CATEGORY, SDXL_MODEL, check_widgets, file_identity, node_id
 
 _STRENGTH = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
 
@@ -66,8 +66,7 @@ class LoraLoader:
     def _read(self, path: Path) -> dict:
         from sdxl_core.lora import read_lora_file
 
-        stat = path.stat()
-        identity = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        identity = file_identity(path)
         if self._loaded is None or self._loaded[0] != identity:
             self._loaded = None  # let the previous file's tensors go before reading the next
             self._loaded = (identity, read_lora_file(path))

@@ -14,6 +14,7 @@ increments; a SeedSequence's words do not depend on how many are asked for, so o
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -62,8 +63,9 @@ class BrownianTree:
         t0, t1 = float(t0), float(t1)
         if not t0 <= t1:
             raise ValueError(f"a Brownian tree needs t0 <= t1, got t0={t0}, t1={t1}")
-        if isinstance(entropy, bool) or not isinstance(entropy, int) or entropy < 0:
+        if isinstance(entropy, bool) or not isinstance(entropy, numbers.Integral) or entropy < 0:
             raise ValueError(f"entropy must be a non-negative int (a seed), got {entropy!r}")
+        entropy = int(entropy)
         self.t0, self.t1, self.entropy = t0, t1, entropy
         self.shape, self.dtype = tuple(int(s) for s in shape), dtype
         self._root = _Node(_round(t0), _round(t1), 0, 0, None, True)

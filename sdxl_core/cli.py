@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -46,21 +47,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _strength(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"the strength is the share of the noise schedule run again, in (0, 1]; "
-                                         f"got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
-    return value
-
-
 def _lora(text: str) -> tuple[Path, float, float]:
     """Parse FILE[:STRENGTH[:CLIP_STRENGTH]] (strengths from the right, so a Windows drive letter stays in the
     path); one strength applies to the UNet and the text encoders alike, as A1111's <lora:name:weight>."""
@@ -76,6 +62,8 @@ def _lora(text: str) -> tuple[Path, float, float]:
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"expected a LoRA file as FILE[:STRENGTH[:CLIP_STRENGTH]], got {text!r}: "
                                          f"{path} is not a file")
+    if not all(math.isfinite(value) for value in strengths):
+        raise argparse.ArgumentTypeError(f"LoRA strengths must be finite numbers, got {text!r}")
     model_strength = strengths[0] if strengths else 1.0
     clip_strength = strengths[1] if len(strengths) > 1 else model_strength
     return path, model_strength, clip_strength
@@ -133,7 +121,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, *, with_models: b
     size.add_argument("--bucket", type=str, metavar="RATIO",
                       help="pick the nearest SDXL training bucket for an aspect ratio, e.g. 16:9")
     parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (with --width)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1,
+    parser.add_argument("--batch-size", type=int, default=1,
                         help="images sampled together from one seed, as ComfyUI's batch_size")
     parser.add_argument("--original-size", type=_size, metavar="WxH",
                         help="micro-conditioning: the apparent source size (default: the output size)")
@@ -155,7 +143,7 @@ def _add_img2img_arguments(parser: argparse.ArgumentParser) -> None:
                              "the file")
     parser.add_argument("--vae", type=Path, help="a separate VAE file replacing the checkpoint's VAE")
     parser.add_argument("--image", required=True, type=Path, help="the picture to rework; sides multiples of 8")
-    parser.add_argument("--strength", type=_strength, default=None,
+    parser.add_argument("--strength", type=float, default=None,
                         help="share of the noise schedule run again, in (0, 1]: about 0.2-0.3 polishes details, "
                              "1 repaints from noise (default 0.3)")
     _add_prompt_arguments(parser, prompt_default=None)

@@ -10,6 +10,7 @@ not a dependency).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -99,7 +100,10 @@ class BrownianTreeNoiseSampler:
                  seed: int | Sequence[int]):
         low, high, self._sign = _ordered(torch.as_tensor(sigma_min), torch.as_tensor(sigma_max))
         t0, t1 = float(low.detach().cpu()), float(high.detach().cpu())
-        self._batched = not isinstance(seed, int)
+        # Any whole number (a numpy seed too) is one seed for the batch; a sequence gives one per batch item.
+        self._batched = not isinstance(seed, numbers.Integral)
+        if not self._batched:
+            seed = int(seed)
         if self._batched:
             seeds = list(seed)
             if len(seeds) != x.shape[0]:

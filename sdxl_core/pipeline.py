@@ -420,11 +420,8 @@ def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequ
         # sgm's `apply_refiner` (and diffusers' refiner defaults) condition the refiner on the output size with
         # crop (0, 0), whatever original size or crop the base was given.
         with stage(refiner, "text"):
-            refiner_positive, refiner_negative = (
-                encode_refiner_conditioning(refiner, text, width=width, height=height, aesthetic_score=score,
-                                            empty_prompt=empty_prompt, embeddings=embeddings)
-                for text, score in ((request.prompt, request.aesthetic_score),
-                                    (request.negative, request.negative_aesthetic_score)))
+            refiner_positive, refiner_negative = _refiner_pair(refiner, request, width, height, empty_prompt,
+                                                               embeddings)
         with stage(refiner, "unet"):
             latent = sample_latent(refiner, latent, refiner_positive, refiner_negative, start_step=base_end,
                                    add_noise=False, callback=step_reporter("refiner"), **settings)
@@ -448,15 +445,12 @@ def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImage
         raise ValueError(f"expected images as a [batch, height, width, 3] tensor in 0..1, got {found}")
     height, width = images.shape[1:3]
     check_image_size(width, height)
+    _refuse_settings_for_the_other_stage(model, request)
     with stage(model, "vae"):
         latent = encode(model, images)
     with stage(model, "text"):
         if model.kind == "refiner":
-            positive, negative = (
-                encode_refiner_conditioning(model, text, width=width, height=height, aesthetic_score=score,
-                                            empty_prompt=empty_prompt, embeddings=embeddings)
-                for text, score in ((request.prompt, request.aesthetic_score),
-                                    (request.negative, request.negative_aesthetic_score)))
+            positive, negative = _refiner_pair(model, request, width, height, empty_prompt, embeddings)
         else:
             positive, negative = (
                 encode_base_conditioning(model, text_g, text_l, width=width, height=height,
@@ -470,3 +464,24 @@ def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImage
     with stage(model, "vae"):
         out = decode(model, latent)
     return GenerationResult(images=out, latent=latent, parameters=request.parameters())
+
+
+def _refiner_pair(refiner: SDXLModel, request: GenerationRequest | ImageToImageRequest, width: int, height: int,
+                  empty_prompt: str, embeddings) -> tuple[list, list]:
+    """The refiner's (positive, negative) CONDITIONING for a request: its prompts and aesthetic scores, the given
+    size with crop (0, 0)."""
+    return tuple(encode_refiner_conditioning(refiner, text, width=width, height=height, aesthetic_score=score,
+                                             empty_prompt=empty_prompt, embeddings=embeddings)
+                 for text, score in ((request.prompt, request.aesthetic_score),
+                                     (request.negative, request.negative_aesthetic_score)))
+
+
+def _refuse_settings_for_the_other_stage(model: SDXLModel, request: ImageToImageRequest) -> None:
+    """A setting only the other stage reads would be dropped without a word: say so instead."""
+    if model.kind == "refiner" and request.prompt_l is not None:
+        raise ValueError("a separate CLIP-L prompt was given, but the SDXL refiner has only the OpenCLIP bigG "
+                         "encoder: drop prompt_l (--prompt-l), or rework the image with the base")
+    if model.kind == "base" and (request.aesthetic_score, request.negative_aesthetic_score) != (
+            DEFAULT_POSITIVE_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE):
+        raise ValueError("aesthetic scores condition only the SDXL refiner, but this model is the base: drop "
+                         "them, or rework the image with the refiner")

@@ -248,3 +248,5 @@ def test_lora_option_reads_strengths_from_the_right(tmp_path):
     assert _lora(f"{odd}:0.5:-1") == (odd, 0.5, -1.0)
     with pytest.raises(Exception, match="is not a file"):
         _lora(str(tmp_path / "missing.safetensors:0.5"))
+    with pytest.raises(Exception, match="must be finite numbers"):
+        _lora(f"{odd}:nan")

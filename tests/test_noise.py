@@ -244,3 +244,15 @@ def test_prepare_noise_and_scaling_bit_equal_to_comfyui():
     for sigma, max_denoise in ((SCHEDULE.sigma_max, True), (torch.tensor(3.3), False)):
         expected = eps.noise_scaling(sigma, noise.clone(), image, max_denoise=max_denoise)
         assert torch.equal(noise_scaling(sigma, noise, image, max_denoise), expected)
+
+
+def test_a_numpy_seed_is_one_seed_like_an_int():
+    import numpy
+
+    from sdxl_core.noise import BrownianTreeNoiseSampler
+
+    x = torch.zeros(2, 4, 8, 8)
+    plain = BrownianTreeNoiseSampler(x, 0.0292, 14.6146, 5)(torch.tensor(14.6146), torch.tensor(7.0))
+    from_numpy = BrownianTreeNoiseSampler(x, 0.0292, 14.6146, numpy.int64(5))(torch.tensor(14.6146),
+                                                                              torch.tensor(7.0))
+    assert torch.equal(plain, from_numpy)

@@ -298,6 +298,15 @@ def test_image_to_image_checks_its_inputs(tiny_base):
         image_to_image(tiny_base, torch.rand(1, 3, SIZE, SIZE), request)
     with pytest.raises(ValueError, match="multiple of 8"):
         image_to_image(tiny_base, torch.rand(1, SIZE, SIZE + 4, 3), request)
+    with pytest.raises(ValueError, match="aesthetic scores condition only the SDXL refiner"):
+        image_to_image(tiny_base, torch.rand(1, SIZE, SIZE, 3), ImageToImageRequest(prompt="x", aesthetic_score=9))
     image = torch.rand(2, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(2))
     result = image_to_image(tiny_base, image, request)
     assert result.images.shape == image.shape and result.parameters["strength"] == 0.3
+
+
+def test_refiner_image_to_image_refuses_a_clip_l_prompt(tiny_refiner):
+    from sdxl_core.pipeline import ImageToImageRequest, image_to_image
+
+    with pytest.raises(ValueError, match="the SDXL refiner has only the OpenCLIP bigG encoder"):
+        image_to_image(tiny_refiner, torch.rand(1, SIZE, SIZE, 3), ImageToImageRequest(prompt="x", prompt_l="y"))
