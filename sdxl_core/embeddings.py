@@ -98,10 +98,10 @@ class EmbeddingLibrary:
         if self._mapping is not None:
             return sorted(self._mapping)
         names = set()
-        for root in self._directories:
-            for path in root.rglob("*"):
+        for index, _, folder in self._search_folders():  # the folders a lookup searches, links followed
+            for path in folder.iterdir():
                 if path.suffix.lower() in EMBEDDING_EXTENSIONS and path.is_file():
-                    names.add(path.relative_to(root).with_suffix("").as_posix())
+                    names.add(path.relative_to(self._directories[index]).with_suffix("").as_posix())
         return sorted(names)
 
     def vectors(self, name: str, key: str, width: int) -> torch.Tensor | None:

@@ -159,3 +159,20 @@ def test_pickle_needing_full_unpickling_is_refused(tmp_path):
 def test_wrong_key_width_or_type_is_refused_with_what_was_expected(content, key, width, message):
     with pytest.raises(EmbeddingError, match=message):
         EmbeddingLibrary.from_source({"e": content}).vectors("e", key, width)
+
+
+def test_the_available_list_follows_folder_links_as_the_lookup_does(tmp_path):
+    from safetensors.torch import save_file
+
+    from sdxl_core.embeddings import EmbeddingLibrary
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    save_file({"clip_g": torch.zeros(1, 8)}, str(elsewhere / "linked.safetensors"))
+    root = tmp_path / "embeddings"
+    root.mkdir()
+    save_file({"clip_g": torch.zeros(1, 8)}, str(root / "plain.safetensors"))
+    (root / "more").symlink_to(elsewhere, target_is_directory=True)
+    library = EmbeddingLibrary.from_source(root)
+    assert library.names() == ["more/linked", "plain"]
+    assert library.vectors("more/linked", "clip_g", 8).shape == (1, 8)
