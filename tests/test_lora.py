@@ -22,17 +22,13 @@ from _lora_files import RANK, adaptable_layers, kohya_lora, lora_delta, lora_pai
 
 
 @pytest.fixture(scope="module")
-def base():
-    from sdxl_core.config import TINY_BASE
-
-    return build_random_model(TINY_BASE, seed=1)
+def base(tiny_base):
+    return tiny_base
 
 
 @pytest.fixture(scope="module")
-def refiner():
-    from sdxl_core.config import TINY_REFINER
-
-    return build_random_model(TINY_REFINER, seed=2)
+def refiner(tiny_refiner):
+    return tiny_refiner
 
 
 @pytest.fixture(scope="module")
