@@ -5,7 +5,7 @@ The full-size networks run on fake tensors (`torch._subclasses.FakeTensorMode`: 
 arithmetic), under PyTorch's own `MemTracker`, which follows every tensor's storage from allocation to release.
 What it reports is the peak of live tensor bytes: a floor for a GPU, where the caching allocator's fragmentation
 and cuDNN workspaces come on top, and exact for what the code keeps alive. It needs no GPU and no weights, so the
-numbers behind `sdxl_core.residency.UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL`, `vae_decoding`'s decode/encode
+numbers behind `sdxl_core.runtime.residency.UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL`, `vae_decoding`'s decode/encode
 estimates and the 8 GB residency plan can be checked here, then against a real card with bench_sdxl.py.
 
     python benchmarks/activation_memory.py                    # 1024x1024, half precision, CFG batch 2
@@ -30,11 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from sdxl_core.config import SDXL_BASE, SDXL_REFINER, UNetConfig, VAEConfig  # noqa: E402
-from sdxl_core.residency import (DEFAULT_ACTIVATION_RESERVE, GiB,  # noqa: E402
+from sdxl_core.runtime.residency import (DEFAULT_ACTIVATION_RESERVE, GiB,  # noqa: E402
                                  UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL, unet_activation_bytes)
-from sdxl_core.unet import UNetModel  # noqa: E402
-from sdxl_core.vae import AutoencoderKL  # noqa: E402
-from sdxl_core.vae_decoding import estimate_decode_bytes, estimate_encode_bytes  # noqa: E402
+from sdxl_core.models.unet import UNetModel  # noqa: E402
+from sdxl_core.models.vae import AutoencoderKL  # noqa: E402
+from sdxl_core.runtime.vae_decoding import estimate_decode_bytes, estimate_encode_bytes  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

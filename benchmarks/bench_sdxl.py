@@ -38,23 +38,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from sdxl_core.config import (ADM_SCALAR_EMBED_DIM, SDXL_BASE, SDXL_REFINER, TINY_BASE,  # noqa: E402
                               TINY_REFINER, SDXLConfig, UNetConfig)
-from sdxl_core.denoiser import EpsDenoiser  # noqa: E402
-from sdxl_core.diffusers_twins import diffusers_unet, diffusers_vae  # noqa: E402
-from sdxl_core.guidance import CFGDenoiser  # noqa: E402
-from sdxl_core.models import SDXLModel  # noqa: E402
-from sdxl_core.noise import noise_scaling  # noqa: E402
-from sdxl_core.optimize import (OptimizedStep, UNetOptimizations, fuse_qkv, is_compiled,  # noqa: E402
+from sdxl_core.sampling.denoiser import EpsDenoiser  # noqa: E402
+from tests._diffusers_twins import diffusers_unet, diffusers_vae  # noqa: E402
+from sdxl_core.sampling.guidance import CFGDenoiser  # noqa: E402
+from sdxl_core.models.bundle import SDXLModel  # noqa: E402
+from sdxl_core.sampling.noise import noise_scaling  # noqa: E402
+from sdxl_core.runtime.optimize import (OptimizedStep, UNetOptimizations, fuse_qkv, is_compiled,  # noqa: E402
                                 optimize_unet, to_channels_last, to_contiguous_format, uncompile,
                                 unfuse_qkv)
-from sdxl_core.residency import DEFAULT_ACTIVATION_RESERVE, GiB, ResidencyPlan, no_residency  # noqa: E402
-from sdxl_core.samplers import get_sampler  # noqa: E402
-from sdxl_core.schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range  # noqa: E402
-from sdxl_core.text_encoders import TextEncoder  # noqa: E402
-from sdxl_core.timestep_embedding import timestep_embedding  # noqa: E402
-from sdxl_core.tokenizer import SDXLTokenizer  # noqa: E402
-from sdxl_core.unet import UNetModel  # noqa: E402
-from sdxl_core.vae import AutoencoderKL  # noqa: E402
-from sdxl_core.vae_decoding import decode_latents, default_vae_dtype  # noqa: E402
+from sdxl_core.runtime.residency import DEFAULT_ACTIVATION_RESERVE, GiB, ResidencyPlan, no_residency  # noqa: E402
+from sdxl_core.sampling.samplers import get_sampler  # noqa: E402
+from sdxl_core.sampling.schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range  # noqa: E402
+from sdxl_core.text.encoders import TextEncoder  # noqa: E402
+from sdxl_core.models.timestep_embedding import timestep_embedding  # noqa: E402
+from sdxl_core.text.tokenizer import SDXLTokenizer  # noqa: E402
+from sdxl_core.models.unet import UNetModel  # noqa: E402
+from sdxl_core.models.vae import AutoencoderKL  # noqa: E402
+from sdxl_core.runtime.vae_decoding import decode_latents, default_vae_dtype  # noqa: E402
 
 POOLED_DIM = 1280  # bigG projection width: the head of every SDXL ADM vector
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dusk, dramatic light", "blurry, low quality"
@@ -381,7 +381,7 @@ def memory_section(args, report: Report, base: SDXLModel, refiner: SDXLModel, ca
     plan.register_model(base)  # everything to the host first: the cap counts what is already on the card
     plan.register_model(refiner)
     capture = _LogCapture()
-    logging.getLogger("sdxl_core.vae_decoding").addHandler(capture)
+    logging.getLogger("sdxl_core.runtime.vae_decoding").addHandler(capture)
     result = {"cap_gib": cap if device.type == "cuda" else None, "reserve_gib": args.reserve_gb}
     latent = None
     try:
@@ -408,7 +408,7 @@ def memory_section(args, report: Report, base: SDXLModel, refiner: SDXLModel, ca
         if report.verbose:
             traceback.print_exc()
     finally:
-        logging.getLogger("sdxl_core.vae_decoding").removeHandler(capture)
+        logging.getLogger("sdxl_core.runtime.vae_decoding").removeHandler(capture)
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, device)
         plan.offload_all()

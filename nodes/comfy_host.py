@@ -250,7 +250,7 @@ class StepProgress:
 def _latent_rgb_previewer(denoised: torch.Tensor):
     from PIL import Image
 
-    from sdxl_core.preview import latent_to_rgb
+    from sdxl_core.runtime.preview import latent_to_rgb
 
     return Image.fromarray(latent_to_rgb(denoised[0]).numpy())
 

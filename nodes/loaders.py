@@ -41,7 +41,7 @@ def _dtypes(choice: str):
         raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {choice!r}")
     import torch
 
-    from sdxl_core.checkpoint import default_dtype, default_vae_dtype
+    from sdxl_core.checkpoints.loading import default_dtype, default_vae_dtype
 
     model_default, vae_default = comfy_host.default_dtypes()
     device = comfy_host.compute_device()
@@ -85,7 +85,7 @@ class CheckpointLoader:
         }}
 
     def load(self, ckpt_name: str, weight_dtype: str = "default", vae_name: str = BAKED_VAE):
-        from sdxl_core.checkpoint import load_checkpoint
+        from sdxl_core.checkpoints.loading import load_checkpoint
 
         path = comfy_host.model_path("checkpoints", ckpt_name)
         vae_path = None if vae_name == BAKED_VAE else comfy_host.model_path("vae", vae_name)
@@ -119,7 +119,7 @@ class VAELoader:
         }}
 
     def load(self, vae_name: str, weight_dtype: str = "default"):
-        from sdxl_core.checkpoint import load_vae
+        from sdxl_core.checkpoints.loading import load_vae
 
         path = comfy_host.model_path("vae", vae_name)
         _, vae_dtype = _dtypes(weight_dtype)

@@ -1,4 +1,4 @@
-"""LoRA node: an SDXL LoRA file merged into this pack's SDXL model (the math is sdxl_core.lora's).
+"""LoRA node: an SDXL LoRA file merged into this pack's SDXL model (the math is sdxl_core.checkpoints.lora's).
 
 ComfyUI's own LoraLoader takes ComfyUI's MODEL and CLIP, which this pack's loader does not produce; this node is its
 counterpart for SDXL_MODEL, with the same widgets. The model coming in is never modified (the checkpoint loader
@@ -48,8 +48,8 @@ class LoraLoader:
         }}
 
     def apply(self, model, lora_name: str, strength_model: float = 1.0, strength_clip: float = 1.0):
-        from sdxl_core.lora import apply_lora
-        from sdxl_core.models import SDXLModel
+        from sdxl_core.checkpoints.lora import apply_lora
+        from sdxl_core.models.bundle import SDXLModel
 
         if not isinstance(model, SDXLModel):
             raise ValueError(f"model needs an SDXL model from the SDXL checkpoint loader, got {type(model).__name__}")
@@ -64,7 +64,7 @@ class LoraLoader:
                            device=comfy_host.compute_device(), storage=comfy_host.storage_device()),)
 
     def _read(self, path: Path) -> dict:
-        from sdxl_core.lora import read_lora_file
+        from sdxl_core.checkpoints.lora import read_lora_file
 
         identity = file_identity(path)
         if self._loaded is None or self._loaded[0] != identity:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from sdxl_core.samplers import SAMPLERS
-from sdxl_core.schedules import SCHEDULERS
+from sdxl_core.sampling.samplers import SAMPLERS
+from sdxl_core.sampling.schedules import SCHEDULERS
 
 from . import comfy_host
 from ._shared import CATEGORY, MAX_SEED, SDXL_MODEL, check_widgets, node_id, require_stage, validation_result
@@ -102,7 +102,7 @@ def _activation_bytes(model, latent: dict, branches: int = 2) -> int:
     `branches` is the number of conditioning entries evaluated per latent item in one step: 2 for a plain
     positive/negative pair, one more for each extra entry a ConditioningCombine adds (all run in one batch).
     """
-    from sdxl_core.residency import unet_activation_bytes
+    from sdxl_core.runtime.residency import unet_activation_bytes
 
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
@@ -114,7 +114,7 @@ def _activation_bytes(model, latent: dict, branches: int = 2) -> int:
 def _run(model, latent: dict, positive: list, negative: list, total_steps: int, **settings) -> tuple[dict]:
     """Validate the conditioning, put the UNet on the device, sample with per-step progress and interruption."""
     from sdxl_core.pipeline import sample_latent, validate_conditioning_for
-    from sdxl_core.samplers import SamplingCancelled
+    from sdxl_core.sampling.samplers import SamplingCancelled
 
     validate_conditioning_for(model, positive, "positive")
     validate_conditioning_for(model, negative, "negative")

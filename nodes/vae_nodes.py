@@ -13,7 +13,7 @@ _TILING_TOOLTIP = ("'auto' processes the whole image at once and switches to ove
 
 
 def _vae_module(vae):
-    from sdxl_core.vae import AutoencoderKL
+    from sdxl_core.models.vae import AutoencoderKL
 
     if not isinstance(vae, AutoencoderKL):
         raise ValueError(f"expected an SDXL VAE from 'Load SDXL Checkpoint' or 'Load SDXL VAE', got "
@@ -24,7 +24,7 @@ def _vae_module(vae):
 def _untiled_memory(vae, tiling: str, estimate, batch: int, height: int, width: int) -> int:
     """Device memory to ask ComfyUI for before a pass: what an untiled pass needs (so ComfyUI evicts other models,
     e.g. the UNets, as it does for its own VAE nodes), or 0 when tiles are forced (they fit its inference reserve)."""
-    from sdxl_core.vae_decoding import resolve_vae_dtype
+    from sdxl_core.runtime.vae_decoding import resolve_vae_dtype
 
     if TILING[tiling] is True:
         return 0
@@ -53,7 +53,7 @@ class VAEDecode:
 
     def decode(self, vae, samples: dict, tiling: str = "auto"):
         from sdxl_core.pipeline import decode
-        from sdxl_core.vae_decoding import estimate_decode_bytes
+        from sdxl_core.runtime.vae_decoding import estimate_decode_bytes
 
         check_widgets(VAEDecode, tiling=tiling)
         vae = _vae_module(vae)
@@ -89,7 +89,7 @@ class VAEEncode:
 
     def encode(self, vae, pixels, tiling: str = "auto"):
         from sdxl_core.pipeline import encode
-        from sdxl_core.vae_decoding import estimate_encode_bytes
+        from sdxl_core.runtime.vae_decoding import estimate_encode_bytes
 
         check_widgets(VAEEncode, tiling=tiling)
         vae = _vae_module(vae)

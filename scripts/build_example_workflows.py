@@ -1,7 +1,7 @@
 """Write example_workflows/: each example graph in ComfyUI's UI format (v0.4, for the template browser) and its
 API-format twin (example_workflows/api/, for scripts and POST /prompt), from one description per graph.
 
-Run from the repository root: `python3 scripts/build_example_workflows.py`. tests/test_workflows.py checks the
+Run from the repository root: `python3 scripts/build_example_workflows.py`. tests/nodes/test_workflows.py checks the
 files against the node definitions, independently of this script.
 """
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .config import ADM_SCALAR_EMBED_DIM, VAE_DOWNSCALE, SDXLConfig
-from .timestep_embedding import timestep_embedding
+from .models.timestep_embedding import timestep_embedding
 
 # Aesthetic scores the refiner was conditioned with at inference in the paper's demo, diffusers and ComfyUI.
 DEFAULT_POSITIVE_AESTHETIC_SCORE = 6.0

@@ -29,17 +29,17 @@ from .conditioning import (
     micro_conditioning_scalars,
 )
 from .config import VAE_DOWNSCALE
-from .denoiser import EpsDenoiser
-from .guidance import CFGDenoiser, WeightedConditioning
-from .models import SDXLModel
-from .noise import prepare_noise
-from .embeddings import EmbeddingLibrary
-from .prompt_encoding import encode_base_prompt, encode_refiner_prompt
-from .residency import ResidencyPlan, no_residency
-from .samplers import get_sampler, run_sampler
-from .schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range
-from .vae import AutoencoderKL
-from .vae_decoding import comfy_to_images, decode_latents, encode_images, images_to_comfy
+from .sampling.denoiser import EpsDenoiser
+from .sampling.guidance import CFGDenoiser, WeightedConditioning
+from .models.bundle import SDXLModel
+from .sampling.noise import prepare_noise
+from .text.embeddings import EmbeddingLibrary
+from .text.prompt_encoding import encode_base_prompt, encode_refiner_prompt
+from .runtime.residency import ResidencyPlan, no_residency
+from .sampling.samplers import get_sampler, run_sampler
+from .sampling.schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range
+from .models.vae import AutoencoderKL
+from .runtime.vae_decoding import comfy_to_images, decode_latents, encode_images, images_to_comfy
 
 StepCallback = Callable[[dict], None]
 Cancel = Callable[[], bool]
@@ -346,7 +346,7 @@ def _check_sampling(steps: int, sampler: str, scheduler: str) -> None:
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     get_sampler(sampler)
-    from .schedules import SCHEDULERS
+    from .sampling.schedules import SCHEDULERS
 
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {sorted(SCHEDULERS)}")

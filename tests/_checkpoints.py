@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sdxl_core.checkpoint import save_checkpoint
-from sdxl_core.checkpoint_detect import component_prefixes
-from sdxl_core.checkpoint_validation import build_component
+from sdxl_core.checkpoints.loading import save_checkpoint
+from sdxl_core.checkpoints.detect import component_prefixes
+from sdxl_core.checkpoints.validation import build_component
 from sdxl_core.config import SDXLConfig
-from sdxl_core.models import SDXLModel
-from sdxl_core.tokenizer import SDXLTokenizer
+from sdxl_core.models.bundle import SDXLModel
+from sdxl_core.text.tokenizer import SDXLTokenizer
 
 
 def tiny_model(config: SDXLConfig, seed: int = 0) -> SDXLModel:
@@ -197,7 +197,7 @@ def write_from_manifest(manifest: Path, path: Path, seed: int = 0) -> int:
     Values are slices of one 64M-element random block (finite, small), so synthesis runs at disk speed instead of
     drawing billions of random numbers; `write_safetensors` streams them, one tensor in memory at a time.
     """
-    from sdxl_core.checkpoint_files import LazyTensor, write_safetensors
+    from sdxl_core.checkpoints.files import LazyTensor, write_safetensors
 
     entries = json.loads(manifest.read_text())
     block = (torch.randn(1 << 26, generator=torch.Generator().manual_seed(seed)) * 0.02).to(torch.float16)

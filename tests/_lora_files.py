@@ -1,10 +1,10 @@
 """LoRA files for the tests, in kohya's layout, named from the references' module paths (diffusers'
-UNet2DConditionModel, transformers' CLIP read from the single-file state dicts), never from sdxl_core.lora's mapping."""
+UNet2DConditionModel, transformers' CLIP read from the single-file state dicts), never from sdxl_core.checkpoints.lora's mapping."""
 
 import torch
 from torch import nn
 
-from sdxl_core.openclip_conversion import openclip_to_transformers
+from sdxl_core.text.openclip_conversion import openclip_to_transformers
 
 RANK = 4
 
@@ -38,7 +38,7 @@ def text_modules(model) -> dict[str, dict[str, tuple]]:
 def kohya_lora(model, *, unet: bool = True, text: bool = True, alpha: float | None = 2.0, seed: int = 0,
                rank: int = RANK):
     """A kohya-format LoRA over every UNet Linear/Conv (diffusers names) and every text-encoder Linear."""
-    from sdxl_core.diffusers_twins import diffusers_unet
+    from tests._diffusers_twins import diffusers_unet
 
     gen = torch.Generator().manual_seed(seed)
     state = {}

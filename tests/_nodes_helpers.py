@@ -24,7 +24,7 @@ def node_class(name: str) -> type:
 
 def model_folders(root: Path, checkpoints: dict[str, Path]) -> dict[str, list[str]]:
     """checkpoints/ with the tiny base and refiner, vae/ with the base's VAE as a separate file (original names)."""
-    from sdxl_core.checkpoint import load_checkpoint
+    from sdxl_core.checkpoints.loading import load_checkpoint
 
     ckpt_dir, vae_dir = root / "checkpoints", root / "vae"
     ckpt_dir.mkdir(parents=True, exist_ok=True)

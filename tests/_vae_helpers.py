@@ -1,5 +1,5 @@
 """Shared fixtures for the VAE tests: non-trivial random weights (the diffusers reference is
-sdxl_core.diffusers_twins.diffusers_vae)."""
+tests._diffusers_twins.diffusers_vae)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdxl_core.config import VAEConfig
-from sdxl_core.vae import AutoencoderKL
+from sdxl_core.models.vae import AutoencoderKL
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:

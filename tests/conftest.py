@@ -30,7 +30,7 @@ def _deterministic():
 def tiny_base():
     """A tiny SDXL base with deterministic random weights, built in memory (no file)."""
     from sdxl_core.config import TINY_BASE
-    from sdxl_core.demo import build_random_model
+    from sdxl_core.app.demo import build_random_model
 
     return build_random_model(TINY_BASE, seed=1)
 
@@ -39,7 +39,7 @@ def tiny_base():
 def tiny_refiner():
     """A tiny SDXL refiner with deterministic random weights, built in memory (no file)."""
     from sdxl_core.config import TINY_REFINER
-    from sdxl_core.demo import build_random_model
+    from sdxl_core.app.demo import build_random_model
 
     return build_random_model(TINY_REFINER, seed=2)
 
@@ -47,6 +47,6 @@ def tiny_refiner():
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """The demo's tiny base and refiner written as original-layout single files (fp16)."""
-    from sdxl_core.demo import demo_checkpoints
+    from sdxl_core.app.demo import demo_checkpoints
 
     return demo_checkpoints(tmp_path_factory.mktemp("tiny_checkpoints"))

@@ -14,8 +14,8 @@ from sdxl_core.pipeline import (
     generate,
     sample_latent,
 )
-from sdxl_core.residency import ResidencyPlan
-from sdxl_core.samplers import SamplingCancelled
+from sdxl_core.runtime.residency import ResidencyPlan
+from sdxl_core.sampling.samplers import SamplingCancelled
 from tests._host_reads import HostReads
 
 SIZE = 64  # pixels: an 8x8 latent keeps every UNet call in milliseconds
@@ -192,7 +192,7 @@ def test_encode_without_a_seed_is_comfyuis_deterministic_posterior_mean(tiny_bas
     """ComfyUI's VAEEncode returns the posterior mode (its DiagonalGaussianRegularizer defaults to sample=False
     since Comfy-Org/ComfyUI#8705); a seed asks for an sgm/diffusers-style posterior sample instead. Without a
     seed nothing may come from the global RNG."""
-    from sdxl_core.vae_decoding import comfy_to_images, encode_images
+    from sdxl_core.runtime.vae_decoding import comfy_to_images, encode_images
 
     image = torch.rand(1, SIZE, SIZE, 3)
     first = encode(tiny_base, image)["samples"]

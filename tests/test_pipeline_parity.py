@@ -19,14 +19,14 @@ import pytest
 import torch
 
 from sdxl_core.conditioning import with_micro_conditioning
-from sdxl_core.diffusers_twins import diffusers_unet, diffusers_vae
+from tests._diffusers_twins import diffusers_unet, diffusers_vae
 from sdxl_core.pipeline import (denoise_from, encode_base_conditioning, encode_refiner_conditioning, eps_schedule,
                                 sample_latent)
 
-from _diffusers_reference import (SCHEDULERS, UNetCalls, compare_calls, diffusers_clip_tokenizers, euler_scheduler,
+from tests._diffusers_reference import (SCHEDULERS, UNetCalls, compare_calls, diffusers_clip_tokenizers, euler_scheduler,
                                   relative_error)
-from _diffusers_reference import base_pipeline as _base_pipeline
-from _diffusers_reference import refiner_pipeline as _refiner_pipeline
+from tests._diffusers_reference import base_pipeline as _base_pipeline
+from tests._diffusers_reference import refiner_pipeline as _refiner_pipeline
 
 pytest.importorskip("diffusers")  # the helpers above import it only when called
 # diffusers 0.42 schedulers call np.array(tensor, copy=False) on torch tensors; harmless here.
@@ -38,7 +38,7 @@ CFG = 5.0
 SEED = 7
 PROMPT = "a lighthouse on a cliff at dusk, dramatic clouds"
 # Non-empty so diffusers' force_zeros_for_empty_prompt stays out of it. No "!" anywhere: diffusers' tokenizer_2
-# (pad token "!") encodes it as id 0 where bigG's tokenizer keeps 256 (tests/test_prompt_encoding.py).
+# (pad token "!") encodes it as id 0 where bigG's tokenizer keeps 256 (tests/text/test_prompt_encoding.py).
 NEGATIVE = "blurry, low quality, watermark"
 REFINER_SPLIT = 0.8  # diffusers' denoising_end / denoising_start
 POSITIVE_AESTHETIC, NEGATIVE_AESTHETIC = 6.0, 2.5

@@ -1,0 +1,247 @@
+"""The command line: `python -m sdxl_core {generate,img2img,demo,inspect}`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from ..buckets import bucket_for_ratio
+
+
+def _size(text: str) -> tuple[int, int]:
+    """Parse "WxH" into (width, height)."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size as WIDTHxHEIGHT (e.g. 1024x1024), got {text!r}") from None
+    if width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return width, height
+
+
+def _top_left(text: str) -> tuple[int, int]:
+    """Parse "TOP,LEFT" into (top, left)."""
+    try:
+        top, left = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected the crop as TOP,LEFT in pixels (e.g. 0,0), got {text!r}") from None
+    if top < 0 or left < 0:
+        raise argparse.ArgumentTypeError(f"crop coordinates cannot be negative, got {text!r}")
+    return top, left
+
+
+def _directory(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a folder of textual-inversion embeddings, got {text!r}, which "
+                                         "is not a folder")
+    return path
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"the refiner switch is a fraction of the steps in (0, 1), got {text}")
+    return value
+
+
+def _lora(text: str) -> tuple[Path, float, float]:
+    """Parse FILE[:STRENGTH[:CLIP_STRENGTH]] (strengths from the right, so a Windows drive letter stays in the
+    path); one strength applies to the UNet and the text encoders alike, as A1111's <lora:name:weight>."""
+    parts = text.rsplit(":", 2)
+    strengths: list[float] = []
+    while len(parts) > 1 and len(strengths) < 2:
+        try:
+            strengths.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    path = Path(":".join(parts))
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"expected a LoRA file as FILE[:STRENGTH[:CLIP_STRENGTH]], got {text!r}: "
+                                         f"{path} is not a file")
+    if not all(math.isfinite(value) for value in strengths):
+        raise argparse.ArgumentTypeError(f"LoRA strengths must be finite numbers, got {text!r}")
+    model_strength = strengths[0] if strengths else 1.0
+    clip_strength = strengths[1] if len(strengths) > 1 else model_strength
+    return path, model_strength, clip_strength
+
+
+def _add_prompt_arguments(parser: argparse.ArgumentParser, *, prompt_default: str | None) -> None:
+    if prompt_default is None:
+        parser.add_argument("--prompt", required=True, help="the prompt (both text encoders)")
+    else:
+        parser.add_argument("--prompt", default=prompt_default, help="the prompt (both text encoders)")
+    parser.add_argument("--prompt-l", help="a separate prompt for CLIP-L (default: --prompt; the refiner has no "
+                                           "CLIP-L)")
+    parser.add_argument("--negative", default="", help="the negative prompt")
+    parser.add_argument("--embeddings", type=_directory, action="append", metavar="DIR",
+                        help="folder of textual-inversion embeddings that prompts name as embedding:NAME "
+                             "(searched with its subfolders; repeat for more folders)")
+    parser.add_argument("--lora", type=_lora, action="append", metavar="FILE[:STRENGTH[:CLIP]]",
+                        help="merge an SDXL LoRA into the base (img2img: into --model; repeat for more, applied "
+                             "in order); the strength (default 1) applies to the UNet and, unless CLIP is given, "
+                             "the text encoders")
+    parser.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner aesthetic score, positive side")
+    parser.add_argument("--negative-aesthetic-score", type=float, default=2.5,
+                        help="refiner aesthetic score, negative side")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, *, steps_help: str) -> None:
+    from ..sampling.samplers import SAMPLERS
+    from ..sampling.schedules import SCHEDULERS
+
+    parser.add_argument("--steps", type=int, help=steps_help)
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler (ComfyUI names)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sigma schedule (ComfyUI names)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same image")
+
+
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="UNet and text-encoder precision")
+    parser.add_argument("--low-vram", action="store_true",
+                        help="keep weights in system RAM and move one network at a time onto the GPU (8 GB cards)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output PNG file (a batch adds _1, _2, ... to the name for the images after the first)")
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser, *, with_models: bool) -> None:
+    if with_models:
+        parser.add_argument("--base", required=True, type=Path, help="SDXL base checkpoint (.safetensors or folder)")
+        parser.add_argument("--refiner", type=Path, help="SDXL refiner checkpoint; without it the base runs all steps")
+        parser.add_argument("--vae", type=Path, help="a separate VAE file replacing the checkpoints' VAE")
+    _add_prompt_arguments(parser, prompt_default=None if with_models else
+                          "a lighthouse on a cliff at dusk, oil painting")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--width", type=int, help="image width in pixels, a multiple of 8")
+    size.add_argument("--bucket", type=str, metavar="RATIO",
+                      help="pick the nearest SDXL training bucket for an aspect ratio, e.g. 16:9")
+    parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (with --width)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images sampled together from one seed, as ComfyUI's batch_size")
+    parser.add_argument("--original-size", type=_size, metavar="WxH",
+                        help="micro-conditioning: the apparent source size (default: the output size)")
+    parser.add_argument("--crop-top-left", type=_top_left, metavar="TOP,LEFT", default=(0, 0),
+                        help="micro-conditioning: apparent crop offset; 0,0 keeps subjects centred")
+    parser.add_argument("--target-size", type=_size, metavar="WxH",
+                        help="micro-conditioning: the training bucket to aim for (default: the output size)")
+    _add_sampling_arguments(parser, steps_help="total steps of the trajectory (base + refiner)")
+    switch = parser.add_mutually_exclusive_group()
+    switch.add_argument("--refiner-start", type=int, metavar="K", help="the refiner takes over at step K")
+    switch.add_argument("--refiner-switch", type=_fraction, metavar="FRACTION",
+                        help="the refiner takes over after this fraction of the steps (default 0.8)")
+    _add_runtime_arguments(parser)
+
+
+def _add_img2img_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path,
+                        help="SDXL refiner (to polish a finished image) or base checkpoint; which one is read from "
+                             "the file")
+    parser.add_argument("--vae", type=Path, help="a separate VAE file replacing the checkpoint's VAE")
+    parser.add_argument("--image", required=True, type=Path, help="the picture to rework; sides multiples of 8")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="share of the noise schedule run again, in (0, 1]: about 0.2-0.3 polishes details, "
+                             "1 repaints from noise (default 0.3)")
+    _add_prompt_arguments(parser, prompt_default=None)
+    _add_sampling_arguments(parser, steps_help="steps actually run (default 20)")
+    _add_runtime_arguments(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .inspect import add_inspect_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m sdxl_core", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="text to image with the SDXL base and (optionally) refiner")
+    _add_generation_arguments(generate, with_models=True)
+    img2img = commands.add_parser("img2img", help="rework an image with the SDXL refiner (or base): encode, "
+                                                  "partial denoise, decode")
+    _add_img2img_arguments(img2img)
+    demo = commands.add_parser("demo", help="the whole two-stage path on tiny built-in random-weight models")
+    _add_generation_arguments(demo, with_models=False)
+    inspect = commands.add_parser("inspect", help="say what a checkpoint file is, from its header")
+    add_inspect_arguments(inspect)
+    return parser
+
+
+def _request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, defaults: dict):
+    from ..pipeline import GenerationRequest
+
+    if args.bucket is not None:
+        if args.height is not None:
+            parser.error("--bucket sets both width and height; drop --height")
+        try:
+            bucket = bucket_for_ratio(args.bucket)
+        except ValueError as error:
+            parser.error(str(error))
+        width, height = bucket.width, bucket.height
+    elif args.width is not None or args.height is not None:
+        if args.width is None or args.height is None:
+            parser.error("give both --width and --height (or --bucket RATIO)")
+        width, height = args.width, args.height
+    else:
+        width, height = defaults["width"], defaults["height"]
+    steps = args.steps if args.steps is not None else defaults["steps"]
+    if args.refiner_start is not None:
+        refiner_start = args.refiner_start
+    else:
+        fraction = args.refiner_switch if args.refiner_switch is not None else 0.8
+        # A fraction in (0, 1) names a step in 1..steps however few the steps (0.2 of 2 is step 1, not 0).
+        refiner_start = min(max(round(steps * fraction), 1), max(steps, 1))
+    original = args.original_size or (width, height)
+    target = args.target_size or (width, height)
+    try:
+        return GenerationRequest(
+            prompt=args.prompt, prompt_l=args.prompt_l, negative=args.negative, width=width, height=height,
+            original_size=(original[1], original[0]), crop_top_left=args.crop_top_left,
+            target_size=(target[1], target[0]), aesthetic_score=args.aesthetic_score,
+            negative_aesthetic_score=args.negative_aesthetic_score, steps=steps, refiner_start=refiner_start,
+            cfg=args.cfg if args.cfg is not None else defaults["cfg"],
+            sampler=args.sampler or defaults["sampler"], scheduler=args.scheduler or defaults["scheduler"],
+            seed=args.seed, batch_size=args.batch_size,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def _img2img_request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from ..pipeline import ImageToImageRequest
+
+    defaults = ImageToImageRequest(prompt="")
+    try:
+        return ImageToImageRequest(
+            prompt=args.prompt, prompt_l=args.prompt_l, negative=args.negative,
+            strength=args.strength if args.strength is not None else defaults.strength,
+            steps=args.steps if args.steps is not None else defaults.steps,
+            aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
+            cfg=args.cfg if args.cfg is not None else defaults.cfg, sampler=args.sampler or defaults.sampler,
+            scheduler=args.scheduler or defaults.scheduler, seed=args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "inspect":
+        from .inspect import run_inspect
+
+        return run_inspect(args)
+    from ..pipeline import DEFAULTS
+    from .runner import run_demo, run_generate, run_img2img
+
+    if args.command == "img2img":
+        return run_img2img(_img2img_request_from_args(args, parser), args)
+    if args.command == "demo":
+        request = _request_from_args(args, parser, DEFAULTS.demo)
+        return run_demo(request, args)
+    request = _request_from_args(args, parser, DEFAULTS.full)
+    return run_generate(request, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""What the `generate`, `img2img` and `demo` commands do once their arguments are parsed: load, sample, save."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoints.loading import default_dtype, default_vae_dtype, load_checkpoint
+from ..checkpoints.errors import CheckpointError
+from ..conditioning import ConditioningMismatch
+from ..checkpoints.lora import apply_lora
+from ..pipeline import GenerationRequest, GenerationResult, ImageToImageRequest, generate, image_to_image
+from .progress import ProgressBar
+from ..runtime.residency import ResidencyError, ResidencyPlan
+from ..sampling.samplers import SamplingCancelled
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a torch device name (e.g. cpu, cuda, cuda:1): {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for, but this torch build sees no CUDA GPU")
+    return device
+
+
+def _png_text(request: GenerationRequest | ImageToImageRequest, details: str, sources: dict) -> dict[str, str]:
+    """PNG text chunks: a summary in the common `parameters` style (prompt, negative, settings, then `details`)
+    and the full settings as JSON."""
+    summary = (f"{request.prompt}\nNegative prompt: {request.negative}\nSteps: {request.steps}, "
+               f"Sampler: {request.sampler}, Scheduler: {request.scheduler}, CFG scale: {request.cfg}, "
+               f"Seed: {request.seed}, {details}")
+    return {"parameters": summary, "sdxl_core": json.dumps({**request.parameters(), **sources}, sort_keys=True)}
+
+
+def save_png(images: torch.Tensor, path: Path, text: dict[str, str]) -> list[Path]:
+    """Write IMAGE [B, H, W, 3] as PNGs with text chunks; uint8 by truncation as ComfyUI's SaveImage does. Each file
+    is written under a temporary name and renamed, so an interrupted run leaves no half-written PNG."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    written = []
+    for index, image in enumerate(images):
+        target = path if index == 0 else path.with_name(f"{path.stem}_{index}{path.suffix}")
+        pixels = np.clip(255.0 * image.numpy(), 0, 255).astype(np.uint8)
+        partial = target.with_name(target.name + ".partial")
+        Image.fromarray(pixels).save(partial, format="PNG", pnginfo=info)
+        os.replace(partial, target)
+        written.append(target)
+    return written
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """Where and in what precision a command runs, from --device, --dtype and --low-vram."""
+
+    device: torch.device
+    dtype: torch.dtype
+    residency: ResidencyPlan | None
+
+    @property
+    def load_device(self) -> torch.device:
+        # Under a residency plan the weights wait in system RAM and the plan moves each network in when it runs.
+        return torch.device("cpu") if self.residency is not None else self.device
+
+    def load(self, path: Path, vae_path: Path | None, expect: str | None, loras=()):
+        """A checkpoint, with the LoRAs of --lora merged in order (each merge drops the previous copy's patched
+        weights, so the peak is the model plus one LoRA's worth of weights)."""
+        model = load_checkpoint(path, dtype=self.dtype, device=self.load_device, vae_path=vae_path,
+                                vae_dtype=default_vae_dtype(self.device), expect=expect)
+        for lora_path, strength_model, strength_clip in loras:
+            model = apply_lora(model, lora_path, strength_model, strength_clip)
+        return model
+
+
+def _lora_sources(args: argparse.Namespace) -> list[list] | None:
+    return [[str(path), model, clip] for path, model, clip in args.lora] if args.lora else None
+
+
+def _setup(args: argparse.Namespace) -> _Setup:
+    device = _device(args.device)
+    residency = None
+    if getattr(args, "low_vram", False):
+        if device.type != "cuda":
+            raise ValueError("--low-vram manages GPU memory; it needs a CUDA device")
+        residency = ResidencyPlan.for_card(device)
+    dtype = _DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    return _Setup(device, dtype, residency)
+
+
+def _run(args: argparse.Namespace, total_steps: int,
+         produce: Callable[[_Setup, ProgressBar], tuple[GenerationResult, dict[str, str]]]) -> int:
+    """Check --out, run `produce` (load, sample, decode) with the errors every command reports as sentences, and
+    write the PNGs only once everything succeeded."""
+    if args.out.suffix.lower() != ".png":
+        print(f"error: --out must name a .png file, got {args.out}", file=sys.stderr)
+        return 2
+    if not args.out.parent.exists():
+        print(f"error: the folder {args.out.parent} does not exist", file=sys.stderr)
+        return 2
+    try:
+        result, text = produce(_setup(args), ProgressBar(total=total_steps))
+    except (CheckpointError, ConditioningMismatch, ValueError, FloatingPointError, ResidencyError) as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as error:
+        hint = "" if getattr(args, "low_vram", False) else "; --low-vram keeps one network at a time on the GPU"
+        print(f"\nerror: the device ran out of memory ({str(error).splitlines()[0]}){hint}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, SamplingCancelled):
+        print("\ncancelled; nothing was written", file=sys.stderr)
+        return 130
+    for path in save_png(result.images, args.out, text):
+        print(f"wrote {path}")
+    return 0
+
+
+def _embedding_sources(args: argparse.Namespace) -> list[str] | None:
+    return [str(d) for d in args.embeddings] if args.embeddings else None
+
+
+def _run_text_to_image(request: GenerationRequest, base_path: Path, refiner_path: Path | None,
+                       vae_path: Path | None, args: argparse.Namespace) -> int:
+    def produce(setup: _Setup, bar: ProgressBar):
+        base = setup.load(base_path, vae_path, "base", args.lora or ())
+        refiner = setup.load(refiner_path, vae_path, "refiner") if refiner_path is not None else None
+        result = generate(base, refiner, request, on_step=bar.advance, residency=setup.residency,
+                          embeddings=args.embeddings)
+        sources = {"base": str(base_path), "refiner": str(refiner_path) if refiner_path else None,
+                   "vae": str(vae_path) if vae_path else None, "embeddings": _embedding_sources(args),
+                   "loras": _lora_sources(args)}
+        details = f"Size: {request.width}x{request.height}, Refiner start: {request.refiner_start}"
+        return result, _png_text(request, details, sources)
+
+    return _run(args, request.steps, produce)
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """A picture file as IMAGE [1, H, W, 3] float32 in 0..1 (alpha and palettes dropped to RGB)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            pixels = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
+    except FileNotFoundError:
+        raise ValueError(f"--image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"--image {path} is not a picture PIL can read ({error})") from None
+    height, width = pixels.shape[:2]
+    if height % 8 or width % 8:
+        raise ValueError(f"--image {path} is {width}x{height} pixels; SDXL's VAE needs sides that are multiples of "
+                         f"8: crop or resize it to {width - width % 8 or 8}x{height - height % 8 or 8}, say")
+    return torch.from_numpy(pixels)[None]
+
+
+def run_img2img(request: ImageToImageRequest, args: argparse.Namespace) -> int:
+    def produce(setup: _Setup, bar: ProgressBar):
+        images = read_image(args.image)
+        model = setup.load(args.model, args.vae, None, args.lora or ())
+        result = image_to_image(model, images, request, on_step=bar.advance, residency=setup.residency,
+                                embeddings=args.embeddings)
+        sources = {"model": str(args.model), "model_kind": model.kind, "image": str(args.image),
+                   "vae": str(args.vae) if args.vae else None, "embeddings": _embedding_sources(args),
+                   "loras": _lora_sources(args)}
+        details = f"Denoising strength: {request.strength}, Model: SDXL {model.kind}"
+        return result, _png_text(request, details, sources)
+
+    return _run(args, request.steps, produce)
+
+
+def run_generate(request: GenerationRequest, args: argparse.Namespace) -> int:
+    return _run_text_to_image(request, args.base, args.refiner, args.vae, args)
+
+
+def run_demo(request: GenerationRequest, args: argparse.Namespace) -> int:
+    from .demo import demo_checkpoints
+
+    paths = demo_checkpoints()
+    print(f"demo: tiny random-weight SDXL base and refiner from {paths['base'].parent}", file=sys.stderr)
+    return _run_text_to_image(request, paths["base"], paths["refiner"], None, args)

@@ -1,0 +1,462 @@
+"""The pack inside a real ComfyUI (CPU), driven over its HTTP API exactly as a user's script would.
+
+Skipped unless COMFYUI_PATH names a ComfyUI checkout. COMFYUI_PYTHON names the interpreter that has ComfyUI's
+requirements (default: this one). The test starts `main.py --cpu` on a free local port with the pack loaded from a
+temporary custom_nodes folder (through --extra-model-paths-config, like ComfyUI's own execution tests), tiny
+checkpoints written by the test in its checkpoints folder, and queues every API-format example.
+"""
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import struct
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+COMFYUI = os.environ.get("COMFYUI_PATH")
+pytestmark = [pytest.mark.comfyui,
+              pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run")]
+
+sys.path.insert(0, str(REPO / "scripts"))
+import queue_workflow as client  # noqa: E402
+
+API_DIR = REPO / "example_workflows" / "api"
+PACK_FOLDER = "sdxl_two_stage"
+TINY = {"sd_xl_base_1.0.safetensors": "tiny_sdxl_base.safetensors",
+        "sd_xl_refiner_1.0.safetensors": "tiny_sdxl_refiner.safetensors"}
+W, H, STEPS, HANDOFF = 64, 96, 4, 3
+LORA = "tiny_style.safetensors"
+STARTUP_TIMEOUT = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_tiny_embedding(path: Path) -> None:
+    """An SDXL textual-inversion file for the tiny encoders: clip_l and clip_g vectors of their widths."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdxl_core.config import TINY_CLIP_G, TINY_CLIP_L
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(5)
+    save_file({"clip_l": torch.randn(2, TINY_CLIP_L.hidden_size, generator=generator),
+               "clip_g": torch.randn(2, TINY_CLIP_G.hidden_size, generator=generator)}, str(path))
+
+
+def _write_tiny_lora(path: Path, base_checkpoint: Path) -> None:
+    """A kohya-format LoRA over every layer of the tiny base (UNet and both text encoders)."""
+    from safetensors.torch import save_file
+
+    from sdxl_core.checkpoints.loading import load_checkpoint
+
+    from tests._lora_files import kohya_lora
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = kohya_lora(load_checkpoint(base_checkpoint), seed=7)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfyui")
+    for sub in ("custom_nodes", "models/checkpoints", "models/vae", "input", "output", "temp", "user"):
+        (root / sub).mkdir(parents=True)
+    (root / "custom_nodes" / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
+    for kind, path in tiny_checkpoints.items():
+        shutil.copyfile(path, root / "models" / "checkpoints" / f"tiny_sdxl_{kind}.safetensors")
+    pixels = (np.indices((H, W, 3)).sum(axis=0) * 7 % 256).astype(np.uint8)
+    Image.fromarray(pixels).save(root / "input" / "example.png")
+    _write_tiny_embedding(root / "models" / "embeddings" / "shiny.safetensors")
+    _write_tiny_lora(root / "models" / "loras" / LORA, tiny_checkpoints["base"])
+    (root / "extra_model_paths.yaml").write_text(
+        f"sdxl_two_stage_test:\n  base_path: {root}\n  custom_nodes: custom_nodes\n"
+        "  checkpoints: models/checkpoints\n  vae: models/vae\n  embeddings: models/embeddings\n"
+        "  loras: models/loras\n")
+    port = _free_port()
+    log = open(root / "comfyui.log", "w")
+    command = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
+               "--port", str(port), "--extra-model-paths-config", str(root / "extra_model_paths.yaml"),
+               "--output-directory", str(root / "output"), "--input-directory", str(root / "input"),
+               "--temp-directory", str(root / "temp"), "--user-directory", str(root / "user"),
+               "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb"]
+    process = subprocess.Popen(command, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {process.returncode}:\n{(root / 'comfyui.log').read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url + "/system_stats", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ComfyUI did not answer in {STARTUP_TIMEOUT} s")
+                time.sleep(1)
+        yield {"url": url, "root": root, "log": root / "comfyui.log"}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _get(server, path):
+    with urllib.request.urlopen(server["url"] + path, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _example(name: str, **overrides) -> dict:
+    prompt = json.loads((API_DIR / f"{name}_api.json").read_text())
+    for node in prompt.values():
+        if "ckpt_name" in node["inputs"]:
+            node["inputs"]["ckpt_name"] = TINY[node["inputs"]["ckpt_name"]]
+    for key, value in overrides.items():
+        node_id, name_ = key.split(".")
+        prompt[node_id]["inputs"][name_] = value
+    return prompt
+
+
+def _run(server, prompt) -> tuple[list[Path], dict]:
+    prompt_id = client.queue(server["url"], prompt)
+    entry = client.wait(server["url"], prompt_id, timeout=600)
+    images = [client.download(server["url"], image, server["root"] / "downloads")
+              for image in client.output_images(entry)]
+    return images, entry
+
+
+def test_pack_loads_and_object_info_lists_every_node(server):
+    import nodes
+
+    log = server["log"].read_text()
+    assert "IMPORT FAILED" not in log, log[-3000:]
+    info = _get(server, "/object_info")
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        assert name in info, f"{name} missing from /object_info"
+        entry = info[name]
+        assert entry["category"] == cls.CATEGORY and entry["output"] == list(cls.RETURN_TYPES)
+        assert entry["display_name"] == nodes.NODE_DISPLAY_NAME_MAPPINGS[name]
+        for input_name, spec in entry["input"]["required"].items():
+            assert spec[1]["tooltip"], f"{name}.{input_name}"
+    loader = info["SDXLTwoStage.CheckpointLoader"]["input"]["required"]["ckpt_name"][0]
+    assert set(TINY.values()) <= set(loader)
+    extensions = _get(server, "/extensions")
+    assert f"/extensions/{PACK_FOLDER}/sdxl_two_stage.js" in extensions, extensions
+    with urllib.request.urlopen(server["url"] + f"/extensions/{PACK_FOLDER}/sdxl_buckets.js", timeout=30) as reply:
+        assert b"export function parseBucketLabel" in reply.read()
+    templates = _get(server, "/workflow_templates")
+    assert sorted(templates[PACK_FOLDER]) == ["sdxl_refiner_img2img", "sdxl_two_stage_txt2img"]
+
+
+def _local_two_stage(root: Path, lora: tuple[str, float, float] | None = None) -> np.ndarray:
+    """The same graph run in this process through the node classes (the reference for the server's PNG);
+    `lora` = (file, strength_model, strength_clip) puts a Load SDXL LoRA node after the base loader."""
+    from nodes import comfy_host
+
+    from tests._nodes_helpers import node
+
+    comfy_host.set_standalone_model_folders({"checkpoints": [str(root / "models" / "checkpoints")],
+                                             "loras": [str(root / "models" / "loras")]})
+    try:
+        base, vae = node("CheckpointLoader").load("tiny_sdxl_base.safetensors", "default")
+        refiner, _ = node("CheckpointLoader").load("tiny_sdxl_refiner.safetensors", "default")
+        if lora is not None:
+            (base,) = node("LoraLoader").apply(base, *lora)
+    finally:
+        comfy_host.set_standalone_model_folders({})
+    prompt = _example("sdxl_two_stage_txt2img")
+    text = prompt["4"]["inputs"]["text_g"]
+    negative = prompt["5"]["inputs"]["text_g"]
+    positive = node("MicroConditioning").apply(node("TextEncodeBase").encode(base, text, "", "encode")[0],
+                                               1024, 1024, 0, 0, 1024, 1024)[0]
+    negative_base = node("TextEncodeBase").encode(base, negative, "", "encode")[0]
+    latent = node("EmptyLatent").generate("custom", W, H, 1)[0]
+    seed, cfg = prompt["7"]["inputs"]["seed"], prompt["7"]["inputs"]["cfg"]
+    handoff = node("BaseSampler").sample(base, positive, negative_base, latent, seed, STEPS, cfg, "euler", "normal",
+                                         HANDOFF, True, 1.0)[0]
+    refiner_positive = node("TextEncodeRefiner").encode(refiner, text, "encode")[0]
+    refiner_negative = node("AestheticScore").apply(node("TextEncodeRefiner").encode(refiner, negative,
+                                                                                      "encode")[0], 2.5)[0]
+    refined = node("RefinerSampler").sample(refiner, refiner_positive, refiner_negative, handoff, seed, STEPS, cfg,
+                                            "euler", "normal", HANDOFF, 1.0)[0]
+    image = node("VAEDecode").decode(vae, refined, "auto")[0]
+    return np.clip(255.0 * image[0].numpy(), 0, 255).astype(np.uint8)
+
+
+def test_two_stage_txt2img_example_runs_and_matches_the_nodes_in_process(server):
+    prompt = _example("sdxl_two_stage_txt2img", **{
+        "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
+        "11.steps": STEPS, "11.start_at_step": HANDOFF})
+    images, entry = _run(server, prompt)
+    assert len(images) == 1
+    with Image.open(images[0]) as png:
+        assert png.size == (W, H)
+        assert json.loads(png.info["prompt"])["7"]["class_type"] == "SDXLTwoStage.BaseSampler"
+        served = np.asarray(png.convert("RGB"))
+    expected = _local_two_stage(server["root"])
+    # Another torch build runs inside ComfyUI, so allow rounding to land one level apart.
+    assert np.abs(served.astype(int) - expected.astype(int)).max() <= 2
+
+
+def test_lora_node_in_the_two_stage_example_matches_the_nodes_in_process(server):
+    sizes = {"3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
+             "11.steps": STEPS, "11.start_at_step": HANDOFF}
+    prompt = _example("sdxl_two_stage_txt2img", **sizes)
+    prompt["20"] = {"class_type": "SDXLTwoStage.LoraLoader",
+                    "inputs": {"model": ["1", 0], "lora_name": LORA, "strength_model": 0.8, "strength_clip": 0.6}}
+    for consumer in ("4", "5", "7"):  # the base's text encoders and sampler take the LoRA'd model
+        prompt[consumer]["inputs"]["model"] = ["20", 0]
+    images, _ = _run(server, prompt)
+    with Image.open(images[0]) as png:
+        served = np.asarray(png.convert("RGB"))
+    expected = _local_two_stage(server["root"], (LORA, 0.8, 0.6))
+    assert np.abs(served.astype(int) - expected.astype(int)).max() <= 2
+    assert np.abs(served.astype(int) - _local_two_stage(server["root"]).astype(int)).max() > 2  # it did something
+    prompt["20"]["inputs"]["model"] = ["2", 0]  # the refiner into the LoRA loader
+    prompt["11"]["inputs"]["model"] = ["20", 0]
+    for consumer in ("4", "5", "7"):
+        prompt[consumer]["inputs"]["model"] = ["1", 0]
+    with pytest.raises(client.WorkflowError, match="SDXL LoRAs are trained for the base model"):
+        _run(server, prompt)
+
+
+def test_refiner_img2img_example_runs(server):
+    prompt = _example("sdxl_refiner_img2img", **{"6.steps": STEPS})
+    images, _ = _run(server, prompt)
+    with Image.open(images[0]) as png, Image.open(server["root"] / "input" / "example.png") as source:
+        assert png.size == source.size
+        refined, original = np.asarray(png.convert("RGB")), np.asarray(source.convert("RGB"))
+    assert not np.array_equal(refined, original)
+
+
+def test_core_nodes_before_and_after_ours(server):
+    """Core ConditioningConcat, RepeatLatentBatch, ImageScaleBy and PreviewImage around the pack's nodes."""
+    prompt = _example("sdxl_two_stage_txt2img", **{
+        "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": STEPS})
+    prompt["20"] = {"class_type": "ConditioningConcat", "inputs": {"conditioning_to": ["6", 0],
+                                                                   "conditioning_from": ["4", 0]}}
+    prompt["21"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["3", 0], "amount": 2}}
+    prompt["7"]["inputs"].update(positive=["20", 0], latent_image=["21", 0])
+    prompt["12"]["inputs"]["samples"] = ["7", 0]
+    prompt["22"] = {"class_type": "ImageScaleBy", "inputs": {"image": ["12", 0], "upscale_method": "nearest-exact",
+                                                             "scale_by": 2.0}}
+    prompt["13"] = {"class_type": "PreviewImage", "inputs": {"images": ["22", 0]}}
+    for unused in ("8", "9", "10", "11", "2"):
+        del prompt[unused]
+    images, _ = _run(server, prompt)
+    assert len(images) == 2
+    with Image.open(images[0]) as first, Image.open(images[1]) as second:
+        assert first.size == (2 * W, 2 * H)
+        assert not np.array_equal(np.asarray(first), np.asarray(second))  # each batch item has its own noise
+
+
+class _WebSocket:
+    """Just enough of a WebSocket client (RFC 6455, unmasked server frames) to read ComfyUI's /ws messages."""
+
+    def __init__(self, url: str, client_id: str):
+        parts = urllib.parse.urlsplit(url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=60)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += self.sock.recv(1)
+        assert response.startswith(b"HTTP/1.1 101"), response
+
+    def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            assert chunk, "the server closed the WebSocket"
+            data += chunk
+        return data
+
+    def messages(self):
+        """Yield ("text", dict) and ("binary", bytes) messages as they arrive."""
+        while True:
+            first, second = self._read(2)
+            length = second & 0x7F
+            if length == 126:
+                length = struct.unpack(">H", self._read(2))[0]
+            elif length == 127:
+                length = struct.unpack(">Q", self._read(8))[0]
+            payload = self._read(length)
+            opcode = first & 0x0F
+            if opcode == 1:
+                yield "text", json.loads(payload)
+            elif opcode == 2:
+                yield "binary", payload
+
+    def close(self):
+        self.sock.close()
+
+
+def test_progress_per_step_with_latent_previews_over_the_websocket(server):
+    """What the frontend shows: one progress message per sampler step, per node, and JPEG latent previews."""
+    client_id = uuid.uuid4().hex
+    ws = _WebSocket(server["url"], client_id)
+    try:
+        prompt = _example("sdxl_two_stage_txt2img", **{
+            "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
+            "11.steps": STEPS, "11.start_at_step": HANDOFF, "7.seed": 5, "11.seed": 5})
+        prompt_id = client.queue(server["url"], prompt, client_id=client_id)
+        progress, previews = {}, []
+        for kind, message in ws.messages():
+            if kind == "binary":
+                previews.append(message)
+                continue
+            data = message.get("data", {})
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            if message["type"] == "progress":
+                progress.setdefault(data["node"], []).append((data["value"], data["max"]))
+            if message["type"] in ("execution_success", "execution_error"):
+                assert message["type"] == "execution_success", data
+                break
+    finally:
+        ws.close()
+    assert progress["7"] == [(i, HANDOFF) for i in range(1, HANDOFF + 1)]
+    assert progress["11"] == [(i, STEPS - HANDOFF) for i in range(1, STEPS - HANDOFF + 1)]
+    assert len(previews) >= STEPS
+    event, image_type = struct.unpack(">II", previews[0][:8])
+    assert event in (1, 4)  # PREVIEW_IMAGE or PREVIEW_IMAGE_WITH_METADATA (protocol.py)
+    if event == 1:
+        assert image_type == 1 and previews[0][8:10] == b"\xff\xd8"  # JPEG
+
+
+def test_prompts_name_embeddings_from_comfyuis_embeddings_folder(server):
+    settings = {"3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
+                "11.steps": STEPS, "11.start_at_step": HANDOFF}
+    prompt = _example("sdxl_two_stage_txt2img", **settings, **{"4.text_g": "a (embedding:shiny:1.2) lighthouse",
+                                                                "8.text": "a embedding:shiny lighthouse"})
+    images, _ = _run(server, prompt)
+    assert len(images) == 1
+    prompt = _example("sdxl_two_stage_txt2img", **settings, **{"4.text_g": "a embedding:dull lighthouse"})
+    with pytest.raises(client.WorkflowError, match=r"embedding:dull, which is not in .*available: shiny"):
+        _run(server, prompt)
+
+
+def test_validation_errors_are_node_errors_with_sentences(server):
+    prompt = _example("sdxl_two_stage_txt2img", **{"7.end_at_step": 30, "7.steps": 25})
+    with pytest.raises(client.WorkflowError, match=r"past the last step"):
+        client.queue(server["url"], prompt)
+    prompt = _example("sdxl_two_stage_txt2img", **{"3.resolution": "custom", "3.width": 100})
+    with pytest.raises(client.WorkflowError, match=r"multiple of 8"):
+        client.queue(server["url"], prompt)
+
+
+def test_wiring_mistakes_fail_with_a_sentence_at_run_time(server):
+    prompt = _example("sdxl_two_stage_txt2img", **{
+        "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
+        "11.steps": STEPS, "11.start_at_step": HANDOFF})
+    prompt["11"]["inputs"]["positive"] = ["6", 0]  # base conditioning into the refiner
+    with pytest.raises(client.WorkflowError, match="this is base conditioning wired into the refiner model"):
+        _run(server, prompt)
+    prompt = _example("sdxl_two_stage_txt2img", **{
+        "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
+        "11.steps": STEPS, "11.start_at_step": HANDOFF})
+    prompt["11"]["inputs"]["model"] = ["1", 0]  # the base checkpoint in the refiner's slot
+    with pytest.raises(client.WorkflowError, match="needs the SDXL refiner checkpoint"):
+        _run(server, prompt)
+    prompt = _example("sdxl_two_stage_txt2img", **{
+        "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
+        "11.steps": STEPS, "11.start_at_step": HANDOFF - 1})  # the refiner set to another K than the base
+    with pytest.raises(client.WorkflowError, match=f"handed off at step {HANDOFF} of {STEPS}"):
+        _run(server, prompt)
+
+
+def test_interrupt_stops_sampling_within_a_step(server):
+    prompt = _example("sdxl_two_stage_txt2img", **{
+        "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": 2000, "7.end_at_step": 2000,
+        "7.seed": 99})
+    prompt_id = client.queue(server["url"], prompt)
+    deadline = time.monotonic() + 120
+    while not _get(server, "/queue")["queue_running"]:
+        assert time.monotonic() < deadline, "the prompt never started"
+        time.sleep(0.2)
+    time.sleep(3)  # let the loaders and encoders finish and the sampler start
+    request = urllib.request.Request(server["url"] + "/interrupt", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).close()
+    stopped = time.monotonic()
+    with pytest.raises(client.WorkflowError, match="execution_interrupted|interrupted"):
+        client.wait(server["url"], prompt_id, timeout=120)
+    assert time.monotonic() - stopped < 30
+
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+PLAYWRIGHT_CORE = os.environ.get("PLAYWRIGHT_CORE")
+
+
+@pytest.mark.skipif(not (PLAYWRIGHT_CORE and Path(CHROMIUM).exists() and shutil.which("node")),
+                    reason="set PLAYWRIGHT_CORE to an npm playwright-core folder (and have Debian's chromium)")
+def test_real_frontend_loads_the_example_and_the_picker_works(server):
+    """ComfyUI's own frontend in headless Chromium: see tests/frontend/check_in_chromium.mjs for the checks."""
+    result = subprocess.run(
+        [shutil.which("node"), str(REPO / "tests" / "frontend" / "check_in_chromium.mjs"), server["url"],
+         str(REPO / "example_workflows" / "sdxl_two_stage_txt2img.json"), TINY["sd_xl_base_1.0.safetensors"],
+         TINY["sd_xl_refiner_1.0.safetensors"]],
+        capture_output=True, text=True, timeout=400, env={**os.environ, "CHROMIUM": CHROMIUM})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    findings = json.loads(result.stdout.strip().splitlines()[-1])
+    entry = client.wait(server["url"], findings["promptId"], timeout=600)
+    images = client.output_images(entry)
+    assert len(images) == 1
+    path = client.download(server["url"], images[0], server["root"] / "downloads")
+    with Image.open(path) as png:
+        assert png.size == (64, 64)
+        assert "workflow" in png.info  # the frontend sent the UI workflow along, as it does for users
+
+
+def test_comfyui_model_management_tracks_and_lets_go_of_our_networks(tiny_checkpoints):
+    """In ComfyUI's own model management: our networks are counted as loaded models while used, and once ComfyUI
+    drops the loader's output nothing else (no patcher, no cache) keeps them in memory."""
+    script = f"""
+import gc, importlib.util, sys, weakref
+sys.path.insert(0, {COMFYUI!r})
+sys.argv = ["main.py", "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_management as mm
+spec = importlib.util.spec_from_file_location("pack_under_test", {str(REPO / "__init__.py")!r})
+pack = importlib.util.module_from_spec(spec); sys.modules[spec.name] = pack; spec.loader.exec_module(pack)
+host = sys.modules["pack_under_test.nodes.comfy_host"]
+loaders = sys.modules["pack_under_test.nodes.loaders"]
+host.set_standalone_model_folders({{}})
+from sdxl_core.checkpoints.loading import load_checkpoint
+assert host.comfy_available()
+model = loaders._cached(("test",), lambda: load_checkpoint({str(tiny_checkpoints["base"])!r}))
+host.prepare_networks([model.unet])
+host.prepare_networks([model.clip_g, model.clip_l], role="text_encoder")
+print("loaded", len(mm.current_loaded_models))
+unet = weakref.ref(model.unet)
+del model
+gc.collect()
+print("alive", unet() is not None, "loaded", len(mm.current_loaded_models), "cached", len(loaders._cache))
+"""
+    result = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", script], cwd=COMFYUI,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded 3" in result.stdout
+    assert "alive False loaded 0 cached 0" in result.stdout

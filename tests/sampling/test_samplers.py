@@ -1,0 +1,357 @@
+import math
+
+import pytest
+import torch
+
+from sdxl_core.sampling.noise import BrownianTreeNoiseSampler
+from sdxl_core.sampling.samplers import (
+    SAMPLERS,
+    STOCHASTIC_SAMPLERS,
+    SamplingCancelled,
+    get_sampler,
+    run_sampler,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+)
+from sdxl_core.sampling.schedules import SCHEDULERS, DiscreteEpsSchedule, ksampler_sigmas
+from tests._host_reads import HostReads
+from tests._comfyui_reference import HAS_TORCHSDE, KDiffusionModelStub, load_modules, requires_comfyui
+
+SCHEDULE = DiscreteEpsSchedule()
+DETERMINISTIC = sorted(set(SAMPLERS) - STOCHASTIC_SAMPLERS)
+
+# Toy data: every latent element i.i.d. N(MU, VAR). Its ideal denoiser and probability-flow ODE are known exactly.
+MU, VAR = 0.3, 0.25
+
+
+def gaussian_denoiser(x, sigma):
+    """E[x0 | x0 + sigma * n = x] for x0 ~ N(MU, VAR)."""
+    s = sigma.view(-1, *([1] * (x.ndim - 1)))
+    return MU + VAR / (VAR + s**2) * (x - MU)
+
+
+def exact_ode_endpoint(x, sigma_start):
+    """The probability-flow ODE for Gaussian data scales x - MU by sqrt((VAR + sigma^2) / (VAR + sigma_start^2))."""
+    return MU + math.sqrt(VAR / (VAR + sigma_start**2)) * (x - MU)
+
+
+def gaussian_eps(x_in, sigma):
+    """The same data as an eps model on the VP input x_in = x / sqrt(sigma^2 + 1)."""
+    x = x_in * (sigma**2 + 1) ** 0.5
+    return (x - (MU + VAR / (VAR + sigma**2) * (x - MU))) / sigma
+
+
+def _start(steps, scheduler="karras", dtype=torch.float64, shape=(4, 4, 16, 16), seed=0):
+    sigmas = SCHEDULERS[scheduler](SCHEDULE, steps).to(dtype)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return noise * sigmas[0], sigmas
+
+
+def test_registry_has_comfyui_names():
+    assert set(SAMPLERS) == {"euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde",
+                             "ddim", "lms"}
+    assert get_sampler("dpmpp_2m") is sample_dpmpp_2m
+    with pytest.raises(ValueError, match="unknown sampler 'dpmpp_3m'"):
+        get_sampler("dpmpp_3m")
+
+
+def test_single_euler_step_by_hand():
+    # x0 = 0.5 x at every sigma: d = (1 - 0.5) / 2 = 0.25, x' = 1 + 0.25 * (1 - 2) = 0.75.
+    out = sample_euler(lambda x, s: 0.5 * x, torch.ones(1, 1, 1, 1), torch.tensor([2.0, 1.0]))
+    assert out.item() == pytest.approx(0.75, abs=1e-7)
+
+
+def test_single_heun_step_by_hand():
+    # Euler predictor: 0.75 at sigma 1; there d_2 = (0.75 - 0.375) / 1 = 0.375; x' = 1 + (0.25 + 0.375) / 2 * -1.
+    out = sample_heun(lambda x, s: 0.5 * x, torch.ones(1, 1, 1, 1), torch.tensor([2.0, 1.0]))
+    assert out.item() == pytest.approx(0.6875, abs=1e-7)
+
+
+def test_dpmpp_2m_steps_by_hand():
+    sigmas = torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64)
+    outputs = iter([torch.full((1, 1, 1, 1), v, dtype=torch.float64) for v in (0.5, 0.2)])
+    out = sample_dpmpp_2m(lambda x, s: next(outputs), torch.ones(1, 1, 1, 1, dtype=torch.float64), sigmas)
+    # Step 1 (first order): x = (2/4) * 1 + (1 - 2/4) * 0.5 = 0.75.
+    # Step 2: h = h_last = ln 2, r = 1, D = 1.5 * 0.2 - 0.5 * 0.5 = 0.05; x = 0.5 * 0.75 + 0.5 * 0.05 = 0.4.
+    assert out.item() == pytest.approx(0.4, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_deterministic_samplers_converge_to_the_exact_ode_solution(name):
+    errors = []
+    for steps in (10, 40):
+        x, sigmas = _start(steps)
+        out = SAMPLERS[name](gaussian_denoiser, x, sigmas)
+        errors.append((out - exact_ode_endpoint(x, sigmas[0].item())).abs().max().item())
+    first_order = name in ("euler", "ddim")
+    assert errors[1] < errors[0] / (3.5 if first_order else 10), errors
+    assert errors[1] < (0.1 if first_order else 0.005), errors
+
+
+@pytest.mark.parametrize("name", sorted(STOCHASTIC_SAMPLERS))
+def test_stochastic_samplers_reach_the_data_distribution(name):
+    x, sigmas = _start(40, shape=(8, 4, 32, 32))
+    out = SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=123)
+    assert out.mean().item() == pytest.approx(MU, abs=0.02)
+    assert out.std().item() == pytest.approx(math.sqrt(VAR), abs=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(STOCHASTIC_SAMPLERS))
+def test_stochastic_samplers_are_deterministic_per_seed(name):
+    x, sigmas = _start(8, dtype=torch.float32)
+    first = SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=7)
+    again = SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=7)
+    other = SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=8)
+    assert torch.equal(first, again)
+    assert (first - other).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="stochastic: pass seed="):
+        SAMPLERS[name](gaussian_denoiser, x, sigmas)
+
+
+def test_euler_ancestral_noise_is_comfyuis_seeded_generator():
+    # ComfyUI's default noise sampler is a generator on x's device seeded with the KSampler seed, so on CPU the
+    # first ancestral noise equals the initial noise drawn with the same seed.
+    sigmas = torch.tensor([2.0, 1.0, 0.0])
+    x = torch.zeros(1, 2, 4, 4)
+    expected_noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(99))
+    seen = []
+    out = sample_euler_ancestral(lambda x, s: torch.zeros_like(x), x, sigmas, seed=99,
+                                 callback=lambda info: seen.append(info["x"]))
+    # Step 1: x0 = 0, sigma_up = sqrt(1 * (4 - 1) / 4), sigma_down = 0.5, so x = 0 + noise * sigma_up.
+    assert torch.allclose(seen[1], expected_noise * math.sqrt(0.75))
+    assert torch.equal(out, torch.zeros_like(out))  # the last step to 0 returns the denoised value
+
+
+def test_callback_and_cancel():
+    x, sigmas = _start(5, dtype=torch.float32)
+    seen = []
+    sample_euler(gaussian_denoiser, x, sigmas, callback=seen.append)
+    assert [info["i"] for info in seen] == [0, 1, 2, 3, 4]
+    assert set(seen[0]) == {"i", "x", "sigma", "sigma_hat", "denoised"}
+    assert seen[2]["sigma"] == sigmas[2]
+    calls = []
+
+    def cancel_at_third_step():
+        calls.append(None)
+        return len(calls) == 3
+
+    for name in SAMPLERS:
+        calls.clear()
+        with pytest.raises(SamplingCancelled, match="before step 3 of 5") as raised:
+            SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=1, cancel=cancel_at_third_step)
+        assert raised.value.step == 2
+
+
+def test_empty_or_single_sigma_grid_returns_input_and_inputs_are_untouched():
+    x, sigmas = _start(6, dtype=torch.float32)
+    snapshot = (x.clone(), sigmas.clone())
+    for name in SAMPLERS:
+        assert torch.equal(SAMPLERS[name](gaussian_denoiser, x, sigmas[:0], seed=1), x)
+        assert torch.equal(SAMPLERS[name](gaussian_denoiser, x, sigmas[-1:], seed=1), x)
+        SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=1)
+    assert torch.equal(x, snapshot[0]) and torch.equal(sigmas, snapshot[1])
+
+
+def test_extra_args_reach_the_denoiser():
+    seen = []
+
+    def denoiser(x, sigma, context=None):
+        seen.append(context)
+        return gaussian_denoiser(x, sigma)
+
+    x, sigmas = _start(3, dtype=torch.float32)
+    for name in SAMPLERS:
+        seen.clear()
+        SAMPLERS[name](denoiser, x, sigmas, extra_args={"context": "ctx"}, seed=1)
+        assert seen and all(c == "ctx" for c in seen), name
+
+
+def test_run_sampler_scales_noise_like_comfyui():
+    latent, noise = torch.full((1, 4, 4, 4), 0.5), torch.randn(1, 4, 4, 4)
+    full = SCHEDULERS["normal"](SCHEDULE, 10)
+    starts = []
+    record = lambda info: starts.append(info["x"]) if info["i"] == 0 else None  # noqa: E731
+    run_sampler("euler", gaussian_denoiser, latent, noise, full, sigma_max=SCHEDULE.sigma_max, callback=record)
+    assert torch.allclose(starts[0], noise * (1 + full[0] ** 2) ** 0.5 + latent)  # starts from pure noise
+    run_sampler("euler", gaussian_denoiser, latent, noise, full[4:], sigma_max=SCHEDULE.sigma_max, callback=record)
+    assert torch.equal(starts[1], noise * full[4] + latent)  # img2img / refiner: latent + sigma * noise
+    zeros = torch.zeros_like(noise)  # add_noise=disable: the refiner continues from the base's noisy latent
+    run_sampler("euler", gaussian_denoiser, latent, zeros, full[4:], sigma_max=SCHEDULE.sigma_max, callback=record)
+    assert torch.equal(starts[2], latent)
+    assert run_sampler("euler", gaussian_denoiser, latent, noise, full[:0], sigma_max=SCHEDULE.sigma_max) is latent
+    out = run_sampler("euler_ancestral", gaussian_denoiser, latent, noise, full, sigma_max=SCHEDULE.sigma_max, seed=3)
+    again = run_sampler("euler_ancestral", gaussian_denoiser, latent, noise, full, sigma_max=SCHEDULE.sigma_max, seed=3)
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match="noise shape"):
+        run_sampler("euler", gaussian_denoiser, latent, noise[:, :2], full, sigma_max=SCHEDULE.sigma_max)
+
+
+def _diffusers_config():
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("scheduler", ["karras", "normal"])
+def test_euler_matches_diffusers_euler_discrete(scheduler):
+    from diffusers import EulerDiscreteScheduler
+
+    x, sigmas = _start(20, scheduler=scheduler, dtype=torch.float32)
+    reference = EulerDiscreteScheduler(**_diffusers_config())
+    reference.set_timesteps(sigmas=sigmas.tolist())
+    reference.set_begin_index(0)
+    assert torch.equal(reference.sigmas, sigmas)
+    sample = x
+    for i, t in enumerate(reference.timesteps):
+        eps = gaussian_eps(reference.scale_model_input(sample, t), sigmas[i])
+        sample = reference.step(eps, t, sample).prev_sample
+
+    ours = sample_euler(lambda x, s: x - s.view(-1, 1, 1, 1) * gaussian_eps(x / (s.view(-1, 1, 1, 1) ** 2 + 1) ** 0.5,
+                                                                           s.view(-1, 1, 1, 1)), x, sigmas)
+    assert torch.allclose(ours, sample, rtol=1e-5, atol=1e-6)
+    assert ((ours - sample).abs().max() / sample.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("scheduler", ["karras", "normal"])
+def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep(scheduler):
+    from diffusers import DPMSolverMultistepScheduler
+
+    steps = 20
+    x, sigmas = _start(steps, scheduler=scheduler, dtype=torch.float32)
+    reference = DPMSolverMultistepScheduler(**_diffusers_config(), algorithm_type="dpmsolver++", solver_order=2,
+                                            final_sigmas_type="zero", lower_order_final=True)
+    reference.set_timesteps(steps)
+    # diffusers has no custom-sigma entry point for this scheduler: drive it on our grid directly.
+    reference.sigmas = sigmas.clone()
+    reference.timesteps = torch.arange(steps - 1, -1, -1)
+    reference.set_begin_index(0)
+    # diffusers' DPM-Solver works on the VP sample x / sqrt(sigma^2 + 1); the model input is that sample.
+    sample = x / (sigmas[0] ** 2 + 1) ** 0.5
+    for i, t in enumerate(reference.timesteps):
+        sample = reference.step(gaussian_eps(sample, sigmas[i]), t, sample).prev_sample
+
+    def denoiser(x, s):
+        s = s.view(-1, 1, 1, 1)
+        return x - s * gaussian_eps(x / (s**2 + 1) ** 0.5, s)
+
+    ours = sample_dpmpp_2m(denoiser, x, sigmas)
+    assert ((ours - sample).abs().max() / sample.abs().max()).item() < 1e-5
+
+
+@requires_comfyui
+@pytest.mark.comfyui
+@pytest.mark.filterwarnings("ignore:Should have:UserWarning")  # torchsde clamping float32 times at its range ends
+@pytest.mark.parametrize("scheduler", ["karras", "normal", "simple"])
+def test_samplers_bit_equal_to_comfyui(scheduler):
+    reference = load_modules()
+    model_sampling = reference.model_sampling.ModelSamplingDiscrete()
+
+    def twisted(x, sigma):  # a non-linear denoiser, so that no step is exact by accident
+        return gaussian_denoiser(x, sigma) + 0.05 * torch.tanh(x)
+
+    x, sigmas = _start(12, scheduler=scheduler, dtype=torch.float32, shape=(2, 4, 8, 8))
+    for name in SAMPLERS:
+        comfy_name = "euler" if name == "ddim" else name  # ComfyUI's "ddim" is `ksampler("euler")`
+        comfy_sampler = getattr(reference.sampling, f"sample_{comfy_name}")
+        kwargs = {}
+        if name in ("dpmpp_sde", "dpmpp_2m_sde") and not HAS_TORCHSDE:
+            # ComfyUI's default noise needs torchsde: compare the update rules on one shared noise stream.
+            kwargs = {"noise_sampler": _shared_noise(x)}
+            ours_kwargs = {"noise_sampler": _shared_noise(x)}
+        else:
+            ours_kwargs = {"seed": 42}
+        expected = comfy_sampler(KDiffusionModelStub(twisted, model_sampling), x, sigmas, extra_args={"seed": 42},
+                                 disable=True, **kwargs)
+        ours = SAMPLERS[name](twisted, x, sigmas, **ours_kwargs)
+        if name == "lms":
+            # ComfyUI integrates the multistep coefficients with scipy quad on float32 values; ours are exact.
+            assert torch.allclose(ours, expected, rtol=0, atol=5e-6), name
+        else:
+            assert torch.equal(ours, expected), name
+
+
+def _shared_noise(x):
+    generator = torch.Generator().manual_seed(5)
+    return lambda sigma, sigma_next: torch.randn(x.shape, generator=generator)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_2m_sde"])
+def test_sde_samplers_draw_from_a_brownian_tree_seeded_with_the_ksampler_seed(name):
+    # ComfyUI: BrownianTreeNoiseSampler(x, min positive sigma, max sigma, seed=extra_args["seed"]), i.e. the
+    # KSampler seed, one tree for the whole batch; run_sampler must hand the same seed down.
+    latent, noise = torch.zeros(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sigmas = SCHEDULERS["karras"](SCHEDULE, 8)
+    x = noise * (1 + sigmas[0] ** 2) ** 0.5
+    tree = BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], 31)
+    expected = SAMPLERS[name](gaussian_denoiser, x, sigmas, noise_sampler=tree)
+    out = run_sampler(name, gaussian_denoiser, latent, noise, sigmas, sigma_max=SCHEDULE.sigma_max, seed=31)
+    assert torch.equal(out, expected)
+    per_item = SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=[31, 32])
+    # One tree per item: an item's result does not depend on its batch mates.
+    assert torch.equal(per_item[:1], SAMPLERS[name](gaussian_denoiser, x[:1], sigmas, seed=[31]))
+    assert (per_item[1] - out[1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="needs a positive sigma"):
+        SAMPLERS[name](gaussian_denoiser, x, torch.zeros(3), seed=1)
+
+
+@requires_comfyui
+@pytest.mark.comfyui
+@pytest.mark.filterwarnings("ignore:Should have:UserWarning")
+@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("seed", [0, 1234567890123, [5, 6]])
+def test_sde_samplers_give_comfyuis_images_for_the_same_seed(name, seed):
+    pytest.importorskip("torchsde")
+    reference = load_modules()
+    model_sampling = reference.model_sampling.ModelSamplingDiscrete()
+
+    def twisted(x, sigma):
+        return gaussian_denoiser(x, sigma) + 0.05 * torch.tanh(x)
+
+    latent = torch.zeros(2, 4, 16, 16)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    sigmas = SCHEDULERS["karras"](SCHEDULE, 20)
+    x = noise * (1 + sigmas[0] ** 2) ** 0.5
+    comfy_sampler = getattr(reference.sampling, f"sample_{name}")
+    expected = comfy_sampler(KDiffusionModelStub(twisted, model_sampling), x, sigmas, extra_args={"seed": seed},
+                             disable=True)
+    ours = run_sampler(name, twisted, latent, noise, sigmas, sigma_max=SCHEDULE.sigma_max, seed=seed)
+    assert (ours - expected).abs().max().item() <= 1e-6
+    assert torch.equal(ours, expected)
+
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim"])
+def test_samplers_read_nothing_back_per_step(name):
+    """A sampling loop that branches on a device value per step stalls the GPU once per step; these samplers read
+    the grid once per run, so their host reads do not grow with the number of steps. (The SDE samplers' Brownian
+    noise is drawn on the CPU from sigma values, as ComfyUI's is: a read per step they cannot avoid.)"""
+    schedule = DiscreteEpsSchedule()
+
+    def denoiser(x, sigma, **_):
+        return x * (1 / (1 + sigma[:, None, None, None] ** 2))
+
+    counts = []
+    for steps in (4, 9):
+        sigmas = ksampler_sigmas(schedule, "karras", name, steps)
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+        with HostReads() as reads:
+            get_sampler(name)(denoiser, x, sigmas, seed=1)
+        counts.append(reads.count)
+    assert counts[0] == counts[1], f"{name}: {counts[0]} host reads for 4 steps, {counts[1]} for 9"
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0, 2.0])
+def test_ancestral_landing_flags_equal_the_per_step_values(eta):
+    """euler_ancestral decides "sigma_down is 0, return x0" from flags computed for the whole grid at once; they
+    equal the per-step scalar values, including where a large eta clamps sigma_up to sigma_next mid-grid."""
+    from sdxl_core.sampling.samplers import _ancestral_lands_on_zero, _ancestral_step
+
+    schedule = DiscreteEpsSchedule()
+    for grid in (ksampler_sigmas(schedule, "karras", "euler_ancestral", 10),
+                 torch.tensor([14.6146, 2.0, 0.0292, 0.0])):
+        per_step = [bool(_ancestral_step(grid[i], grid[i + 1], eta)[0] == 0) for i in range(len(grid) - 1)]
+        assert _ancestral_lands_on_zero(grid, eta) == per_step
+        assert per_step[-1]
+    if eta == 2.0:
+        assert any(_ancestral_lands_on_zero(torch.tensor([14.6146, 2.0, 0.0292, 0.0]), eta)[:-1])
