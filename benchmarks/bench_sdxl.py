@@ -47,7 +47,7 @@ from sdxl_core.runtime.optimize import (OptimizedStep, UNetOptimizations, fuse_q
                                 optimize_unet, to_channels_last, to_contiguous_format, uncompile,
                                 unfuse_qkv)
 from sdxl_core.runtime.residency import DEFAULT_ACTIVATION_RESERVE, GiB, ResidencyPlan, no_residency  # noqa: E402
-from sdxl_core.sampling.samplers import get_sampler  # noqa: E402
+from sdxl_core.sampling.samplers import integrate  # noqa: E402
 from sdxl_core.sampling.schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range  # noqa: E402
 from sdxl_core.text.encoders import TextEncoder  # noqa: E402
 from sdxl_core.models.timestep_embedding import timestep_embedding  # noqa: E402
@@ -296,14 +296,13 @@ def run_two_stage(plan: TwoStagePlan, base_model: Callable, base_cond: tuple[dic
                   decode: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Euler + CFG over the base grid, then the refiner's, then decode; returns (latent, images)."""
     schedule = DiscreteEpsSchedule()
-    euler = get_sampler("euler")
     x = noise_scaling(plan.base_sigmas[0], plan.noise, torch.zeros_like(plan.noise), True)
     denoiser = CFGDenoiser(EpsDenoiser(base_model, schedule, dtype=base_dtype), base_cond[0], base_cond[1], plan.cfg)
-    x = euler(denoiser, x, plan.base_sigmas)
+    x = integrate("euler", denoiser, x, plan.base_sigmas)
     if refiner_model is not None and len(plan.refiner_sigmas) > 1:
         denoiser = CFGDenoiser(EpsDenoiser(refiner_model, schedule, dtype=base_dtype), refiner_cond[0],
                                refiner_cond[1], plan.cfg)
-        x = euler(denoiser, x, plan.refiner_sigmas)
+        x = integrate("euler", denoiser, x, plan.refiner_sigmas)
     latent = x / SDXL_BASE.vae.scale_factor
     return latent, decode(latent)
 

@@ -36,7 +36,7 @@ from .sampling.noise import prepare_noise
 from .text.embeddings import EmbeddingLibrary
 from .text.prompt_encoding import encode_base_prompt, encode_refiner_prompt
 from .runtime.residency import ResidencyPlan, no_residency
-from .sampling.samplers import get_sampler, run_sampler
+from .sampling.samplers import get_sampler, integrate, run_sampler
 from .sampling.schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range
 from .models.vae import AutoencoderKL
 from .runtime.vae_decoding import comfy_to_images, decode_latents, encode_images, images_to_comfy
@@ -216,8 +216,8 @@ def denoise_from(model: SDXLModel, x: torch.Tensor, sigmas: torch.Tensor, positi
     device, _ = _unet_device_dtype(model)
     denoiser = _guided_denoiser(model, positive, negative, cfg, tuple(x.shape[-2:]))
     with torch.inference_mode():
-        return get_sampler(sampler)(denoiser, x.to(device), sigmas.to(device), callback=callback, cancel=cancel,
-                                    seed=seed)
+        return integrate(sampler, denoiser, x.to(device), sigmas.to(device), seed=seed, callback=callback,
+                         cancel=cancel)
 
 
 def _guided_denoiser(model: SDXLModel, positive: list, negative: list, cfg: float,

@@ -95,7 +95,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, *, steps_help: str)
 
     parser.add_argument("--steps", type=int, help=steps_help)
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale")
-    parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler (ComfyUI names)")
+    parser.add_argument("--sampler", choices=list(SAMPLERS), help="sampler (ComfyUI names)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sigma schedule (ComfyUI names)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same image")
 

@@ -9,12 +9,10 @@ from sdxl_core.sampling.samplers import (
     STOCHASTIC_SAMPLERS,
     SamplingCancelled,
     get_sampler,
+    integrate,
     run_sampler,
-    sample_dpmpp_2m,
-    sample_euler,
-    sample_euler_ancestral,
-    sample_heun,
 )
+from sdxl_core.sampling.samplers.dpmpp import sample_dpmpp_2m
 from sdxl_core.sampling.schedules import SCHEDULERS, DiscreteEpsSchedule, ksampler_sigmas
 from tests._host_reads import HostReads
 from tests._comfyui_reference import HAS_TORCHSDE, KDiffusionModelStub, load_modules, requires_comfyui
@@ -52,27 +50,27 @@ def _start(steps, scheduler="karras", dtype=torch.float64, shape=(4, 4, 16, 16),
 def test_registry_has_comfyui_names():
     assert set(SAMPLERS) == {"euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde",
                              "ddim", "lms"}
-    assert get_sampler("dpmpp_2m") is sample_dpmpp_2m
+    assert get_sampler("dpmpp_2m").fn is sample_dpmpp_2m
     with pytest.raises(ValueError, match="unknown sampler 'dpmpp_3m'"):
         get_sampler("dpmpp_3m")
 
 
 def test_single_euler_step_by_hand():
     # x0 = 0.5 x at every sigma: d = (1 - 0.5) / 2 = 0.25, x' = 1 + 0.25 * (1 - 2) = 0.75.
-    out = sample_euler(lambda x, s: 0.5 * x, torch.ones(1, 1, 1, 1), torch.tensor([2.0, 1.0]))
+    out = integrate("euler", lambda x, s: 0.5 * x, torch.ones(1, 1, 1, 1), torch.tensor([2.0, 1.0]))
     assert out.item() == pytest.approx(0.75, abs=1e-7)
 
 
 def test_single_heun_step_by_hand():
     # Euler predictor: 0.75 at sigma 1; there d_2 = (0.75 - 0.375) / 1 = 0.375; x' = 1 + (0.25 + 0.375) / 2 * -1.
-    out = sample_heun(lambda x, s: 0.5 * x, torch.ones(1, 1, 1, 1), torch.tensor([2.0, 1.0]))
+    out = integrate("heun", lambda x, s: 0.5 * x, torch.ones(1, 1, 1, 1), torch.tensor([2.0, 1.0]))
     assert out.item() == pytest.approx(0.6875, abs=1e-7)
 
 
 def test_dpmpp_2m_steps_by_hand():
     sigmas = torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64)
     outputs = iter([torch.full((1, 1, 1, 1), v, dtype=torch.float64) for v in (0.5, 0.2)])
-    out = sample_dpmpp_2m(lambda x, s: next(outputs), torch.ones(1, 1, 1, 1, dtype=torch.float64), sigmas)
+    out = integrate("dpmpp_2m", lambda x, s: next(outputs), torch.ones(1, 1, 1, 1, dtype=torch.float64), sigmas)
     # Step 1 (first order): x = (2/4) * 1 + (1 - 2/4) * 0.5 = 0.75.
     # Step 2: h = h_last = ln 2, r = 1, D = 1.5 * 0.2 - 0.5 * 0.5 = 0.05; x = 0.5 * 0.75 + 0.5 * 0.05 = 0.4.
     assert out.item() == pytest.approx(0.4, abs=1e-12)
@@ -83,7 +81,7 @@ def test_deterministic_samplers_converge_to_the_exact_ode_solution(name):
     errors = []
     for steps in (10, 40):
         x, sigmas = _start(steps)
-        out = SAMPLERS[name](gaussian_denoiser, x, sigmas)
+        out = integrate(name, gaussian_denoiser, x, sigmas)
         errors.append((out - exact_ode_endpoint(x, sigmas[0].item())).abs().max().item())
     first_order = name in ("euler", "ddim")
     assert errors[1] < errors[0] / (3.5 if first_order else 10), errors
@@ -93,7 +91,7 @@ def test_deterministic_samplers_converge_to_the_exact_ode_solution(name):
 @pytest.mark.parametrize("name", sorted(STOCHASTIC_SAMPLERS))
 def test_stochastic_samplers_reach_the_data_distribution(name):
     x, sigmas = _start(40, shape=(8, 4, 32, 32))
-    out = SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=123)
+    out = integrate(name, gaussian_denoiser, x, sigmas, seed=123)
     assert out.mean().item() == pytest.approx(MU, abs=0.02)
     assert out.std().item() == pytest.approx(math.sqrt(VAR), abs=0.05)
 
@@ -101,13 +99,13 @@ def test_stochastic_samplers_reach_the_data_distribution(name):
 @pytest.mark.parametrize("name", sorted(STOCHASTIC_SAMPLERS))
 def test_stochastic_samplers_are_deterministic_per_seed(name):
     x, sigmas = _start(8, dtype=torch.float32)
-    first = SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=7)
-    again = SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=7)
-    other = SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=8)
+    first = integrate(name, gaussian_denoiser, x, sigmas, seed=7)
+    again = integrate(name, gaussian_denoiser, x, sigmas, seed=7)
+    other = integrate(name, gaussian_denoiser, x, sigmas, seed=8)
     assert torch.equal(first, again)
     assert (first - other).abs().max() > 1e-3
     with pytest.raises(ValueError, match="stochastic: pass seed="):
-        SAMPLERS[name](gaussian_denoiser, x, sigmas)
+        integrate(name, gaussian_denoiser, x, sigmas)
 
 
 def test_euler_ancestral_noise_is_comfyuis_seeded_generator():
@@ -117,7 +115,7 @@ def test_euler_ancestral_noise_is_comfyuis_seeded_generator():
     x = torch.zeros(1, 2, 4, 4)
     expected_noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(99))
     seen = []
-    out = sample_euler_ancestral(lambda x, s: torch.zeros_like(x), x, sigmas, seed=99,
+    out = integrate("euler_ancestral", lambda x, s: torch.zeros_like(x), x, sigmas, seed=99,
                                  callback=lambda info: seen.append(info["x"]))
     # Step 1: x0 = 0, sigma_up = sqrt(1 * (4 - 1) / 4), sigma_down = 0.5, so x = 0 + noise * sigma_up.
     assert torch.allclose(seen[1], expected_noise * math.sqrt(0.75))
@@ -127,9 +125,10 @@ def test_euler_ancestral_noise_is_comfyuis_seeded_generator():
 def test_callback_and_cancel():
     x, sigmas = _start(5, dtype=torch.float32)
     seen = []
-    sample_euler(gaussian_denoiser, x, sigmas, callback=seen.append)
+    integrate("euler", gaussian_denoiser, x, sigmas, callback=seen.append)
     assert [info["i"] for info in seen] == [0, 1, 2, 3, 4]
-    assert set(seen[0]) == {"i", "x", "sigma", "sigma_hat", "denoised"}
+    assert set(seen[0]) == {"i", "total", "x", "sigma", "sigma_hat", "denoised"}
+    assert {info["total"] for info in seen} == {5}
     assert seen[2]["sigma"] == sigmas[2]
     calls = []
 
@@ -140,7 +139,7 @@ def test_callback_and_cancel():
     for name in SAMPLERS:
         calls.clear()
         with pytest.raises(SamplingCancelled, match="before step 3 of 5") as raised:
-            SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=1, cancel=cancel_at_third_step)
+            integrate(name, gaussian_denoiser, x, sigmas, seed=1, cancel=cancel_at_third_step)
         assert raised.value.step == 2
 
 
@@ -148,24 +147,37 @@ def test_empty_or_single_sigma_grid_returns_input_and_inputs_are_untouched():
     x, sigmas = _start(6, dtype=torch.float32)
     snapshot = (x.clone(), sigmas.clone())
     for name in SAMPLERS:
-        assert torch.equal(SAMPLERS[name](gaussian_denoiser, x, sigmas[:0], seed=1), x)
-        assert torch.equal(SAMPLERS[name](gaussian_denoiser, x, sigmas[-1:], seed=1), x)
-        SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=1)
+        assert torch.equal(integrate(name, gaussian_denoiser, x, sigmas[:0], seed=1), x)
+        assert torch.equal(integrate(name, gaussian_denoiser, x, sigmas[-1:], seed=1), x)
+        integrate(name, gaussian_denoiser, x, sigmas, seed=1)
     assert torch.equal(x, snapshot[0]) and torch.equal(sigmas, snapshot[1])
 
 
-def test_extra_args_reach_the_denoiser():
+def test_samplers_call_the_denoiser_with_x_and_one_sigma_per_item():
+    """The denoiser is `denoiser(x, sigma)`: conditioning lives in the denoiser (guidance.CFGDenoiser), not in
+    per-call keyword arguments, and sigma comes as one value per batch item (k-diffusion's `sigma * s_in`)."""
     seen = []
 
-    def denoiser(x, sigma, context=None):
-        seen.append(context)
-        return gaussian_denoiser(x, sigma)
+    def denoiser(*args, **kwargs):
+        seen.append((len(args), kwargs, tuple(args[1].shape)))
+        return gaussian_denoiser(*args)
 
     x, sigmas = _start(3, dtype=torch.float32)
     for name in SAMPLERS:
         seen.clear()
-        SAMPLERS[name](denoiser, x, sigmas, extra_args={"context": "ctx"}, seed=1)
-        assert seen and all(c == "ctx" for c in seen), name
+        integrate(name, denoiser, x, sigmas, seed=1)
+        assert seen and all(call == (2, {}, (x.shape[0],)) for call in seen), name
+
+
+def test_deterministic_samplers_take_no_noise_and_stochastic_ones_need_a_seed():
+    """Noise is the caller's business: only samplers registered with a noise kind get one, built by `integrate`
+    from the KSampler seed."""
+    import inspect
+
+    for name, spec in SAMPLERS.items():
+        parameters = inspect.signature(spec.fn).parameters
+        assert ("noise" in parameters) == spec.stochastic, name
+        assert "seed" not in parameters, name
 
 
 def test_run_sampler_scales_noise_like_comfyui():
@@ -207,8 +219,11 @@ def test_euler_matches_diffusers_euler_discrete(scheduler):
         eps = gaussian_eps(reference.scale_model_input(sample, t), sigmas[i])
         sample = reference.step(eps, t, sample).prev_sample
 
-    ours = sample_euler(lambda x, s: x - s.view(-1, 1, 1, 1) * gaussian_eps(x / (s.view(-1, 1, 1, 1) ** 2 + 1) ** 0.5,
-                                                                           s.view(-1, 1, 1, 1)), x, sigmas)
+    def denoiser(x, s):
+        s = s.view(-1, 1, 1, 1)
+        return x - s * gaussian_eps(x / (s**2 + 1) ** 0.5, s)
+
+    ours = integrate("euler", denoiser, x, sigmas)
     assert torch.allclose(ours, sample, rtol=1e-5, atol=1e-6)
     assert ((ours - sample).abs().max() / sample.abs().max()).item() < 1e-5
 
@@ -235,7 +250,7 @@ def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep(scheduler):
         s = s.view(-1, 1, 1, 1)
         return x - s * gaussian_eps(x / (s**2 + 1) ** 0.5, s)
 
-    ours = sample_dpmpp_2m(denoiser, x, sigmas)
+    ours = integrate("dpmpp_2m", denoiser, x, sigmas)
     assert ((ours - sample).abs().max() / sample.abs().max()).item() < 1e-5
 
 
@@ -263,7 +278,7 @@ def test_samplers_bit_equal_to_comfyui(scheduler):
             ours_kwargs = {"seed": 42}
         expected = comfy_sampler(KDiffusionModelStub(twisted, model_sampling), x, sigmas, extra_args={"seed": 42},
                                  disable=True, **kwargs)
-        ours = SAMPLERS[name](twisted, x, sigmas, **ours_kwargs)
+        ours = integrate(name, twisted, x, sigmas, **ours_kwargs)
         if name == "lms":
             # ComfyUI integrates the multistep coefficients with scipy quad on float32 values; ours are exact.
             assert torch.allclose(ours, expected, rtol=0, atol=5e-6), name
@@ -284,15 +299,15 @@ def test_sde_samplers_draw_from_a_brownian_tree_seeded_with_the_ksampler_seed(na
     sigmas = SCHEDULERS["karras"](SCHEDULE, 8)
     x = noise * (1 + sigmas[0] ** 2) ** 0.5
     tree = BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], 31)
-    expected = SAMPLERS[name](gaussian_denoiser, x, sigmas, noise_sampler=tree)
+    expected = integrate(name, gaussian_denoiser, x, sigmas, noise_sampler=tree)
     out = run_sampler(name, gaussian_denoiser, latent, noise, sigmas, sigma_max=SCHEDULE.sigma_max, seed=31)
     assert torch.equal(out, expected)
-    per_item = SAMPLERS[name](gaussian_denoiser, x, sigmas, seed=[31, 32])
+    per_item = integrate(name, gaussian_denoiser, x, sigmas, seed=[31, 32])
     # One tree per item: an item's result does not depend on its batch mates.
-    assert torch.equal(per_item[:1], SAMPLERS[name](gaussian_denoiser, x[:1], sigmas, seed=[31]))
+    assert torch.equal(per_item[:1], integrate(name, gaussian_denoiser, x[:1], sigmas, seed=[31]))
     assert (per_item[1] - out[1]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="needs a positive sigma"):
-        SAMPLERS[name](gaussian_denoiser, x, torch.zeros(3), seed=1)
+        integrate(name, gaussian_denoiser, x, torch.zeros(3), seed=1)
 
 
 @requires_comfyui
@@ -336,7 +351,7 @@ def test_samplers_read_nothing_back_per_step(name):
         sigmas = ksampler_sigmas(schedule, "karras", name, steps)
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
         with HostReads() as reads:
-            get_sampler(name)(denoiser, x, sigmas, seed=1)
+            integrate(name, denoiser, x, sigmas, seed=1)
         counts.append(reads.count)
     assert counts[0] == counts[1], f"{name}: {counts[0]} host reads for 4 steps, {counts[1]} for 9"
 
@@ -345,7 +360,8 @@ def test_samplers_read_nothing_back_per_step(name):
 def test_ancestral_landing_flags_equal_the_per_step_values(eta):
     """euler_ancestral decides "sigma_down is 0, return x0" from flags computed for the whole grid at once; they
     equal the per-step scalar values, including where a large eta clamps sigma_up to sigma_next mid-grid."""
-    from sdxl_core.sampling.samplers import _ancestral_lands_on_zero, _ancestral_step
+    from sdxl_core.sampling.samplers._math import ancestral_lands_on_zero as _ancestral_lands_on_zero
+    from sdxl_core.sampling.samplers._math import ancestral_step as _ancestral_step
 
     schedule = DiscreteEpsSchedule()
     for grid in (ksampler_sigmas(schedule, "karras", "euler_ancestral", 10),
