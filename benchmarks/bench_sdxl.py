@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from sdxl_core.config import (ADM_SCALAR_EMBED_DIM, SDXL_BASE, SDXL_REFINER, TINY_BASE,  # noqa: E402
                               TINY_REFINER, SDXLConfig, UNetConfig)
+from sdxl_core.dtypes import DTYPES_BY_NAME  # noqa: E402
 from sdxl_core.sampling.denoiser import EpsDenoiser  # noqa: E402
 from tests._diffusers_twins import diffusers_unet, diffusers_vae  # noqa: E402
 from sdxl_core.sampling.guidance import CFGDenoiser  # noqa: E402
@@ -48,7 +49,7 @@ from sdxl_core.runtime.optimize import (OptimizedStep, UNetOptimizations, fuse_q
                                 unfuse_qkv)
 from sdxl_core.runtime.residency import DEFAULT_ACTIVATION_RESERVE, GiB, ResidencyPlan, no_residency  # noqa: E402
 from sdxl_core.sampling.samplers import integrate  # noqa: E402
-from sdxl_core.sampling.schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range  # noqa: E402
+from sdxl_core.sampling.schedules import DiscreteSchedule, ksampler_sigmas, sigmas_for_range  # noqa: E402
 from sdxl_core.text.encoders import TextEncoder  # noqa: E402
 from sdxl_core.models.timestep_embedding import timestep_embedding  # noqa: E402
 from sdxl_core.text.tokenizer import SDXLTokenizer  # noqa: E402
@@ -65,7 +66,7 @@ KEEP_THRESHOLD = 0.01
 GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 # Wall time of compiling diffusers' base UNet and timing it (PERF.md: about 100 s on an H100), with a margin.
 REFERENCE_COMPILE_ESTIMATE_S = 150.0
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = DTYPES_BY_NAME
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ class TwoStagePlan:
 
 def two_stage_plan(steps: int, refiner_steps: int, latent_side: int, device: torch.device, seed: int
                    ) -> TwoStagePlan:
-    schedule = DiscreteEpsSchedule()
+    schedule = DiscreteSchedule()
     total = steps + refiner_steps
     sigmas = ksampler_sigmas(schedule, "normal", "euler", total)
     base = sigmas_for_range(sigmas, 0, steps, leftover_noise=True) if refiner_steps else sigmas
@@ -295,7 +296,7 @@ def run_two_stage(plan: TwoStagePlan, base_model: Callable, base_cond: tuple[dic
                   refiner_model: Callable | None, refiner_cond: tuple[dict, dict] | None,
                   decode: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Euler + CFG over the base grid, then the refiner's, then decode; returns (latent, images)."""
-    schedule = DiscreteEpsSchedule()
+    schedule = DiscreteSchedule()
     x = noise_scaling(plan.base_sigmas[0], plan.noise, torch.zeros_like(plan.noise), True)
     denoiser = CFGDenoiser(EpsDenoiser(base_model, schedule, dtype=base_dtype), base_cond[0], base_cond[1], plan.cfg)
     x = integrate("euler", denoiser, x, plan.base_sigmas)
@@ -324,25 +325,29 @@ def branch_conditioning(inputs: StepInputs, diffusers_layout: bool) -> tuple[dic
 def pipeline_two_stage(base: SDXLModel, refiner: SDXLModel | None, size: int, steps: int, refiner_steps: int,
                        stage=no_residency, seed: int = 0) -> tuple[dict, torch.Tensor]:
     """Prompt to image through sdxl_core.pipeline's public stages, each inside `stage(model, part)`."""
-    from sdxl_core.pipeline import (decode, empty_latent, encode_base_conditioning, encode_refiner_conditioning,
-                                    sample_latent)
+    from sdxl_core.conditioning import BaseMicroConditioning, RefinerMicroConditioning
+    from sdxl_core.pipeline import decode, empty_latent, encode_base_conditioning, encode_refiner_conditioning
+    from sdxl_core.sampling.ksampler import sample_latent
+    from sdxl_core.sampling.settings import SamplingSettings
 
     total = steps + (refiner_steps if refiner is not None else 0)
-    settings = dict(seed=seed, steps=total, cfg=7.0, sampler="euler", scheduler="normal")
+    settings = SamplingSettings(seed=seed, steps=total, cfg=7.0, sampler="euler", scheduler="normal")
     with stage(base, "text"):
-        positive = encode_base_conditioning(base, PROMPT, width=size, height=size)
-        negative = encode_base_conditioning(base, NEGATIVE, width=size, height=size)
+        micro = BaseMicroConditioning(original_size=(size, size))
+        positive = encode_base_conditioning(base, PROMPT, micro=micro)
+        negative = encode_base_conditioning(base, NEGATIVE, micro=micro)
     with stage(base, "unet"):
-        latent = sample_latent(base, empty_latent(size, size), positive, negative,
+        latent = sample_latent(base, empty_latent(size, size), positive, negative, settings,
                                end_step=steps if refiner is not None else None,
-                               return_with_leftover_noise=refiner is not None, **settings)
+                               return_with_leftover_noise=refiner is not None)
     if refiner is not None:
         with stage(refiner, "text"):
-            refiner_positive = encode_refiner_conditioning(refiner, PROMPT, width=size, height=size)
-            refiner_negative = encode_refiner_conditioning(refiner, NEGATIVE, width=size, height=size)
+            micro = RefinerMicroConditioning(original_size=(size, size))
+            refiner_positive = encode_refiner_conditioning(refiner, PROMPT, micro=micro)
+            refiner_negative = encode_refiner_conditioning(refiner, NEGATIVE, micro=micro)
         with stage(refiner, "unet"):
-            latent = sample_latent(refiner, latent, refiner_positive, refiner_negative, start_step=steps,
-                                   add_noise=False, **settings)
+            latent = sample_latent(refiner, latent, refiner_positive, refiner_negative, settings, start_step=steps,
+                                   add_noise=False)
     with stage(base, "vae"):
         images = decode(base, latent)
     return latent, images

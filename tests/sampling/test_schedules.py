@@ -6,7 +6,7 @@ import torch
 
 from sdxl_core.sampling.schedules import (
     SCHEDULERS,
-    DiscreteEpsSchedule,
+    DiscreteSchedule,
     beta_ppf,
     ksampler_sigmas,
     regularized_incomplete_beta,
@@ -15,7 +15,7 @@ from sdxl_core.sampling.schedules import (
 )
 from tests._comfyui_reference import lift, load_modules, model_sampling_discrete, requires_comfyui
 
-SCHEDULE = DiscreteEpsSchedule()
+SCHEDULE = DiscreteSchedule()
 
 
 def _hand_sigma(t: int) -> float:
@@ -248,7 +248,7 @@ def test_timestep_lookup_stays_on_the_sigma_device():
     """The nearest-timestep lookup runs where sigma lives: a round trip through the CPU would make every sampling
     step on a GPU wait for the previous one to finish. The meta device stands in for a GPU here: it has no data,
     so any copy to the CPU fails."""
-    schedule = DiscreteEpsSchedule()
+    schedule = DiscreteSchedule()
     on_meta = schedule.timestep(torch.tensor([14.6, 0.03], device="meta"))
     assert on_meta.device.type == "meta" and on_meta.shape == (2,)
     assert schedule.timestep(torch.tensor([14.6146, 0.0292])).tolist() == [999, 0]
