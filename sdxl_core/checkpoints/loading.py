@@ -9,7 +9,7 @@ built on the meta device and adopt each tensor, already cast to the target dtype
 
 Default dtypes (`dtype=None`): the UNet and text encoders run in float16 on CUDA and float32 on the CPU (CPU half
 matmuls are slow and partly unsupported); the VAE runs in bfloat16 on CUDA, never float16 by default, because the
-original SDXL VAE overflows in float16 (SDXL.md §6; ComfyUI's VAE working dtypes are bf16/fp32), and in float32 on
+original SDXL VAE overflows in float16 (docs/checkpoints.md#loading-and-dtypes), and in float32 on
 the CPU. The text encoders' tokenizers come from the vocabulary bundled in the package, never from a hub (a
 diffusers folder's tokenizer/ and tokenizer_2/ are therefore not read).
 """
