@@ -2,11 +2,11 @@
 """SDXL speed and memory benchmark: this project against diffusers, in one process, on identical random weights.
 
 On a GPU (full-size SDXL, 1024x1024, fp16, CFG batch 2) it times, with CUDA events and the median of many runs:
-the base UNet step (plain and with each lever of sdxl_core/optimize.py), the refiner step, the VAE decode, and a
+the base UNet step (plain and with each lever of sdxl_core/runtime/optimize.py), the refiner step, the VAE decode, and a
 whole two-stage run (base steps + refiner steps + decode), for this project and for diffusers' UNet2DConditionModel
 / AutoencoderKL converted from the same tensors by diffusers' own single-file conversion. It prints absolute times,
 ratios, the GPU's name and peak memory, and first runs the whole two-stage pipeline under an 8 GiB cap
-(torch.cuda.set_per_process_memory_fraction) with the residency plan of sdxl_core/residency.py.
+(torch.cuda.set_per_process_memory_fraction) with the residency plan of sdxl_core/runtime/residency.py.
 On a CPU it runs the tiny configs at 64x64 (fp32), so CI keeps every code path working (tests/test_bench.py).
 
     python benchmarks/bench_sdxl.py --device cuda --compile --memory-cap-gb 8 --json bench.json

@@ -2,7 +2,7 @@
 
 Accepted: an original single-file `.safetensors` base or refiner (fp16, bf16, fp32), a diffusers pipeline folder
 (single or sharded weights), and a separate VAE file (original or diffusers names) replacing the checkpoint's VAE.
-The architecture is read from the tensors' shapes (`checkpoint_detect.infer_config`), every key and shape is
+The architecture is read from the tensors' shapes (`detect.infer_config`), every key and shape is
 validated before a byte of tensor data is read, and the weights then stream in one tensor at a time: modules are
 built on the meta device and adopt each tensor, already cast to the target dtype and device, with
 `load_state_dict(assign=True)`. Peak host memory is therefore the weights in the target dtype plus one tensor.
