@@ -2,17 +2,17 @@
 """SDXL speed and memory benchmark: this project against diffusers, in one process, on identical random weights.
 
 On a GPU (full-size SDXL, 1024x1024, fp16, CFG batch 2) it times, with CUDA events and the median of many runs:
-the base UNet step (plain and with each lever of sdxl_core/optimize.py), the refiner step, the VAE decode, and a
+the base UNet step (plain and with each lever of sdxl_core/runtime/optimize.py), the refiner step, the VAE decode, and a
 whole two-stage run (base steps + refiner steps + decode), for this project and for diffusers' UNet2DConditionModel
 / AutoencoderKL converted from the same tensors by diffusers' own single-file conversion. It prints absolute times,
 ratios, the GPU's name and peak memory, and first runs the whole two-stage pipeline under an 8 GiB cap
-(torch.cuda.set_per_process_memory_fraction) with the residency plan of sdxl_core/residency.py.
+(torch.cuda.set_per_process_memory_fraction) with the residency plan of sdxl_core/runtime/residency.py.
 On a CPU it runs the tiny configs at 64x64 (fp32), so CI keeps every code path working (tests/test_bench.py).
 
     python benchmarks/bench_sdxl.py --device cuda --compile --memory-cap-gb 8 --json bench.json
     python benchmarks/bench_sdxl.py --device cpu --quick          # tiny configs, seconds
 
-Not a timed test: numbers hold only next to the card's name (PERF.md, "How to compare").
+Not a timed test: numbers hold only next to the card's name (docs/performance.md#how-to-compare).
 """
 
 from __future__ import annotations
@@ -60,11 +60,13 @@ from sdxl_core.runtime.vae_decoding import decode_latents, default_vae_dtype  # 
 POOLED_DIM = 1280  # bigG projection width: the head of every SDXL ADM vector
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dusk, dramatic light", "blurry, low quality"
 # Levers tried one at a time on the eager base step; a lever is kept when it beats plain eager by more than this
-# (about the run-to-run spread of a median on a GPU: METHOD.md, "a difference smaller than that spread is noise").
+# (about the run-to-run spread of a median on a GPU, docs/performance.md#how-to-compare: a smaller difference is
+# noise).
 KEEP_THRESHOLD = 0.01
 # torch.compile modes that capture CUDA graphs themselves (no second capture on top of them).
 GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")
-# Wall time of compiling diffusers' base UNet and timing it (PERF.md: about 100 s on an H100), with a margin.
+# Wall time of compiling diffusers' base UNet and timing it (docs/performance.md: about 100 s on an H100), with a
+# margin.
 REFERENCE_COMPILE_ESTIMATE_S = 150.0
 DTYPES = DTYPES_BY_NAME
 
@@ -584,8 +586,8 @@ def unet_section(args, report: Report, kind: str, unet: UNetModel, twin, inputs:
 
 
 def compile_reference_section(args, report: Report, kind: str, twin, inputs: StepInputs) -> None:
-    """diffusers' UNet compiled as PERF.md's anchor was (default mode, channels_last): last, because it costs about
-    100 s and only re-measures a reference number on this card."""
+    """diffusers' UNet compiled as the anchor in docs/performance.md was (default mode, channels_last): last,
+    because it costs about 100 s and only re-measures a reference number on this card."""
     device, warmup, iters = args.device, args.warmup, args.iters
     what = f"{kind} UNet step (batch 2)"
     print(f"\n== {what}: compiling diffusers ...", flush=True)

@@ -1,4 +1,4 @@
-"""End-to-end parity with diffusers' SDXL pipelines on the tiny models (SDXL.md §5).
+"""End-to-end parity with diffusers' SDXL pipelines on the tiny models (docs/sampling.md).
 
 Our side runs prompt encoding, micro-conditioning, ADM vector, UNet, guidance and sampler through
 `sdxl_core.pipeline`; diffusers runs `StableDiffusionXLPipeline` (and `StableDiffusionXLImg2ImgPipeline` for the
@@ -243,7 +243,7 @@ def test_negative_aesthetic_score_is_what_diffusers_uses(tiny_refiner, refiner_p
 
 def test_diffusers_float32_grid_is_our_schedule_at_its_timesteps():
     """Why the parity runs walk diffusers' sigma tensor: it is our float64 schedule at the same integer timesteps,
-    rounded through float32 betas (SDXL.md §5: at most 1.3e-5 relative)."""
+    rounded through float32 betas (docs/sampling.md#the-noise-schedule: at most 1.3e-5 relative)."""
     schedule = SCHEDULE
     for make in SCHEDULERS.values():
         scheduler = make()

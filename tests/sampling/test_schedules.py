@@ -19,7 +19,7 @@ SCHEDULE = DiscreteSchedule()
 
 
 def _hand_sigma(t: int) -> float:
-    """sigma_t = sqrt((1 - abar_t) / abar_t) with scaled-linear betas, straight from SDXL.md §5 in float64."""
+    """sigma_t = sqrt((1 - abar_t) / abar_t) with scaled-linear betas, straight from docs/sampling.md in float64."""
     start, end = math.sqrt(0.00085), math.sqrt(0.012)
     abar = 1.0
     for i in range(t + 1):
@@ -76,7 +76,7 @@ def test_every_scheduler_ends_in_zero_and_descends():
 
 def test_simple_grid_n50_is_every_20th_training_sigma():
     sigmas = SCHEDULERS["simple"](SCHEDULE, 50)
-    indices = [999 - 20 * k for k in range(50)]  # 999, 979, ..., 19 (SDXL.md §5 step grid table)
+    indices = [999 - 20 * k for k in range(50)]  # 999, 979, ..., 19 (docs/sampling.md, schedulers)
     assert torch.equal(sigmas[:-1], SCHEDULE.sigmas[indices])
 
 
