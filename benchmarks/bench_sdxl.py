@@ -774,7 +774,7 @@ def summarize(args, report: Report) -> dict:
         base_ms, total_ms = out["base"]["ours_best_ms"], out["two_stage_ms"]
         out["goals"] = {"base_step_le_30ms": base_ms is not None and base_ms <= 30.0,
                         "two_stage_lt_1300ms": total_ms is not None and total_ms < 1300.0,
-                        "note": "goals are stated for an H100 (PERF.md); compare only on that card"}
+                        "note": "goals are stated for an H100 (docs/performance.md); compare only on that card"}
     report.data["summary"] = out
     report.flush()
     return out
@@ -817,7 +817,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="also torch.compile our UNets (cost reported)")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
     parser.add_argument("--compile-reference", action="store_true",
-                        help="also compile diffusers' base UNet (channels_last, like PERF.md's anchor)")
+                        help="also compile diffusers' base UNet (channels_last, like the anchor in docs/performance.md)")
     parser.add_argument("--compile-reference-refiner", action="store_true",
                         help="with --compile-reference: compile diffusers' refiner too (another ~100 s)")
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
