@@ -44,6 +44,8 @@ _EXPORTS = {
     # one stage of sampling
     "sample_latent": "sampling.ksampler",
     "SamplingSettings": "sampling.settings",
+    "BaseMicroConditioning": "conditioning",
+    "RefinerMicroConditioning": "conditioning",
     "SAMPLERS": "sampling.samplers",
     "SCHEDULERS": "sampling.schedules",
     "SamplingCancelled": "sampling.samplers",
@@ -70,6 +72,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve l
     from .checkpoints.errors import CheckpointError
     from .checkpoints.loading import inspect_checkpoint, load_checkpoint, load_vae, save_checkpoint
     from .checkpoints.lora import apply_lora
+    from .conditioning import BaseMicroConditioning, RefinerMicroConditioning
     from .config import SDXL_BASE, SDXL_REFINER, SDXLConfig
     from .models.bundle import SDXLModel
     from .models.unet import UNetModel
