@@ -1,8 +1,9 @@
 """diffusers-layout weights -> the original (sgm/ldm) single-file layout, tensor by tensor and lazily.
 
 The reverse of diffusers `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint` and
-`convert_open_clip_checkpoint` (docs/checkpoints.md#diffusers-folders), written as name rules so that a diffusers
-folder or a diffusers-layout VAE file streams through the same loader as a single-file checkpoint. Every mapped
+`convert_open_clip_checkpoint` (docs/checkpoints.md#diffusers-folders), written as name rules (the UNet's through
+the table in `unet_names`, which LoRA matching shares) so that a diffusers folder or a diffusers-layout VAE file
+streams through the same loader as a single-file checkpoint. Every mapped
 tensor stays a `LazyTensor`: nothing is read until the loader asks for it.
 """
 
@@ -15,20 +16,27 @@ from typing import Mapping
 
 import torch
 
-from .detect import (BASE_CLIP_G_PREFIX, BASE_CLIP_L_PREFIX, HINT_CLIP_G_HEADS, HINT_CLIP_L_HEADS,
-                                HINT_UNET_HEAD_CHANNELS, HINT_UNET_NORM_GROUPS, HINT_VAE_NORM_GROUPS,
-                                REFINER_CLIP_G_PREFIX, UNET_PREFIX, VAE_PREFIX)
-from .errors import (CheckpointNotFoundError, CorruptCheckpointError, StateDictMismatchError,
-                                WrongArchitectureError)
+from .detect import (
+    BASE_CLIP_G_PREFIX,
+    BASE_CLIP_L_PREFIX,
+    HINT_CLIP_G_HEADS,
+    HINT_CLIP_L_HEADS,
+    HINT_UNET_HEAD_CHANNELS,
+    HINT_UNET_NORM_GROUPS,
+    HINT_VAE_NORM_GROUPS,
+    REFINER_CLIP_G_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+)
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StateDictMismatchError,
+    WrongArchitectureError,
+)
 from .files import LazyTensor, read_sharded
+from .unet_names import UNetNameTable
 
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-             "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2",
-             "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
-             "mid_block.resnets.1": "middle_block.2"}
 # VAE mid-block attention: current diffusers names and the deprecated ones some older exports still carry.
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
                   "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
@@ -36,55 +44,22 @@ _UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model
 _TEXT_WEIGHTS = ("model.safetensors", "model.fp16.safetensors")
 
 
-def _split_module(key: str) -> tuple[str, str]:
-    """("down_blocks.0.resnets.1.conv1", "weight") for "down_blocks.0.resnets.1.conv1.weight"."""
-    module, _, leaf = key.rpartition(".")
-    return module, leaf
-
-
-def _rename_resnet(rest: str) -> str:
-    for old, new in _UNET_RESNET.items():
-        if rest == old or rest.startswith(old + "."):
-            return new + rest[len(old):]
-    return rest
-
-
-def unet_key_from_diffusers(key: str, layers_per_block: int, up_blocks_with_attention: set[int]) -> str:
-    """One diffusers UNet2DConditionModel key -> its ldm name (unknown keys pass through unchanged)."""
-    stride = layers_per_block + 1
-    for old, new in _UNET_TOP.items():
-        if key.startswith(old + "."):
-            rest = key[len(old) + 1:]
-            return new + "." + (_rename_resnet(rest) if "resnets" in old else rest)
-    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        index = 1 + block * stride + layer
-        return f"input_blocks.{index}.0.{_rename_resnet(rest)}" if kind == "resnets" else \
-            f"input_blocks.{index}.1.{rest}"
-    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{1 + int(m[1]) * stride + layers_per_block}.0.op.{m[2]}"
-    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        index = block * stride + layer
-        return f"output_blocks.{index}.0.{_rename_resnet(rest)}" if kind == "resnets" else \
-            f"output_blocks.{index}.1.{rest}"
-    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        block = int(m[1])
-        # The upsampler follows the attention layer when the block has one, so its slot is .2 there and .1 elsewhere.
-        slot = 2 if block in up_blocks_with_attention else 1
-        return f"output_blocks.{block * stride + layers_per_block}.{slot}.conv.{m[2]}"
-    return key
+def _unet_names(keys) -> UNetNameTable:
+    """The name table of the UNet these diffusers keys describe: its levels, res blocks per level and levels with
+    attention, read from the keys themselves (a folder's unet/config.json may be missing or partial)."""
+    resnets = [int(m[1]) for key in keys if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", key))]
+    if not resnets:
+        raise StateDictMismatchError("the diffusers UNet has no down_blocks.0.resnets: not a UNet2DConditionModel")
+    levels = 1 + max(int(m[1]) for key in keys if (m := re.match(r"down_blocks\.(\d+)\.", key)))
+    with_attention = {int(m[1]) for key in keys if (m := re.match(r"down_blocks\.(\d+)\.attentions\.", key))}
+    return UNetNameTable(max(resnets) + 1, [level in with_attention for level in range(levels)])
 
 
 def unet_from_diffusers(tensors: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
-    """A diffusers UNet state (lazy) -> ldm names with the `model.diffusion_model.` prefix."""
-    resnets = [int(m[1]) for key in tensors if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", key))]
-    if not resnets:
-        raise StateDictMismatchError("the diffusers UNet has no down_blocks.0.resnets: not a UNet2DConditionModel")
-    layers_per_block = max(resnets) + 1
-    with_attention = {int(m[1]) for key in tensors if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", key))}
-    return {UNET_PREFIX + unet_key_from_diffusers(key, layers_per_block, with_attention): tensor
-            for key, tensor in tensors.items()}
+    """A diffusers UNet state (lazy) -> ldm names with the `model.diffusion_model.` prefix (keys the table does not
+    know pass through unchanged, for validation to name)."""
+    names = _unet_names(tensors)
+    return {UNET_PREFIX + (names.from_diffusers(key) or key): tensor for key, tensor in tensors.items()}
 
 
 def is_diffusers_vae(keys) -> bool:

@@ -15,12 +15,10 @@ after diffusers' module paths:
 - diffusers / PEFT: `unet.<diffusers path>`, `text_encoder.<path>`, `text_encoder_2.<path>` with `.lora_A.weight` /
   `.lora_B.weight`, `.lora.down.weight` / `.lora.up.weight`, `.lora_linear_layer.down/up.weight`, or the attention
   processor form `attn1.processor.to_q_lora.down.weight`.
-The diffusers path of every UNet layer is derived from the config by diffusers' naming rules for the SDXL UNet
-(down_blocks.i.resnets.j / attentions.j / downsamplers.0, mid_block, up_blocks.i with the deepest level first),
-the same correspondence ComfyUI's `unet_to_diffusers` and diffusers' single-file converter encode. In memory bigG
-keeps separate q/k/v projections (transformers' CLIP; the fused OpenCLIP `in_proj_weight` exists only in the
-single-file state dict), so a bigG q/k/v LoRA patches one projection: in the single-file layout that is the row
-slice [0:d], [d:2d] or [2d:3d] of `in_proj_weight`.
+The diffusers path of every UNet layer comes from the name table of `unet_names`, derived from the config (the same
+table the diffusers-folder reader uses). In memory bigG keeps separate q/k/v projections (transformers' CLIP; the
+fused OpenCLIP `in_proj_weight` exists only in the single-file state dict), so a bigG q/k/v LoRA patches one
+projection: in the single-file layout that is the row slice [0:d], [d:2d] or [2d:3d] of `in_proj_weight`.
 
 Every layer in the file must land on a parameter of the model with fitting shapes, or the file is refused with a
 sentence naming unmatched layers: nothing is applied partially. LyCORIS LoHa/LoKr, DoRA, Tucker-decomposed LoCon,
@@ -51,13 +49,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .detect import identify
-from .files import read_header
 from ..config import UNetConfig
 from ..models.bundle import SDXLModel
+from ..models.unet import UNetModel
 from ..runtime.optimize import is_compiled, is_qkv_fused
 from ..text.encoders import TextEncoder
-from ..models.unet import UNetModel
+from .detect import identify
+from .files import read_header
+from .unet_names import UNetNameTable
 
 
 class LoRAError(ValueError):
@@ -68,67 +67,15 @@ class LoRAError(ValueError):
 # Layer names: every name a LoRA file may use for one of our layers
 
 
-# Inside a ResBlock, diffusers' ResnetBlock2D names its layers differently (ours are sgm's Sequential indices).
-_RESNET_LAYERS = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
-                  "conv_shortcut": "skip_connection"}
-# Layers outside the blocks: diffusers name -> ours.
-_TOP_LAYERS = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-               "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-               "add_embedding.linear_2": "label_emb.0.2", "conv_out": "out.2"}
-
-
-def _unet_block_prefixes(config: UNetConfig) -> list[tuple[str, str, bool]]:
-    """(our block prefix, diffusers prefix, is a resnet) for every block of the UNet (diffusers' SDXL naming)."""
-    blocks: list[tuple[str, str, bool]] = []
-    per_level = config.num_res_blocks + 1
-    for level, depth in enumerate(config.transformer_depth):
-        for j in range(config.num_res_blocks):
-            ours = f"input_blocks.{1 + level * per_level + j}"
-            blocks.append((f"{ours}.0", f"down_blocks.{level}.resnets.{j}", True))
-            if depth:
-                blocks.append((f"{ours}.1", f"down_blocks.{level}.attentions.{j}", False))
-        if level != config.num_levels - 1:
-            blocks.append((f"input_blocks.{(level + 1) * per_level}.0.op", f"down_blocks.{level}.downsamplers.0.conv",
-                           False))
-    blocks += [("middle_block.0", "mid_block.resnets.0", True), ("middle_block.1", "mid_block.attentions.0", False),
-               ("middle_block.2", "mid_block.resnets.1", True)]
-    # diffusers' up_blocks start at the deepest level, as our output_blocks do.
-    for up, level in enumerate(reversed(range(config.num_levels))):
-        depth = config.transformer_depth[level]
-        for j in range(per_level):
-            ours = f"output_blocks.{up * per_level + j}"
-            blocks.append((f"{ours}.0", f"up_blocks.{up}.resnets.{j}", True))
-            if depth:
-                blocks.append((f"{ours}.1", f"up_blocks.{up}.attentions.{j}", False))
-            if level != 0 and j == config.num_res_blocks:
-                blocks.append((f"{ours}.{2 if depth else 1}.conv", f"up_blocks.{up}.upsamplers.0.conv", False))
-    return blocks
-
-
 def unet_diffusers_names(config: UNetConfig, module_paths: list[str]) -> dict[str, str]:
     """Our UNet module path -> diffusers' UNet2DConditionModel module path, for the given (Linear/Conv) paths."""
-    top = {ours: theirs for theirs, ours in _TOP_LAYERS.items()}
-    blocks = _unet_block_prefixes(config)
+    table = UNetNameTable.for_config(config)
     names = {}
     for path in module_paths:
-        if path in top:
-            names[path] = top[path]
-            continue
-        for ours, theirs, is_resnet in blocks:
-            if path == ours:
-                names[path] = theirs
-                break
-            if path.startswith(ours + "."):
-                inner = path[len(ours) + 1:]
-                if is_resnet:
-                    inner = {v: k for k, v in _RESNET_LAYERS.items()}.get(inner)
-                if inner is not None:
-                    names[path] = f"{theirs}.{inner}"
-                break
-        else:
-            raise LookupError(f"UNet layer {path!r} has no diffusers name (unknown block)")
-        if path not in names:
-            raise LookupError(f"UNet layer {path!r} has no diffusers name (unknown resnet layer)")
+        name = table.to_diffusers(path)
+        if name is None:
+            raise LookupError(f"UNet layer {path!r} has no diffusers name (no block of this UNet holds it)")
+        names[path] = name
     return names
 
 
