@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from ..runtime.atomic_write import atomic_write
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, UnsafeFormatError,
                                 UnsupportedFormatError)
 
@@ -274,8 +275,7 @@ def write_safetensors(path: Path | str, tensors: Mapping[str, LazyTensor], metad
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-byte aligned, as safetensors itself does
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as handle:
+    with atomic_write(path) as handle:  # never a half-written file under the real name
         handle.write(struct.pack("<Q", len(raw)))
         handle.write(raw)
         for name in names:
@@ -288,4 +288,3 @@ def write_safetensors(path: Path | str, tensors: Mapping[str, LazyTensor], metad
             if data.numel():
                 handle.write(memoryview(data.view(torch.uint8).numpy()))
             del tensor, data
-    os.replace(partial, path)  # never leave a half-written file under the real name

@@ -37,8 +37,8 @@ from ..config import CLIP_CONTEXT_LENGTH, SDXLConfig, VAEConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_vae", "save_checkpoint", "inspect_checkpoint", "inspect_vae",
-           "default_dtype", "default_vae_dtype"]
+__all__ = ["CheckpointError", "check_checkpoint", "load_checkpoint", "load_vae", "save_checkpoint",
+           "inspect_checkpoint", "inspect_vae", "default_dtype", "default_vae_dtype"]
 
 # open_clip's initial contrastive temperature, ln(1/0.07). SDXL files carry a `logit_scale` that text encoding never
 # reads; we write this value so saved files have the published key set.
@@ -197,6 +197,16 @@ def inspect_checkpoint(path: Path | str | CheckpointSource, *, expect: str | Non
     return source, config, report
 
 
+def check_checkpoint(path: Path | str, *, expect: str | None = None, vae_path: Path | str | None = None) -> None:
+    """Everything `load_checkpoint` checks before it reads tensor data, without building or reading anything: lets
+    a caller that loads several files (base, refiner, VAE) refuse a bad one before the first of them loads."""
+    vae_plan = inspect_vae(vae_path) if vae_path is not None else None
+    if vae_plan is not None:
+        _raise_if_invalid(vae_plan[2], vae_plan[0].path.name, "SDXL VAE")
+    source, config, report = inspect_checkpoint(path, expect=expect, vae_config=vae_plan[1] if vae_plan else None)
+    _raise_if_invalid(report, source.path.name, f"SDXL {config.kind} checkpoint")
+
+
 def load_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                     vae_path: Path | str | None = None, vae_dtype: torch.dtype | None = None,
                     expect: str | None = None):
@@ -283,6 +293,7 @@ def save_checkpoint(model, path: Path | str, dtype: torch.dtype | None = None) -
 
     `dtype` casts every floating tensor (None keeps each one's dtype). The file's metadata records the facts that
     shapes cannot carry (head counts, GroupNorm groups), so `load_checkpoint` rebuilds exactly `model.config`.
+    The file appears whole or not at all (sdxl_core/runtime/atomic_write.py), even when the write is interrupted.
     """
     if dtype is not None:
         _check_dtype(dtype, "dtype")
