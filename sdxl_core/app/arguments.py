@@ -29,13 +29,13 @@ MAX_CONDITIONING_SIDE = 16384
 MAX_STEPS = 10000
 RANDOM_SEED_WORDS = ("random", "-1")
 
-_DASH_VALUE = re.compile(r"^-[\d.]")
+_DASH_VALUE = re.compile(r"^-(?:[\d.]|inf|nan)", re.IGNORECASE)  # -5,-5  -1  -.5  -inf
 
 
 def join_dash_values(argv: Sequence[str]) -> list[str]:
     """`--crop-top-left -5,-5` as `--crop-top-left=-5,-5`: argparse takes a value that starts with "-" and is not a
     plain number for an option, and would answer "expected one argument" instead of saying what is wrong with it.
-    No option of this command line starts with a dash and a digit, so the join is safe."""
+    No option of this command line starts with a single dash and a digit, "inf" or "nan", so the join is safe."""
     joined: list[str] = []
     for token in argv:
         previous = joined[-1] if joined else ""
