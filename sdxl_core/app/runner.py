@@ -16,7 +16,7 @@ import torch
 from ..checkpoints.loading import check_checkpoint, default_dtype, default_vae_dtype, load_checkpoint
 from ..checkpoints.errors import CheckpointError
 from ..conditioning import ConditioningMismatch
-from ..checkpoints.lora import apply_lora
+from ..checkpoints.lora import apply_lora, check_lora_file
 from ..pipeline import GenerationRequest, GenerationResult, ImageToImageRequest, generate, image_to_image
 from .progress import ProgressBar
 from ..runtime.atomic_write import atomic_write, check_writable, describe_os_error
@@ -161,6 +161,11 @@ def _run(args: argparse.Namespace, total_steps: int,
     return 0
 
 
+def _check_lora_files(args: argparse.Namespace) -> None:
+    for path, _, _ in args.lora or ():
+        check_lora_file(path)
+
+
 def _embedding_sources(args: argparse.Namespace) -> list[str] | None:
     return [str(d) for d in args.embeddings] if args.embeddings else None
 
@@ -168,10 +173,11 @@ def _embedding_sources(args: argparse.Namespace) -> list[str] | None:
 def _run_text_to_image(request: GenerationRequest, base_path: Path, refiner_path: Path | None,
                        vae_path: Path | None, args: argparse.Namespace) -> int:
     def produce(setup: _Setup, bar: ProgressBar):
-        # Both headers first: a bad refiner is refused before the base spends a minute loading.
+        # Every header first: a bad refiner or LoRA is refused before the base spends a minute loading.
         check_checkpoint(base_path, expect="base", vae_path=vae_path)
         if refiner_path is not None:
             check_checkpoint(refiner_path, expect="refiner", vae_path=vae_path)
+        _check_lora_files(args)
         with bar.loading(f"base {base_path.name}"):
             base = setup.load(base_path, vae_path, "base", args.lora or ())
         refiner = None
@@ -210,6 +216,8 @@ def read_image(path: Path) -> torch.Tensor:
 def run_img2img(request: ImageToImageRequest, args: argparse.Namespace) -> int:
     def produce(setup: _Setup, bar: ProgressBar):
         images = read_image(args.image)
+        check_checkpoint(args.model, vae_path=args.vae)
+        _check_lora_files(args)
         with bar.loading(args.model.name):
             model = setup.load(args.model, args.vae, None, args.lora or ())
         result = image_to_image(model, images, request, on_step=bar.advance, residency=setup.residency,

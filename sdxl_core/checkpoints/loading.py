@@ -66,10 +66,10 @@ def refuse_unless_sdxl(source: CheckpointSource, expect: str | None = None) -> s
     found: Identification = source.identification
     name = source.path.name
     if found.kind in ("sd1", "sd2", "sd3", "flux", "cascade"):
-        raise WrongArchitectureError(f"{name} is {found.description}; these nodes run SDXL (base and refiner). "
+        raise WrongArchitectureError(f"{name} is {found.description}; this project runs SDXL (base and refiner). "
                                      "Load it with a loader for its own model family.")
     if found.kind == "sdxl-other-schedule":
-        raise WrongArchitectureError(f"{name} is {found.description}; these nodes sample SDXL's eps-prediction "
+        raise WrongArchitectureError(f"{name} is {found.description}; this project samples SDXL's eps-prediction "
                                      "schedule, which would turn this model's output into noise or washed-out "
                                      "images. Use ComfyUI's own checkpoint loader for it.")
     if found.kind == "sdxl-vae":
@@ -157,7 +157,7 @@ def _raise_if_invalid(report: ValidationReport, name: str, what: str) -> None:
         lines = "\n  ".join(report.problems())
         raise StateDictMismatchError(f"{name} does not match the {what} that its shapes describe:\n  {lines}\n"
                                      "If the file is damaged (an interrupted download or copy), download it again; "
-                                     f"a modified {what} with other layers cannot be loaded by these nodes",
+                                     f"a modified {what} with other layers cannot be loaded by this project",
                                      report=report)
 
 
@@ -174,12 +174,12 @@ def _plan(source: CheckpointSource, expect: str | None, vae_config: VAEConfig | 
         config = infer_config(source.shapes, source.hints, vae=vae_config)
     except StateDictMismatchError as error:
         raise StateDictMismatchError(f"{source.path.name}: {error}. The file is incomplete or damaged (download it "
-                                     "again) or a modified SDXL variant these nodes cannot run") from None
+                                     "again) or a modified SDXL variant this project cannot run") from None
     if config.unet.in_channels != _SDXL_LATENT_CHANNELS or config.vae.latent_channels != _SDXL_LATENT_CHANNELS:
         raise WrongArchitectureError(
             f"{source.path.name} is an SDXL variant with a {config.unet.in_channels}-channel UNet input and a "
-            f"{config.vae.latent_channels}-channel VAE (e.g. an inpainting model); these nodes run the 4-channel "
-            "text-to-image base and refiner")
+            f"{config.vae.latent_channels}-channel VAE (e.g. an inpainting model); this project runs the "
+            "4-channel text-to-image base and refiner")
     prefixes = component_prefixes(kind)
     if vae_config is not None:  # the separate VAE replaces the checkpoint's: those keys are neither needed nor read
         prefixes = {name: prefix for name, prefix in prefixes.items() if name != "vae"}

@@ -160,6 +160,25 @@ def test_a_damaged_refiner_is_refused_before_loading(tiny_checkpoints, out_folde
     assert _nothing_written(out_folder)
 
 
+def test_a_checkpoint_given_as_lora_is_refused_before_loading(tiny_checkpoints, out_folder, no_loading, capsys):
+    assert main(_generate_args(tiny_checkpoints, out_folder / "x.png", "--lora", str(tiny_checkpoints["refiner"]))) == 2
+    err = capsys.readouterr().err
+    assert "error: tiny_sdxl_refiner.safetensors is" in err and "not a LoRA" in err and "Traceback" not in err
+    assert _nothing_written(out_folder)
+
+
+def test_img2img_checks_its_model_before_loading(tiny_checkpoints, out_folder, tmp_path, no_loading, capsys):
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (64, 48)).save(picture)
+    damaged = tmp_path / "model.safetensors"
+    damaged.write_bytes(b"not a checkpoint at all")
+    assert main(["img2img", "--model", str(damaged), "--image", str(picture), "--prompt", "p",
+                 "--out", str(out_folder / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "error: model.safetensors" in err and "Traceback" not in err
+    assert _nothing_written(out_folder)
+
+
 # --- the output path ---------------------------------------------------------------------------------------------
 
 def test_an_unwritable_folder_is_refused_before_loading(tiny_checkpoints, out_folder, monkeypatch, no_loading,
