@@ -5,6 +5,7 @@ Kept free of ComfyUI (see comfy_host.py) and of heavy core imports, so the pack 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ def node_id(name: str) -> str:
 
 
 def check_widgets(node_class: type, **values: Any) -> None:
-    """Raise a ValueError in a sentence unless each value respects its widget's min/max/options in INPUT_TYPES.
+    """Raise a ValueError in a sentence unless each value respects its widget's min/max/options in INPUT_TYPES, and
+    FLOAT widgets hold finite numbers.
 
     ComfyUI skips its own range checks for inputs named in VALIDATE_INPUTS, so nodes that validate a combination
     of widgets (K <= N, ...) re-check the ranges here; the same check guards direct calls made without ComfyUI.
@@ -61,10 +63,35 @@ def check_widgets(node_class: type, **values: Any) -> None:
                 raise ValueError(f"{name} must be one of {list(spec)[:12]}{' ...' if len(spec) > 12 else ''}, "
                                  f"got {value!r}")
             continue
+        if spec == "FLOAT" and not _is_finite_number(value):
+            # NaN passes every `<` and `>` range check (ComfyUI's own included) and would surface only after the
+            # sampler ran, as a complaint about the weights.
+            raise ValueError(f"{name} must be a finite number from {options.get('min', '-inf')} to "
+                             f"{options.get('max', 'inf')}, got {value!r}; type a number into the widget")
         if "min" in options and value < options["min"]:
             raise ValueError(f"{name} must be at least {options['min']}, got {value}")
         if "max" in options and value > options["max"]:
             raise ValueError(f"{name} must be at most {options['max']}, got {value}")
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def float_inputs(node_class: type) -> list[str]:
+    """The names of a node's FLOAT widgets (each must be checked for NaN and infinities by VALIDATE_INPUTS)."""
+    names = []
+    for section in ("required", "optional"):
+        for name, entry in node_class.INPUT_TYPES().get(section, {}).items():
+            if entry[0] == "FLOAT":
+                names.append(name)
+    return names
+
+
+def validate_widgets(node_class: type, **values: Any) -> bool | str:
+    """VALIDATE_INPUTS for widgets that need no check beyond their own range: True, or the sentence of
+    `check_widgets` (which, unlike ComfyUI's range check, refuses NaN and infinities)."""
+    return validation_result(check_widgets, node_class, **values)
 
 
 def validation_result(check, *args: Any, **kwargs: Any) -> bool | str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import comfy_host
-from ._shared import CATEGORY, SDXL_MODEL, check_widgets, file_identity, node_id
+from ._shared import CATEGORY, SDXL_MODEL, check_widgets, file_identity, node_id, validate_widgets
 
 _STRENGTH = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
 
@@ -46,6 +46,10 @@ class LoraLoader:
             "strength_clip": ("FLOAT", {**_STRENGTH, "tooltip": "How strongly the LoRA changes the text encoders "
                                         "(how prompts are read): 1 as trained, 0 leaves them."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, strength_model=None, strength_clip=None):
+        return validate_widgets(cls, strength_model=strength_model, strength_clip=strength_clip)
 
     def apply(self, model, lora_name: str, strength_model: float = 1.0, strength_clip: float = 1.0):
         from sdxl_core.checkpoints.lora import apply_lora

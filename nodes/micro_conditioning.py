@@ -3,7 +3,7 @@ set on a CONDITIONING under ComfyUI's own field names, so ComfyUI's samplers rea
 
 from __future__ import annotations
 
-from ._shared import CATEGORY, MAX_RESOLUTION, node_id
+from ._shared import CATEGORY, MAX_RESOLUTION, check_widgets, node_id, validate_widgets
 
 _SIZE_TOOLTIP = ("During training SDXL was told each photo's size before it was resized. Here you tell it which "
                  "size to pretend the image had: the output size gives the usual result; smaller values (e.g. "
@@ -79,8 +79,14 @@ class AestheticScore:
                                                      "about 2.5, so guidance steers away from poor images."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, aesthetic_score=None):
+        return validate_widgets(cls, aesthetic_score=aesthetic_score)
+
     def apply(self, conditioning: list, aesthetic_score: float):
         from sdxl_core.conditioning import with_micro_conditioning
+
+        check_widgets(type(self), aesthetic_score=aesthetic_score)
 
         return (with_micro_conditioning(conditioning, aesthetic_score=float(aesthetic_score)),)
 

@@ -52,8 +52,8 @@ def _sampling_inputs(model_tooltip: str) -> dict:
     }
 
 
-def _check_base(steps=None, end_at_step=None, denoise=None, leftover_noise=None) -> None:
-    check_widgets(BaseSampler, steps=steps, end_at_step=end_at_step, denoise=denoise)
+def _check_base(steps=None, end_at_step=None, denoise=None, leftover_noise=None, cfg=None) -> None:
+    check_widgets(BaseSampler, steps=steps, end_at_step=end_at_step, denoise=denoise, cfg=cfg)
     if steps is not None and end_at_step is not None and end_at_step > steps:
         raise ValueError(f"end_at_step (K = {end_at_step}) is past the last step (N = {steps}): the base can stop at "
                          f"most at step {steps}; set K between 1 and N (K = N runs the base alone)")
@@ -68,8 +68,8 @@ def _check_base(steps=None, end_at_step=None, denoise=None, leftover_noise=None)
                          f"with the refiner at start_at_step 0 and its own denoise strength")
 
 
-def _check_refiner(steps=None, start_at_step=None, denoise=None) -> None:
-    check_widgets(RefinerSampler, steps=steps, start_at_step=start_at_step, denoise=denoise)
+def _check_refiner(steps=None, start_at_step=None, denoise=None, cfg=None) -> None:
+    check_widgets(RefinerSampler, steps=steps, start_at_step=start_at_step, denoise=denoise, cfg=cfg)
     if steps is not None and start_at_step is not None and start_at_step > steps:
         raise ValueError(f"start_at_step (K = {start_at_step}) is past the last step (N = {steps}); set K to the "
                          f"base sampler's end_at_step, between 0 and N")
@@ -170,12 +170,12 @@ class BaseSampler:
         return {"required": inputs}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, steps=None, end_at_step=None, denoise=None, leftover_noise=None):
-        return validation_result(_check_base, steps, end_at_step, denoise, leftover_noise)
+    def VALIDATE_INPUTS(cls, steps=None, end_at_step=None, denoise=None, leftover_noise=None, cfg=None):
+        return validation_result(_check_base, steps, end_at_step, denoise, leftover_noise, cfg)
 
     def sample(self, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
                scheduler: str, end_at_step: int, leftover_noise: bool = True, denoise: float = 1.0):
-        _check_base(steps, end_at_step, denoise, bool(leftover_noise))
+        _check_base(steps, end_at_step, denoise, bool(leftover_noise), cfg)
         check_widgets(BaseSampler, sampler_name=sampler_name, scheduler=scheduler)
         require_stage(model, "base", "SDXL Base Sampler")
         end = end_at_step if end_at_step < steps else None
@@ -216,12 +216,12 @@ class RefinerSampler:
         return {"required": inputs}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, steps=None, start_at_step=None, denoise=None):
-        return validation_result(_check_refiner, steps, start_at_step, denoise)
+    def VALIDATE_INPUTS(cls, steps=None, start_at_step=None, denoise=None, cfg=None):
+        return validation_result(_check_refiner, steps, start_at_step, denoise, cfg)
 
     def sample(self, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
                scheduler: str, start_at_step: int, denoise: float = 1.0):
-        _check_refiner(steps, start_at_step, denoise)
+        _check_refiner(steps, start_at_step, denoise, cfg)
         check_widgets(RefinerSampler, sampler_name=sampler_name, scheduler=scheduler)
         require_stage(model, "refiner", "SDXL Latent Refiner")
         _check_handoff(latent_image, steps, start_at_step, scheduler)

@@ -11,11 +11,13 @@ tests that use it are skipped.
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import math
 import os
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy
@@ -28,6 +30,23 @@ requires_comfyui = pytest.mark.skipif(
     not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "comfy" / "k_diffusion" / "sampling.py").is_file(),
     reason="set COMFYUI_PATH to a ComfyUI checkout to compare against ComfyUI's own code",
 )
+
+
+@contextlib.contextmanager
+def comfyui_imports_or_skip(what: str = "ComfyUI") -> Iterator[None]:
+    """Skip the test, with the reason, when this interpreter cannot import the ComfyUI code it needs (the checkout
+    is there, but a module ComfyUI imports, such as einops or psutil, is not installed here). The `comfy` modules
+    half-imported on the way leave sys.modules again, so a later test does not meet a broken package."""
+    before = set(sys.modules)
+    try:
+        yield
+    except ImportError as error:
+        for name in set(sys.modules) - before:
+            if name == "comfy" or name.startswith("comfy."):
+                del sys.modules[name]
+        pytest.skip(f"{what} at {COMFYUI_PATH or os.environ.get('COMFYUI_PATH')} cannot be imported by "
+                    f"{sys.executable}: {error}. Install ComfyUI's requirements into this interpreter (pip install "
+                    "-r requirements.txt in the checkout) to run the comparison")
 
 
 # ComfyUI's dpmpp_sde / dpmpp_2m_sde draw their default noise from torchsde's BrownianTree.
@@ -55,6 +74,7 @@ def _stubs() -> dict[str, types.ModuleType]:
 
 
 _LOADED: types.SimpleNamespace | None = None
+_IMPORT_FAILURE: str | None = None  # why the checkout could not be imported (skip at once the next time)
 
 
 def load_modules() -> types.SimpleNamespace:
@@ -65,15 +85,21 @@ def load_modules() -> types.SimpleNamespace:
     see a partial ComfyUI. Third-party modules imported on the way (scipy, tqdm) stay, as re-importing them
     is not safe.
     """
-    global _LOADED
+    global _LOADED, _IMPORT_FAILURE
+    if _IMPORT_FAILURE is not None:
+        pytest.skip(_IMPORT_FAILURE)
     if _LOADED is None:
         saved_path, saved_modules = list(sys.path), set(sys.modules)
         sys.path.insert(0, COMFYUI_PATH)
         stubs = _stubs()
         sys.modules.update({k: v for k, v in stubs.items() if k not in sys.modules})
         try:
-            import comfy.k_diffusion.sampling as sampling  # noqa: PLC0415 (only with a configured checkout)
-            import comfy.model_sampling as model_sampling  # noqa: PLC0415
+            with comfyui_imports_or_skip("ComfyUI's sampling code"):
+                import comfy.k_diffusion.sampling as sampling  # noqa: PLC0415 (only with a configured checkout)
+                import comfy.model_sampling as model_sampling  # noqa: PLC0415
+        except pytest.skip.Exception as skipped:
+            _IMPORT_FAILURE = str(skipped.msg)
+            raise
         finally:
             sys.path[:] = saved_path
             for name in set(sys.modules) - saved_modules:

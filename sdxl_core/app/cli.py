@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..buckets import bucket_for_ratio
 from ..dtypes import DTYPES_BY_NAME
-
-
-def _size(text: str) -> tuple[int, int]:
-    """Parse "WxH" into (width, height)."""
-    try:
-        width, height = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size as WIDTHxHEIGHT (e.g. 1024x1024), got {text!r}") from None
-    if width <= 0 or height <= 0:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return width, height
-
-
-def _top_left(text: str) -> tuple[int, int]:
-    """Parse "TOP,LEFT" into (top, left)."""
-    try:
-        top, left = (int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected the crop as TOP,LEFT in pixels (e.g. 0,0), got {text!r}") from None
-    if top < 0 or left < 0:
-        raise argparse.ArgumentTypeError(f"crop coordinates cannot be negative, got {text!r}")
-    return top, left
+from . import arguments
 
 
 def _directory(text: str) -> Path:
@@ -42,7 +26,7 @@ def _directory(text: str) -> Path:
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    value = arguments.finite_float("the refiner switch as a fraction of the steps")(text)
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"the refiner switch is a fraction of the steps in (0, 1), got {text}")
     return value
@@ -85,20 +69,25 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser, *, prompt_default: st
                         help="merge an SDXL LoRA into the base (img2img: into --model; repeat for more, applied "
                              "in order); the strength (default 1) applies to the UNet and, unless CLIP is given, "
                              "the text encoders")
-    parser.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner aesthetic score, positive side")
-    parser.add_argument("--negative-aesthetic-score", type=float, default=2.5,
-                        help="refiner aesthetic score, negative side")
+    parser.add_argument("--aesthetic-score", type=arguments.finite_float("an aesthetic score", minimum=0.0),
+                        default=6.0, help="refiner aesthetic score, positive side")
+    parser.add_argument("--negative-aesthetic-score", type=arguments.finite_float("an aesthetic score", minimum=0.0),
+                        default=2.5, help="refiner aesthetic score, negative side")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, *, steps_help: str) -> None:
     from ..sampling.samplers import SAMPLERS
     from ..sampling.schedules import SCHEDULERS
 
-    parser.add_argument("--steps", type=int, help=steps_help)
-    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--steps", type=arguments.whole_number("the step count", minimum=1,
+                                                               maximum=arguments.MAX_STEPS), help=steps_help)
+    parser.add_argument("--cfg", type=arguments.finite_float(
+        "the guidance scale", minimum=0.0, hint="; SDXL works best around 5-8"), help="classifier-free guidance scale")
     parser.add_argument("--sampler", choices=list(SAMPLERS), help="sampler (ComfyUI names)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sigma schedule (ComfyUI names)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same image")
+    parser.add_argument("--seed", type=arguments.seed, default=0,
+                        help="noise seed, 0 to 2^64-1; same seed, same image. 'random' (or -1) draws one, which is "
+                             "printed and recorded in the PNG")
 
 
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,21 +107,27 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, *, with_models: b
     _add_prompt_arguments(parser, prompt_default=None if with_models else
                           "a lighthouse on a cliff at dusk, oil painting")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--width", type=int, help="image width in pixels, a multiple of 8")
-    size.add_argument("--bucket", type=str, metavar="RATIO",
+    size.add_argument("--width", type=arguments.image_side,
+                      help=f"image width in pixels, a multiple of 8 (at most {arguments.MAX_IMAGE_SIDE})")
+    size.add_argument("--bucket", type=arguments.aspect_ratio, metavar="RATIO",
                       help="pick the nearest SDXL training bucket for an aspect ratio, e.g. 16:9")
-    parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (with --width)")
-    parser.add_argument("--batch-size", type=int, default=1,
+    parser.add_argument("--height", type=arguments.image_side,
+                        help="image height in pixels, a multiple of 8 (with --width)")
+    parser.add_argument("--batch-size", type=arguments.whole_number("the batch size", minimum=1,
+                                                                    maximum=arguments.MAX_BATCH_SIZE),
+                        default=1,
                         help="images sampled together from one seed, as ComfyUI's batch_size")
-    parser.add_argument("--original-size", type=_size, metavar="WxH",
+    parser.add_argument("--original-size", type=arguments.conditioning_size, metavar="WxH",
                         help="micro-conditioning: the apparent source size (default: the output size)")
-    parser.add_argument("--crop-top-left", type=_top_left, metavar="TOP,LEFT", default=(0, 0),
+    parser.add_argument("--crop-top-left", type=arguments.crop_offset, metavar="TOP,LEFT", default=(0, 0),
                         help="micro-conditioning: apparent crop offset; 0,0 keeps subjects centred")
-    parser.add_argument("--target-size", type=_size, metavar="WxH",
+    parser.add_argument("--target-size", type=arguments.conditioning_size, metavar="WxH",
                         help="micro-conditioning: the training bucket to aim for (default: the output size)")
     _add_sampling_arguments(parser, steps_help="total steps of the trajectory (base + refiner)")
     switch = parser.add_mutually_exclusive_group()
-    switch.add_argument("--refiner-start", type=int, metavar="K", help="the refiner takes over at step K")
+    switch.add_argument("--refiner-start", type=arguments.whole_number("the refiner start step", minimum=0,
+                                                                        maximum=arguments.MAX_STEPS),
+                        metavar="K", help="the refiner takes over at step K")
     switch.add_argument("--refiner-switch", type=_fraction, metavar="FRACTION",
                         help="the refiner takes over after this fraction of the steps (default 0.8)")
     _add_runtime_arguments(parser)
@@ -144,7 +139,7 @@ def _add_img2img_arguments(parser: argparse.ArgumentParser) -> None:
                              "the file")
     parser.add_argument("--vae", type=Path, help="a separate VAE file replacing the checkpoint's VAE")
     parser.add_argument("--image", required=True, type=Path, help="the picture to rework; sides multiples of 8")
-    parser.add_argument("--strength", type=float, default=None,
+    parser.add_argument("--strength", type=arguments.finite_float("the strength"), default=None,
                         help="share of the noise schedule run again, in (0, 1]: about 0.2-0.3 polishes details, "
                              "1 repaints from noise (default 0.3)")
     _add_prompt_arguments(parser, prompt_default=None)
@@ -166,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_arguments(demo, with_models=False)
     inspect = commands.add_parser("inspect", help="say what a checkpoint file is, from its header")
     add_inspect_arguments(inspect)
+    # A value refused after parsing is reported with its own subcommand's usage line, not the top-level one.
+    parser.subcommand_parsers = dict(commands.choices)
     return parser
 
 
@@ -186,6 +183,10 @@ def _request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         width, height = args.width, args.height
     else:
         width, height = defaults["width"], defaults["height"]
+    try:
+        arguments.check_batch_pixels(width, height, args.batch_size)
+    except ValueError as error:
+        parser.error(str(error))
     steps = args.steps if args.steps is not None else defaults["steps"]
     if args.refiner_start is not None:
         refiner_start = args.refiner_start
@@ -225,9 +226,26 @@ def _img2img_request_from_args(args: argparse.Namespace, parser: argparse.Argume
         parser.error(str(error))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _note_unusual_settings(args: argparse.Namespace) -> None:
+    """Say so when a legal value is unlikely to be what was meant (the run goes on)."""
+    cfg = getattr(args, "cfg", None)
+    if cfg is not None and cfg < 1.0:
+        print(f"warning: --cfg {cfg:g} below 1 weakens the prompt (at 0 the image follows the negative prompt "
+              "alone); SDXL works best around 5-8", file=sys.stderr)
+
+
+def _resolve_seed(args: argparse.Namespace) -> None:
+    if not hasattr(args, "seed"):
+        return
+    args.seed, drawn = arguments.resolve_seed(args.seed)
+    if drawn:
+        print(f"seed: {args.seed} (drawn at random; --seed {args.seed} repeats this image)", file=sys.stderr)
+
+
+def _run_command(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments.join_dash_values(sys.argv[1:] if argv is None else argv))
+    command_parser = parser.subcommand_parsers[args.command]
     if args.command == "inspect":
         from .inspect import run_inspect
 
@@ -235,13 +253,59 @@ def main(argv: list[str] | None = None) -> int:
     from . import defaults
     from .runner import run_demo, run_generate, run_img2img
 
+    _resolve_seed(args)
+    _note_unusual_settings(args)
     if args.command == "img2img":
-        return run_img2img(_img2img_request_from_args(args, parser), args)
+        return run_img2img(_img2img_request_from_args(args, command_parser), args)
     if args.command == "demo":
-        request = _request_from_args(args, parser, defaults.DEMO)
+        request = _request_from_args(args, command_parser, defaults.DEMO)
         return run_demo(request, args)
-    request = _request_from_args(args, parser, defaults.FULL)
+    request = _request_from_args(args, command_parser, defaults.FULL)
     return run_generate(request, args)
+
+
+@contextmanager
+def _cancel_on_first_interrupt() -> Iterator[None]:
+    """The first Ctrl-C (or SIGTERM) cancels the run; every later one is ignored, so the cleanup that follows
+    (temporary files removed, the message printed) finishes without a second traceback. The handlers are restored
+    afterwards unless a signal came (then the process is on its way out)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    watched = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    previous = {number: signal.getsignal(number) for number in watched}
+    received = []
+
+    def cancel(number, _frame):
+        received.append(number)
+        for each in watched:
+            signal.signal(each, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    for number in watched:
+        signal.signal(number, cancel)
+    try:
+        yield
+    finally:
+        if not received:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit status is 0, 2 for a refusal, 130 when cancelled. What a user can cause ends in
+    an `error: ...` sentence; anything else is reported as an internal error, with the details for a report."""
+    with _cancel_on_first_interrupt():
+        try:
+            return _run_command(argv)
+        except KeyboardInterrupt:
+            print("\ncancelled; nothing was written", file=sys.stderr)
+            return 130
+        except Exception:  # noqa: BLE001 - the last stop before a bare traceback
+            print("\nerror: internal error in sdxl_core; this is a bug, not something you did. Please report it "
+                  "(https://github.com/sdxl-twostage/sdxl-twostage-nodes/issues) with the command line and the "
+                  "details below:\n" + traceback.format_exc(), file=sys.stderr)
+            return 70
 
 
 if __name__ == "__main__":

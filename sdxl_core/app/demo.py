@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.loading import save_checkpoint
+from ..runtime.atomic_write import describe_os_error
 from ..config import TINY_BASE, TINY_REFINER, SDXLConfig
 from ..models.bundle import SDXLModel
 from ..text.encoders import TextEncoder
@@ -48,15 +49,19 @@ def build_random_model(config: SDXLConfig, seed: int) -> SDXLModel:
 
 
 def demo_checkpoints(cache_dir: Path | None = None) -> dict[str, Path]:
-    """Paths of the tiny base and refiner checkpoints, written on first use (atomically: a crash leaves no file)."""
+    """Paths of the tiny base and refiner checkpoints, written on first use (atomically: a crash leaves no file).
+
+    Raises a ValueError in a sentence when the cache folder cannot be created or written."""
     folder = cache_dir or demo_cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"the demo cannot create its cache folder {folder} ({describe_os_error(error)}); set "
+                         "SDXL_CORE_CACHE to a folder you can write to") from None
     paths = {}
     for kind, config in (("base", TINY_BASE), ("refiner", TINY_REFINER)):
         path = folder / f"tiny_sdxl_{kind}.safetensors"
-        if not path.exists():
-            partial = path.with_suffix(".partial")
-            save_checkpoint(build_random_model(config, _SEEDS[kind]), partial, dtype=torch.float16)
-            partial.replace(path)
+        if not path.exists():  # written whole or not at all (save_checkpoint writes atomically)
+            save_checkpoint(build_random_model(config, _SEEDS[kind]), path, dtype=torch.float16)
         paths[kind] = path
     return paths

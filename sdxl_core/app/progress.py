@@ -1,33 +1,67 @@
-"""A single-line terminal progress bar for the command line (no dependency beyond the standard library)."""
+"""Terminal progress for the command line (no dependency beyond the standard library): loading as its own phase,
+then one bar over the sampling steps whose speed counts sampling time only."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from typing import TextIO
 
 
 class ProgressBar:
-    """One bar over the whole run: `advance()` once per UNet step of either stage."""
+    """One bar over the whole run: `advance()` once per UNet step of either stage.
 
-    def __init__(self, total: int, label: str = "sampling", stream: TextIO | None = None, width: int = 30):
+    The speed is measured from `start_sampling()` (the end of the last `loading` phase when it was not called), so
+    loading a checkpoint for a minute does not make the first steps look slow.
+    """
+
+    def __init__(self, total: int, label: str = "sampling", stream: TextIO | None = None, width: int = 30,
+                 clock=time.perf_counter):
         self.total = max(total, 1)
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
         self.width = width
         self.done = 0
-        self.started = time.perf_counter()
+        self._clock = clock
+        self.started = clock()
+
+    @contextlib.contextmanager
+    def loading(self, what: str) -> Iterator[None]:
+        """Show `loading <what> ...` and, once done, how long it took; the sampling clock restarts afterwards."""
+        began = self._clock()
+        self.stream.write(f"loading {what} ...")
+        self.stream.flush()
+        try:
+            yield
+        except BaseException:
+            self.stream.write("\n")  # the error message that follows gets a line of its own
+            raise
+        self.stream.write(f" {self._clock() - began:.1f} s\n")
+        self.stream.flush()
+        self.start_sampling()
+
+    def start_sampling(self) -> None:
+        """Count the speed from now (call it when the work the bar measures begins)."""
+        self.started = self._clock()
+
+    def rate_text(self) -> str:
+        """Steps per second, or seconds per step when a step takes longer than a second (a CPU at full size)."""
+        elapsed = self._clock() - self.started
+        if self.done == 0 or elapsed <= 0:
+            return "-- it/s"
+        rate = self.done / elapsed
+        return f"{rate:.2f} it/s" if rate >= 1 else f"{1 / rate:.2f} s/it"
 
     def advance(self, stage: str | None = None) -> None:
         if self.done == self.total:
             return  # a grid can hold more sigmas than steps (ComfyUI's ddim_uniform); the bar already shows done
         self.done += 1
         filled = self.width * self.done // self.total
-        elapsed = time.perf_counter() - self.started
-        rate = self.done / elapsed if elapsed > 0 else 0.0
         stage_text = f" [{stage}]" if stage else ""
         self.stream.write(f"\r{self.label}{stage_text} |{'#' * filled}{'.' * (self.width - filled)}| "
-                          f"{self.done}/{self.total} {rate:.2f} it/s")
+                          f"{self.done}/{self.total} {self.rate_text()}")
         if self.done == self.total:
             self.stream.write("\n")
         self.stream.flush()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoints.loading import default_dtype, default_vae_dtype, load_checkpoint
+from ..checkpoints.loading import check_checkpoint, default_dtype, default_vae_dtype, load_checkpoint
 from ..checkpoints.errors import CheckpointError
 from ..conditioning import ConditioningMismatch
 from ..dtypes import DTYPES_BY_NAME
-from ..checkpoints.lora import apply_lora
+from ..checkpoints.lora import apply_lora, check_lora_file
 from ..pipeline import GenerationRequest, GenerationResult, ImageToImageRequest, generate, image_to_image
 from .progress import ProgressBar
+from ..runtime.atomic_write import atomic_write, check_writable, describe_os_error
 from ..runtime.residency import ResidencyError, ResidencyPlan
 from ..sampling.samplers import SamplingCancelled
 
@@ -46,24 +47,43 @@ def _png_text(request: GenerationRequest | ImageToImageRequest, details: str, so
     return {"parameters": summary, "sdxl_core": json.dumps({**request.parameters(), **sources}, sort_keys=True)}
 
 
+class OutputError(ValueError):
+    """An output file could not be written (a full disk, a folder that turned read-only); nothing was left."""
+
+
 def save_png(images: torch.Tensor, path: Path, text: dict[str, str]) -> list[Path]:
-    """Write IMAGE [B, H, W, 3] as PNGs with text chunks; uint8 by truncation as ComfyUI's SaveImage does. Each file
-    is written under a temporary name and renamed, so an interrupted run leaves no half-written PNG."""
+    """Write IMAGE [B, H, W, 3] as PNGs with text chunks; uint8 by truncation as ComfyUI's SaveImage does.
+
+    All or nothing: every image is written to a temporary file first and the files get their names only once all
+    of them are complete, so an interruption or a full disk leaves neither a half-written PNG nor half a batch.
+    """
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for key, value in text.items():
         info.add_text(key, value)
-    written = []
-    for index, image in enumerate(images):
-        target = path if index == 0 else path.with_name(f"{path.stem}_{index}{path.suffix}")
-        pixels = np.clip(255.0 * image.numpy(), 0, 255).astype(np.uint8)
-        partial = target.with_name(target.name + ".partial")
-        Image.fromarray(pixels).save(partial, format="PNG", pnginfo=info)
-        os.replace(partial, target)
-        written.append(target)
-    return written
+    targets = [path if index == 0 else path.with_name(f"{path.stem}_{index}{path.suffix}")
+               for index in range(len(images))]
+    try:
+        with contextlib.ExitStack() as files:
+            for image, target in zip(images, targets):
+                pixels = np.clip(255.0 * image.numpy(), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(files.enter_context(atomic_write(target)), format="PNG", pnginfo=info)
+    except OSError as error:
+        raise OutputError(f"could not write {path} ({describe_os_error(error)}); nothing was written. Free some "
+                          "space or choose another --out") from None
+    return targets
+
+
+def check_output(path: Path) -> None:
+    """Refuse, before any work, an --out that is not a .png file the run could create."""
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out must name a .png file, got {path}")
+    try:
+        check_writable(path)
+    except ValueError as error:
+        raise ValueError(f"--out {path}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -104,31 +124,46 @@ def _setup(args: argparse.Namespace) -> _Setup:
     return _Setup(device, dtype, residency)
 
 
-def _run(args: argparse.Namespace, total_steps: int,
-         produce: Callable[[_Setup, ProgressBar], tuple[GenerationResult, dict[str, str]]]) -> int:
-    """Check --out, run `produce` (load, sample, decode) with the errors every command reports as sentences, and
-    write the PNGs only once everything succeeded."""
-    if args.out.suffix.lower() != ".png":
-        print(f"error: --out must name a .png file, got {args.out}", file=sys.stderr)
-        return 2
-    if not args.out.parent.exists():
-        print(f"error: the folder {args.out.parent} does not exist", file=sys.stderr)
-        return 2
-    try:
-        result, text = produce(_setup(args), ProgressBar(total=total_steps))
-    except (CheckpointError, ConditioningMismatch, ValueError, FloatingPointError, ResidencyError) as error:
-        print(f"\nerror: {error}", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError as error:
+def _report(error: BaseException, args: argparse.Namespace) -> int:
+    """Print a refusal as the one-line `error: ...` sentence every command uses; the exit status to return."""
+    if isinstance(error, (KeyboardInterrupt, SamplingCancelled)):
+        print("\ncancelled; nothing was written", file=sys.stderr)
+        return 130
+    if isinstance(error, torch.OutOfMemoryError):
         hint = "" if getattr(args, "low_vram", False) else "; --low-vram keeps one network at a time on the GPU"
         print(f"\nerror: the device ran out of memory ({str(error).splitlines()[0]}){hint}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, SamplingCancelled):
-        print("\ncancelled; nothing was written", file=sys.stderr)
-        return 130
-    for path in save_png(result.images, args.out, text):
+    if isinstance(error, OSError):
+        where = f" {error.filename}" if getattr(error, "filename", None) else ""
+        print(f"\nerror: could not read or write{where}: {describe_os_error(error)}", file=sys.stderr)
+        return 2
+    print(f"\nerror: {error}", file=sys.stderr)
+    return 2
+
+
+# What a user can cause, each reported as a sentence; anything else is an internal error (sdxl_core/app/cli.py).
+USER_ERRORS = (CheckpointError, ConditioningMismatch, ValueError, FloatingPointError, ResidencyError,
+               torch.OutOfMemoryError, OSError, KeyboardInterrupt, SamplingCancelled)
+
+
+def _run(args: argparse.Namespace, total_steps: int,
+         produce: Callable[[_Setup, ProgressBar], tuple[GenerationResult, dict[str, str]]]) -> int:
+    """Check --out, run `produce` (check the files, load, sample, decode) with the errors every command reports as
+    sentences, and write the PNGs only once everything succeeded."""
+    try:
+        check_output(args.out)
+        result, text = produce(_setup(args), ProgressBar(total=total_steps))
+        written = save_png(result.images, args.out, text)
+    except USER_ERRORS as error:
+        return _report(error, args)
+    for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _check_lora_files(args: argparse.Namespace) -> None:
+    for path, _, _ in args.lora or ():
+        check_lora_file(path)
 
 
 def _embedding_sources(args: argparse.Namespace) -> list[str] | None:
@@ -138,8 +173,17 @@ def _embedding_sources(args: argparse.Namespace) -> list[str] | None:
 def _run_text_to_image(request: GenerationRequest, base_path: Path, refiner_path: Path | None,
                        vae_path: Path | None, args: argparse.Namespace) -> int:
     def produce(setup: _Setup, bar: ProgressBar):
-        base = setup.load(base_path, vae_path, "base", args.lora or ())
-        refiner = setup.load(refiner_path, vae_path, "refiner") if refiner_path is not None else None
+        # Every header first: a bad refiner or LoRA is refused before the base spends a minute loading.
+        check_checkpoint(base_path, expect="base", vae_path=vae_path)
+        if refiner_path is not None:
+            check_checkpoint(refiner_path, expect="refiner", vae_path=vae_path)
+        _check_lora_files(args)
+        with bar.loading(f"base {base_path.name}"):
+            base = setup.load(base_path, vae_path, "base", args.lora or ())
+        refiner = None
+        if refiner_path is not None:
+            with bar.loading(f"refiner {refiner_path.name}"):
+                refiner = setup.load(refiner_path, vae_path, "refiner")
         result = generate(base, refiner, request, on_step=bar.advance, residency=setup.residency,
                           embeddings=args.embeddings)
         sources = {"base": str(base_path), "refiner": str(refiner_path) if refiner_path else None,
@@ -172,7 +216,10 @@ def read_image(path: Path) -> torch.Tensor:
 def run_img2img(request: ImageToImageRequest, args: argparse.Namespace) -> int:
     def produce(setup: _Setup, bar: ProgressBar):
         images = read_image(args.image)
-        model = setup.load(args.model, args.vae, None, args.lora or ())
+        check_checkpoint(args.model, vae_path=args.vae)
+        _check_lora_files(args)
+        with bar.loading(args.model.name):
+            model = setup.load(args.model, args.vae, None, args.lora or ())
         result = image_to_image(model, images, request, on_step=bar.advance, residency=setup.residency,
                                 embeddings=args.embeddings)
         sources = {"model": str(args.model), "model_kind": model.kind, "image": str(args.image),
@@ -191,6 +238,10 @@ def run_generate(request: GenerationRequest, args: argparse.Namespace) -> int:
 def run_demo(request: GenerationRequest, args: argparse.Namespace) -> int:
     from .demo import demo_checkpoints
 
-    paths = demo_checkpoints()
+    try:
+        check_output(args.out)  # before the first run writes the demo's cache
+        paths = demo_checkpoints()
+    except USER_ERRORS as error:
+        return _report(error, args)
     print(f"demo: tiny random-weight SDXL base and refiner from {paths['base'].parent}", file=sys.stderr)
     return _run_text_to_image(request, paths["base"], paths["refiner"], None, args)

@@ -211,8 +211,8 @@ def read_diffusers_folder(folder: Path) -> tuple[dict[str, LazyTensor], dict[str
             what = {768: "SD 1.x", 1024: "SD 2.x"}.get(width, "a single-text-encoder model")
         else:
             what = "not an SDXL pipeline"
-        raise WrongArchitectureError(f"{folder.name} is a diffusers folder for {class_name} ({what}); these nodes run "
-                                     "SDXL, whose folders have unet/ and text_encoder_2/")
+        raise WrongArchitectureError(f"{folder.name} is a diffusers folder for {class_name} ({what}); this project "
+                                     "runs SDXL, whose folders have unet/ and text_encoder_2/")
     kind = "base" if "text_encoder" in parts else "refiner"
     tensors: dict[str, LazyTensor] = {}
     used: list[Path] = []

@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from ..runtime.atomic_write import atomic_write
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, UnsafeFormatError,
                                 UnsupportedFormatError)
 
@@ -80,11 +81,11 @@ def sniff_format(path: Path) -> str:
         kind = "zip archive of pickles (torch.save)" if head.startswith(b"PK") else "pickle stream"
         raise UnsafeFormatError(
             f"{path.name} is a PyTorch pickle checkpoint ({kind}, the .ckpt/.pt/.bin format). Unpickling can run "
-            "arbitrary code hidden in the file, so these nodes load only .safetensors files. Download the "
+            "arbitrary code hidden in the file, so this project loads only .safetensors files. Download the "
             ".safetensors release of this model, or convert the file with a tool you trust.")
     if head.startswith(b"GGUF"):
-        raise UnsupportedFormatError(f"{path.name} is a GGUF (quantized) file; these nodes load SDXL .safetensors "
-                                     "checkpoints only: download the .safetensors release of this model")
+        raise UnsupportedFormatError(f"{path.name} is a GGUF (quantized) file; this project loads SDXL "
+                                     ".safetensors checkpoints only: download the .safetensors release of this model")
     if head.startswith(b"version https://git-lfs"):
         raise UnsupportedFormatError(f"{path.name} is a Git LFS pointer ({size} bytes), not the model itself: "
                                      "fetch the real file (git lfs pull) or download it directly")
@@ -97,7 +98,7 @@ def sniff_format(path: Path) -> str:
         raise CorruptCheckpointError(f"{path.name} is only {size} bytes: too short for a safetensors header "
                                      "(a truncated file?)")
     raise UnsupportedFormatError(f"{path.name} is not a safetensors file (it starts with bytes {head[:12].hex()}); "
-                                 "these nodes load SDXL .safetensors checkpoints and diffusers folders")
+                                 "this project loads SDXL .safetensors checkpoints and diffusers folders")
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ def read_sharded(folder: Path, candidates: tuple[str, ...], what: str) -> tuple[
     if pickles:
         raise UnsafeFormatError(
             f"{folder} holds only pickle weights ({', '.join(pickles)}) for the {what}. Unpickling can run arbitrary "
-            "code, so these nodes load only .safetensors; download the safetensors files of this model.")
+            "code, so this project loads only .safetensors; download the safetensors files of this model.")
     raise CheckpointNotFoundError(f"{folder}: no weights for the {what} (looked for "
                                   f"{', '.join(candidates)} and their .index.json)")
 
@@ -274,8 +275,7 @@ def write_safetensors(path: Path | str, tensors: Mapping[str, LazyTensor], metad
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-byte aligned, as safetensors itself does
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as handle:
+    with atomic_write(path) as handle:  # never a half-written file under the real name
         handle.write(struct.pack("<Q", len(raw)))
         handle.write(raw)
         for name in names:
@@ -288,4 +288,3 @@ def write_safetensors(path: Path | str, tensors: Mapping[str, LazyTensor], metad
             if data.numel():
                 handle.write(memoryview(data.view(torch.uint8).numpy()))
             del tensor, data
-    os.replace(partial, path)  # never leave a half-written file under the real name

@@ -37,8 +37,8 @@ from ..config import CLIP_CONTEXT_LENGTH, SDXLConfig, VAEConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_vae", "save_checkpoint", "inspect_checkpoint", "inspect_vae",
-           "default_dtype", "default_vae_dtype"]
+__all__ = ["CheckpointError", "check_checkpoint", "load_checkpoint", "load_vae", "save_checkpoint",
+           "inspect_checkpoint", "inspect_vae", "default_dtype", "default_vae_dtype"]
 
 # open_clip's initial contrastive temperature, ln(1/0.07). SDXL files carry a `logit_scale` that text encoding never
 # reads; we write this value so saved files have the published key set.
@@ -66,10 +66,10 @@ def refuse_unless_sdxl(source: CheckpointSource, expect: str | None = None) -> s
     found: Identification = source.identification
     name = source.path.name
     if found.kind in ("sd1", "sd2", "sd3", "flux", "cascade"):
-        raise WrongArchitectureError(f"{name} is {found.description}; these nodes run SDXL (base and refiner). "
+        raise WrongArchitectureError(f"{name} is {found.description}; this project runs SDXL (base and refiner). "
                                      "Load it with a loader for its own model family.")
     if found.kind == "sdxl-other-schedule":
-        raise WrongArchitectureError(f"{name} is {found.description}; these nodes sample SDXL's eps-prediction "
+        raise WrongArchitectureError(f"{name} is {found.description}; this project samples SDXL's eps-prediction "
                                      "schedule, which would turn this model's output into noise or washed-out "
                                      "images. Use ComfyUI's own checkpoint loader for it.")
     if found.kind == "sdxl-vae":
@@ -157,7 +157,7 @@ def _raise_if_invalid(report: ValidationReport, name: str, what: str) -> None:
         lines = "\n  ".join(report.problems())
         raise StateDictMismatchError(f"{name} does not match the {what} that its shapes describe:\n  {lines}\n"
                                      "If the file is damaged (an interrupted download or copy), download it again; "
-                                     f"a modified {what} with other layers cannot be loaded by these nodes",
+                                     f"a modified {what} with other layers cannot be loaded by this project",
                                      report=report)
 
 
@@ -174,12 +174,12 @@ def _plan(source: CheckpointSource, expect: str | None, vae_config: VAEConfig | 
         config = infer_config(source.shapes, source.hints, vae=vae_config)
     except StateDictMismatchError as error:
         raise StateDictMismatchError(f"{source.path.name}: {error}. The file is incomplete or damaged (download it "
-                                     "again) or a modified SDXL variant these nodes cannot run") from None
+                                     "again) or a modified SDXL variant this project cannot run") from None
     if config.unet.in_channels != _SDXL_LATENT_CHANNELS or config.vae.latent_channels != _SDXL_LATENT_CHANNELS:
         raise WrongArchitectureError(
             f"{source.path.name} is an SDXL variant with a {config.unet.in_channels}-channel UNet input and a "
-            f"{config.vae.latent_channels}-channel VAE (e.g. an inpainting model); these nodes run the 4-channel "
-            "text-to-image base and refiner")
+            f"{config.vae.latent_channels}-channel VAE (e.g. an inpainting model); this project runs the "
+            "4-channel text-to-image base and refiner")
     prefixes = component_prefixes(kind)
     if vae_config is not None:  # the separate VAE replaces the checkpoint's: those keys are neither needed nor read
         prefixes = {name: prefix for name, prefix in prefixes.items() if name != "vae"}
@@ -195,6 +195,16 @@ def inspect_checkpoint(path: Path | str | CheckpointSource, *, expect: str | Non
     source = path if isinstance(path, CheckpointSource) else open_source(path)
     config, _, report = _plan(source, expect, vae_config)
     return source, config, report
+
+
+def check_checkpoint(path: Path | str, *, expect: str | None = None, vae_path: Path | str | None = None) -> None:
+    """Everything `load_checkpoint` checks before it reads tensor data, without building or reading anything: lets
+    a caller that loads several files (base, refiner, VAE) refuse a bad one before the first of them loads."""
+    vae_plan = inspect_vae(vae_path) if vae_path is not None else None
+    if vae_plan is not None:
+        _raise_if_invalid(vae_plan[2], vae_plan[0].path.name, "SDXL VAE")
+    source, config, report = inspect_checkpoint(path, expect=expect, vae_config=vae_plan[1] if vae_plan else None)
+    _raise_if_invalid(report, source.path.name, f"SDXL {config.kind} checkpoint")
 
 
 def load_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
@@ -283,6 +293,7 @@ def save_checkpoint(model, path: Path | str, dtype: torch.dtype | None = None) -
 
     `dtype` casts every floating tensor (None keeps each one's dtype). The file's metadata records the facts that
     shapes cannot carry (head counts, GroupNorm groups), so `load_checkpoint` rebuilds exactly `model.config`.
+    The file appears whole or not at all (sdxl_core/runtime/atomic_write.py), even when the write is interrupted.
     """
     if dtype is not None:
         _check_dtype(dtype, "dtype")

@@ -182,17 +182,23 @@ def _show(names, limit: int = 4, quote: bool = True) -> str:
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
-def read_lora_file(path: Path | str) -> dict[str, torch.Tensor]:
-    """All tensors of a LoRA .safetensors file; refuses, in a sentence, a file that is a checkpoint instead."""
+def check_lora_file(path: Path | str):
+    """The header of a LoRA .safetensors file, read without its tensor data; refuses, in a sentence, a file that is
+    a checkpoint instead (and, through `read_header`, pickles, truncated and damaged files)."""
     path = Path(path)
-    header = read_header(path)  # refuses pickles, truncated and damaged files with their own sentences
+    header = read_header(path)
     shapes = {name: lazy.shape for name, lazy in header.tensors.items()}
     if not any(_role(key) for key in shapes) and not _foreign_kind(shapes):
         found = identify(shapes)
         raise LoRAError(f"{path.name} is {found.description}, not a LoRA: load checkpoints with the SDXL checkpoint "
                         "loader and put LoRA files (with lora_down/lora_up or lora_A/lora_B tensors) in "
                         "models/loras")
-    return {name: lazy.read() for name, lazy in header.tensors.items()}
+    return header
+
+
+def read_lora_file(path: Path | str) -> dict[str, torch.Tensor]:
+    """All tensors of a LoRA .safetensors file; refuses, in a sentence, a file that is a checkpoint instead."""
+    return {name: lazy.read() for name, lazy in check_lora_file(path).tensors.items()}
 
 
 def _foreign_kind(keys) -> str | None:

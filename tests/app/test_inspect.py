@@ -43,7 +43,7 @@ def test_describe_a_loadable_checkpoint(tiny):
 def test_describe_refusals_never_raise(tiny, tmp_path):
     _, files = tiny
     sd15 = describe(files["sd15"])
-    assert not sd15.loadable and sd15.kind == "sd1" and "these nodes run SDXL" in sd15.problems[0]
+    assert not sd15.loadable and sd15.kind == "sd1" and "this project runs SDXL" in sd15.problems[0]
     pickle = describe(files["pickle"])
     assert not pickle.loadable and "pickle" in pickle.problems[0]
     cut = describe(write_truncated(files["base"], tmp_path / "cut.safetensors"))

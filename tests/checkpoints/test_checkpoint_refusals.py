@@ -89,7 +89,7 @@ def test_missing_path(tmp_path):
 
 def test_sd15_checkpoint(tmp_path):
     message = _refused(WrongArchitectureError, "SD 1.x checkpoint", write_sd15_like(tmp_path / "v1-5.safetensors"))
-    assert "768-wide cross-attention" in message and "these nodes run SDXL" in message
+    assert "768-wide cross-attention" in message and "this project runs SDXL" in message
 
 
 def test_sd2_checkpoint(tmp_path):

@@ -18,6 +18,7 @@ from sdxl_core.checkpoints.lora import LoRAError, apply_lora, merged_weight, une
 from sdxl_core.text.openclip_conversion import openclip_to_transformers
 from sdxl_core.models.timestep_embedding import timestep_embedding
 
+from tests._comfyui_reference import comfyui_imports_or_skip
 from tests._lora_files import RANK, adaptable_layers, kohya_lora, lora_delta, lora_pair, text_modules
 
 
@@ -432,7 +433,12 @@ def _comfy_lora():
         # On sys.path only while importing: the checkout has its own `tests` package, which would shadow ours.
         saved_path = list(sys.path)
         sys.path.insert(0, path)
-        import comfy.cli_args
+        try:
+            with comfyui_imports_or_skip("ComfyUI's LoRA code"):
+                import comfy.cli_args
+        except BaseException:
+            sys.path[:] = saved_path
+            raise
 
         if "comfy.model_management" not in sys.modules:
             comfy.cli_args.args.cpu = True
@@ -452,7 +458,8 @@ def _comfy_lora():
             sys.modules["comfy.model_base"] = stand_in
             comfy.model_base = stand_in  # comfy.lora reads it as an attribute of the package
         try:
-            import comfy.lora  # noqa: F401
+            with comfyui_imports_or_skip("ComfyUI's LoRA code"):
+                import comfy.lora  # noqa: F401
         finally:
             sys.path[:] = saved_path
             if stood_in:

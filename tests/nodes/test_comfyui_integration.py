@@ -366,6 +366,25 @@ def test_validation_errors_are_node_errors_with_sentences(server):
         client.queue(server["url"], prompt)
 
 
+@pytest.mark.parametrize("setting", ["7.cfg", "11.cfg", "7.denoise", "11.denoise", "10.aesthetic_score",
+                                     "20.strength_model", "20.strength_clip"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_floats_are_refused_when_queued(server, setting, value):
+    """NaN passes ComfyUI's own `<`/`>` range checks; each FLOAT input of the pack refuses it (and infinities) at
+    queue time, before any node runs, and nothing is written."""
+    prompt = _example("sdxl_two_stage_txt2img", **{"3.resolution": "custom", "3.width": W, "3.height": H})
+    prompt["20"] = {"class_type": "SDXLTwoStage.LoraLoader",
+                    "inputs": {"model": ["1", 0], "lora_name": LORA, "strength_model": 0.8, "strength_clip": 0.6}}
+    prompt["7"]["inputs"]["model"] = ["20", 0]
+    node_id, name = setting.split(".")
+    prompt[node_id]["inputs"][name] = value
+    outputs = sorted((server["root"] / "output").rglob("*"))
+    with pytest.raises(client.WorkflowError, match=rf"node {node_id} .*{name} must be a finite number"):
+        client.queue(server["url"], prompt)
+    assert sorted((server["root"] / "output").rglob("*")) == outputs
+    assert _get(server, "/queue")["queue_pending"] == []
+
+
 def test_wiring_mistakes_fail_with_a_sentence_at_run_time(server):
     prompt = _example("sdxl_two_stage_txt2img", **{
         "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
