@@ -1,4 +1,4 @@
-"""The command line: `python -m sdxl_core {generate,img2img,demo,inspect}`."""
+"""The command line: `python -m sdxl_core {generate,img2img,demo,inspect,batch}`."""
 
 from __future__ import annotations
 
@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_arguments(demo, with_models=False)
     inspect = commands.add_parser("inspect", help="say what a checkpoint file is, from its header")
     add_inspect_arguments(inspect)
+    from .batch import add_batch_arguments
+
+    batch = commands.add_parser("batch", help="many generate runs from a JSON-lines file, resumable, locally or "
+                                              "on a Ray cluster (docs/batch.md)")
+    add_batch_arguments(batch)
     return parser
 
 
@@ -231,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         from .inspect import run_inspect
 
         return run_inspect(args)
+    if args.command == "batch":
+        from .batch import run_batch
+
+        return run_batch(args)
     from ..pipeline import DEFAULTS
     from .runner import run_demo, run_generate, run_img2img
 
