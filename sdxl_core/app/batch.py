@@ -147,7 +147,9 @@ def _run_locally(jobs: list[Job], settings: RunSettings) -> Iterator[JobOutcome]
         yield runner.run(job)
 
 
-def run_batch(args: argparse.Namespace) -> int:
+def run_batch(args: argparse.Namespace, *, ray_worker: type | None = None) -> int:
+    """The batch command; `ray_worker`: the Ray actor class, when not batch_ray.BatchWorker (fault-injection
+    tests subclass it)."""
     if not args.jobs.is_file():
         print(f"error: the jobs file {args.jobs} does not exist", file=sys.stderr)
         return 2
@@ -169,8 +171,8 @@ def run_batch(args: argparse.Namespace) -> int:
             from .batch_ray import RayOptions, run_on_ray
 
             address = None if args.ray == LOCAL_CLUSTER else args.ray
-            outcomes = run_on_ray(pending, settings, RayOptions(address, args.workers, args.cpus_per_worker,
-                                                                args.gpus_per_worker))
+            options = RayOptions(address, args.workers, args.cpus_per_worker, args.gpus_per_worker)
+            outcomes = run_on_ray(pending, settings, options, ray_worker)
         else:
             outcomes = _run_locally(pending, settings)
         return _collect(outcomes, pending, args.out, manifest, counts)

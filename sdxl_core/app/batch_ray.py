@@ -136,8 +136,9 @@ def _images(data: bytes) -> torch.Tensor:
 
 
 def run_on_ray(jobs: list[Job], settings: RunSettings, options: RayOptions,
-               worker_class: type[BatchWorker] = BatchWorker) -> Iterator[JobOutcome]:
-    """The jobs' outcomes as the actors finish them (in no fixed order); `jobs` come grouped by model set."""
+               worker_class: type[BatchWorker] | None = None) -> Iterator[JobOutcome]:
+    """The jobs' outcomes as the actors finish them (in no fixed order); `jobs` come grouped by model set.
+    `worker_class`: the actor, BatchWorker unless a test injects a subclass."""
     if not jobs:
         return
     ray = import_ray()
@@ -154,7 +155,7 @@ def run_on_ray(jobs: list[Job], settings: RunSettings, options: RayOptions,
         rows = rows_of_jobs(jobs, shape.workers)
         dataset = ray.data.from_items([{"jobs": pickle.dumps(row)} for row in rows], override_num_blocks=len(rows))
         results = dataset.map_batches(
-            worker_class, fn_constructor_kwargs={"settings": settings, "cpus": shape.cpus_per_worker},
+            worker_class or BatchWorker, fn_constructor_kwargs={"settings": settings, "cpus": shape.cpus_per_worker},
             batch_size=1, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=min(shape.workers, len(rows))),
             num_cpus=shape.cpus_per_worker, num_gpus=shape.gpus_per_worker or None)
