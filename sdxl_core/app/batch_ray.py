@@ -118,6 +118,7 @@ class BatchWorker:
             "name": pa.array([outcome.job.name for outcome in outcomes], type=pa.string()),
             "error": pa.array([outcome.error for outcome in outcomes], type=pa.string()),
             "seconds": pa.array([outcome.seconds for outcome in outcomes], type=pa.float64()),
+            "started_at": pa.array([outcome.started_at for outcome in outcomes], type=pa.float64()),
             "images": pa.array([_array_bytes(outcome.images) for outcome in outcomes], type=pa.binary()),
             "worker": pa.array([self._name] * len(outcomes), type=pa.string()),
         })
@@ -163,7 +164,7 @@ def run_on_ray(jobs: list[Job], settings: RunSettings, options: RayOptions,
         try:
             for row in results.iter_rows():
                 images = _images(row["images"]) if row["error"] is None else None
-                yield JobOutcome(by_name[row["name"]], images, row["error"], row["seconds"])
+                yield JobOutcome(by_name[row["name"]], images, row["error"], row["seconds"], row["started_at"])
         except ray.exceptions.RayError as error:
             raise RuntimeError(f"the Ray run stopped: {str(error).splitlines()[0]}; the images written so far are "
                                "kept and a rerun skips them") from error

@@ -45,7 +45,8 @@ class JobOutcome:
     job: Job
     images: torch.Tensor | None  # [B, H, W, 3] in 0..1, or None when the job failed
     error: str | None
-    seconds: float
+    seconds: float  # loading (when this job loaded the checkpoints) and sampling
+    started_at: float  # wall-clock time.time() the job started, for the benchmark's overhead accounting
 
 
 class JobRunner:
@@ -76,7 +77,7 @@ class JobRunner:
             del self._loaded[key]
 
     def run(self, job: Job) -> JobOutcome:
-        started = time.perf_counter()
+        started_at, started = time.time(), time.perf_counter()
         try:
             self._use(job.models)
             base = self._model("base", job.models.base, job.models)
@@ -84,5 +85,5 @@ class JobRunner:
             result = generate(base, refiner, job.request, residency=self._setup.residency,
                               embeddings=list(job.embeddings) or None)
         except Exception as error:  # one job's failure is recorded; the batch goes on with the others
-            return JobOutcome(job, None, job_error_text(error), time.perf_counter() - started)
-        return JobOutcome(job, result.images, None, time.perf_counter() - started)
+            return JobOutcome(job, None, job_error_text(error), time.perf_counter() - started, started_at)
+        return JobOutcome(job, result.images, None, time.perf_counter() - started, started_at)
