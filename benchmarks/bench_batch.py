@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -57,6 +58,7 @@ def _measure(outcomes, out: Path, workers: int) -> dict:
     count = len(job_seconds)
     return {"wall_s": wall_s, "jobs_per_s": count / wall_s, "start_s": start_s,
             "jobs_per_s_after_start": count / (wall_s - start_s), "job_s": sum(job_seconds) / count,
+            "median_job_s": statistics.median(job_seconds),  # without the first jobs' checkpoint loads
             # the workers' job seconds overlap: each worker's share of the wall time is theirs over the workers
             "overhead_s_per_job": (wall_s - start_s - sum(job_seconds) / workers) / count}
 
@@ -88,15 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=2 * args.threads, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     ray_start = time.perf_counter() - started
-    modes = {"local": lambda: _run_locally(jobs, settings),  # (name: how to get the outcomes, workers)
-             "ray, 1 worker": lambda: run_on_ray(jobs, settings, RayOptions(workers=1, cpus_per_worker=args.threads)),
-             "ray, 2 workers": lambda: run_on_ray(jobs, settings, RayOptions(workers=2,
-                                                                             cpus_per_worker=args.threads))}
+    def on_ray(workers: int):
+        return lambda: run_on_ray(jobs, settings, RayOptions(workers=workers, cpus_per_worker=args.threads))
+
+    # name: (how to get the outcomes, how many workers run jobs at once)
+    modes = {"local": (lambda: _run_locally(jobs, settings), 1), "ray, 1 worker": (on_ray(1), 1),
+             "ray, 2 workers": (on_ray(2), 2)}
     figures: dict = {"jobs": args.jobs, "size": args.size, "steps": args.steps, "threads": args.threads,
                      "device": args.device, "ray_start_s": ray_start, "modes": {}}
     try:
-        for index, (mode, outcomes) in enumerate(modes.items()):
-            workers = 2 if "2 workers" in mode else 1
+        for index, (mode, (outcomes, workers)) in enumerate(modes.items()):
             figures["modes"][mode] = measured = _measure(outcomes(), work / f"out_{index}", workers)
             print(f"{mode}: {measured}", file=sys.stderr)
     finally:
@@ -105,15 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     local = figures["modes"]["local"]
     print(f"\n{args.jobs} jobs of {args.size}x{args.size}, {args.steps} steps, {args.threads} thread(s) a worker, "
           f"{args.device}; local Ray start-up {ray_start:.1f} s (not in the figures)")
-    print("| mode | wall s | jobs/s | × local | start s | jobs/s after start | × local | s per job in a worker | "
-          "overhead s per job |")
+    print("| mode | wall s | jobs/s | × local | start s | jobs/s after start | × local | s per job in a worker "
+          "(median) | overhead s per job |")
     print("|---|---|---|---|---|---|---|---|---|")
     for mode, measured in figures["modes"].items():
         print(f"| {mode} | {measured['wall_s']:.1f} | {measured['jobs_per_s']:.3f} | "
               f"{measured['jobs_per_s'] / local['jobs_per_s']:.2f} | {measured['start_s']:.1f} | "
               f"{measured['jobs_per_s_after_start']:.3f} | "
               f"{measured['jobs_per_s_after_start'] / local['jobs_per_s_after_start']:.2f} | "
-              f"{measured['job_s']:.3f} | {measured['overhead_s_per_job']:.3f} |")
+              f"{measured['job_s']:.3f} ({measured['median_job_s']:.3f}) | {measured['overhead_s_per_job']:.3f} |")
     figures["ray_overhead_s_per_job"] = (figures["modes"]["ray, 1 worker"]["overhead_s_per_job"]
                                          - local["overhead_s_per_job"])
     print(f"Ray path's per-job overhead (1 worker against local): {figures['ray_overhead_s_per_job']:.3f} s")

@@ -173,8 +173,10 @@ class JobReader:
                 raise JobError(f"no {key} for this job: give {key!r} on the line or {option} on the command line")
         args = argparse.Namespace(**{**self._full_defaults, **settings})
         request = _request_from_args(args, self._parser, DEFAULTS.full)
-        models = ModelSet(base=args.base, refiner=args.refiner, vae=args.vae, loras=tuple(args.lora or ()))
-        embeddings = tuple(args.embeddings or ())
+        # Absolute paths: a Ray worker on another node (or in another folder) opens the same files.
+        models = ModelSet(base=_absolute(args.base), refiner=_absolute(args.refiner), vae=_absolute(args.vae),
+                          loras=tuple((_absolute(path), model, clip) for path, model, clip in args.lora or ()))
+        embeddings = tuple(_absolute(folder) for folder in args.embeddings or ())
         return Job(line=number, request=request, models=models, embeddings=embeddings,
                    name=self._name(request, models, embeddings))
 
@@ -182,7 +184,7 @@ class JobReader:
         """A file name that changes whenever anything that shapes the pixels does: a readable start from the prompt
         and a hash of the settings, the files (as absolute paths) and the precision."""
         def absolute(path: Path | None) -> str | None:
-            return str(path.resolve()) if path is not None else None
+            return str(path.resolve()) if path is not None else None  # links resolved: one file, one name
 
         content = {"recipe": _NAME_RECIPE, "request": request.parameters(), "base": absolute(models.base),
                    "refiner": absolute(models.refiner), "vae": absolute(models.vae),
@@ -191,6 +193,10 @@ class JobReader:
         digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
         words = re.sub(r"[^a-z0-9]+", "-", request.prompt.lower()).strip("-")[:40].rstrip("-")
         return f"{words or 'image'}-{digest}.png"
+
+
+def _absolute(path: Path | None) -> Path | None:
+    return path.absolute() if path is not None else None
 
 
 def _is_lora_list(value: list) -> bool:

@@ -8,7 +8,7 @@ from typing import TextIO
 
 
 class ProgressBar:
-    """One bar over the whole run: `advance()` once per UNet step of either stage."""
+    """One bar over the whole run: `advance()` once per unit (a UNet step of either stage; a job of a batch)."""
 
     def __init__(self, total: int, label: str = "sampling", stream: TextIO | None = None, width: int = 30,
                  unit: str = "it"):
