@@ -1,4 +1,4 @@
-"""The command line: `python -m sdxl_core {generate,img2img,demo,inspect}`."""
+"""The command line: `python -m sdxl_core {generate,img2img,demo,inspect,batch}`."""
 
 from __future__ import annotations
 
@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_arguments(demo, with_models=False)
     inspect = commands.add_parser("inspect", help="say what a checkpoint file is, from its header")
     add_inspect_arguments(inspect)
+    from .batch import add_batch_arguments
+
+    batch = commands.add_parser("batch", help="many generate runs from a JSON-lines file, resumable, locally or "
+                                              "on a Ray cluster (docs/batch.md)")
+    add_batch_arguments(batch)
     # A value refused after parsing is reported with its own subcommand's usage line, not the top-level one.
     parser.subcommand_parsers = dict(commands.choices)
     return parser
@@ -250,6 +255,10 @@ def _run_command(argv: Sequence[str] | None) -> int:
         from .inspect import run_inspect
 
         return run_inspect(args)
+    if args.command == "batch":
+        from .batch import run_batch
+
+        return run_batch(args)
     from . import defaults
     from .runner import run_demo, run_generate, run_img2img
 

@@ -11,16 +11,17 @@ from typing import TextIO
 
 
 class ProgressBar:
-    """One bar over the whole run: `advance()` once per UNet step of either stage.
+    """One bar over the whole run: `advance()` once per unit (a UNet step of either stage; a job of a batch).
 
     The speed is measured from `start_sampling()` (the end of the last `loading` phase when it was not called), so
     loading a checkpoint for a minute does not make the first steps look slow.
     """
 
     def __init__(self, total: int, label: str = "sampling", stream: TextIO | None = None, width: int = 30,
-                 clock=time.perf_counter):
+                 clock=time.perf_counter, unit: str = "it"):
         self.total = max(total, 1)
         self.label = label
+        self.unit = unit
         self.stream = stream if stream is not None else sys.stderr
         self.width = width
         self.done = 0
@@ -47,12 +48,15 @@ class ProgressBar:
         self.started = self._clock()
 
     def rate_text(self) -> str:
-        """Steps per second, or seconds per step when a step takes longer than a second (a CPU at full size)."""
+        """Units per second, or seconds per unit when one takes longer than a second (a CPU at full size), and the
+        time left at that speed."""
         elapsed = self._clock() - self.started
         if self.done == 0 or elapsed <= 0:
-            return "-- it/s"
+            return f"-- {self.unit}/s"
         rate = self.done / elapsed
-        return f"{rate:.2f} it/s" if rate >= 1 else f"{1 / rate:.2f} s/it"
+        speed = f"{rate:.2f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.2f} s/{self.unit}"
+        eta = f" ETA {_hms((self.total - self.done) / rate)}" if self.done < self.total else ""
+        return speed + eta
 
     def advance(self, stage: str | None = None) -> None:
         if self.done == self.total:
@@ -65,3 +69,9 @@ class ProgressBar:
         if self.done == self.total:
             self.stream.write("\n")
         self.stream.flush()
+
+
+def _hms(seconds: float) -> str:
+    """Seconds as H:MM:SS."""
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"

@@ -29,7 +29,7 @@ def test_speed_counts_sampling_only_and_loading_is_its_own_phase():
     assert stream.getvalue() == "loading base tiny.safetensors ... 60.0 s\n"
     clock.now += 0.5
     bar.advance("base")
-    assert stream.getvalue().endswith("1/2 2.00 it/s")
+    assert stream.getvalue().endswith("1/2 2.00 it/s ETA 0:00:00")
     clock.now += 0.5
     bar.advance("refiner")
     assert stream.getvalue().endswith("2/2 2.00 it/s\n")
@@ -40,7 +40,7 @@ def test_slow_steps_are_shown_as_seconds_per_step():
     bar = ProgressBar(total=4, stream=stream, clock=clock)
     clock.now += 8.0
     bar.advance()
-    assert stream.getvalue().endswith("1/4 8.00 s/it")
+    assert stream.getvalue().endswith("1/4 8.00 s/it ETA 0:00:24")
 
 
 def test_a_failed_load_ends_its_line():
