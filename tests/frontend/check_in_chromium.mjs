@@ -4,7 +4,9 @@
 //   node tests/frontend/check_in_chromium.mjs <comfyui url> <ui workflow json> <base ckpt> <refiner ckpt>
 //
 // Needs Debian's chromium (CHROMIUM, default /usr/bin/chromium) and the npm package playwright-core, found through
-// NODE_PATH or PLAYWRIGHT_CORE (its folder). Prints one JSON line of findings; exits 1 on the first failed check.
+// NODE_PATH or PLAYWRIGHT_CORE (its folder). EXPECT_FRONTEND_VERSION, when set, is the frontend version the page must
+// report (so a --front-end-root that was not taken fails). Prints one JSON line of findings; exits 1 on the first
+// failed check.
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
@@ -20,10 +22,14 @@ const browser = await chromium.launch({
     "--disable-component-update", "--disable-sync"],
 });
 const errors = [];
+const deprecations = [];
 try {
   const page = await browser.newPage();
   page.on("console", (message) => {
     if (message.type() === "error" && /sdxl/i.test(message.text())) errors.push(message.text());
+    // The frontend warns once per deprecated API a page uses (e.g. "output.links is deprecated"); the page runs
+    // no other extension, so any such warning is this pack's.
+    if (/deprecat/i.test(message.text())) deprecations.push(message.text());
   });
   // Only errors of this pack count: the headless frontend has unrelated failures of its own (settings store).
   page.on("pageerror", (error) => {
@@ -37,6 +43,7 @@ try {
   const findings = await page.evaluate(async ({ workflow, baseCkpt, refinerCkpt }) => {
     const app = window.app;
     const out = {};
+    out.frontendVersion = window.__COMFYUI_FRONTEND_VERSION__ ?? null;
     out.types = Object.keys(window.LiteGraph.registered_node_types).filter((t) => t.startsWith("SDXLTwoStage.")).sort();
     out.extensionCount = app.extensions.filter((e) => e.name === "sdxl_two_stage.aspect_buckets").length;
     await app.loadGraphData(workflow);
@@ -92,6 +99,9 @@ try {
   assert.equal(findings.promptMicroWidth, 4096);
   assert.ok(findings.promptId);
   assert.deepEqual(errors, []);
+  if (process.env.EXPECT_FRONTEND_VERSION) assert.equal(findings.frontendVersion, process.env.EXPECT_FRONTEND_VERSION);
+  findings.deprecations = deprecations;
+  assert.deepEqual(deprecations, []);
   console.log(JSON.stringify(findings));
 } finally {
   await browser.close();

@@ -39,6 +39,10 @@ TINY = {"sd_xl_base_1.0.safetensors": "tiny_sdxl_base.safetensors",
 W, H, STEPS, HANDOFF = 64, 96, 4, 3
 LORA = "tiny_style.safetensors"
 STARTUP_TIMEOUT = 240
+# COMFYUI_FRONT_END_ROOT serves another frontend build (e.g. the comfyui-frontend-package wheel's static folder)
+# instead of the one ComfyUI's requirements pin.
+FRONT_END = (["--front-end-root", os.environ["COMFYUI_FRONT_END_ROOT"]] if os.environ.get("COMFYUI_FRONT_END_ROOT")
+             else [])
 
 
 def _free_port() -> int:
@@ -76,7 +80,8 @@ def _write_tiny_lora(path: Path, base_checkpoint: Path) -> None:
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("comfyui")
-    for sub in ("custom_nodes", "models/checkpoints", "models/vae", "input", "output", "temp", "user"):
+    for sub in ("custom_nodes", "models/checkpoints", "models/vae", "input", "output", "temp", "user",
+                "base/custom_nodes"):
         (root / sub).mkdir(parents=True)
     (root / "custom_nodes" / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
     for kind, path in tiny_checkpoints.items():
@@ -95,7 +100,10 @@ def server(tiny_checkpoints, tmp_path_factory):
                "--port", str(port), "--extra-model-paths-config", str(root / "extra_model_paths.yaml"),
                "--output-directory", str(root / "output"), "--input-directory", str(root / "input"),
                "--temp-directory", str(root / "temp"), "--user-directory", str(root / "user"),
-               "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb"]
+               "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb",
+               # A base directory of its own, so a read-only checkout without custom_nodes/ or models/ starts too
+               # (CI's copy of ComfyUI is one); the pack and the models come from the extra paths above.
+               "--base-directory", str(root / "base"), *FRONT_END]
     process = subprocess.Popen(command, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -148,7 +156,12 @@ def test_pack_loads_and_object_info_lists_every_node(server):
     import nodes
 
     log = server["log"].read_text()
-    assert "IMPORT FAILED" not in log, log[-3000:]
+    # Only the pack's own import counts: core extras may fail in a venv without their optional modules (torchaudio).
+    pack_failures = [line for line in log.splitlines()
+                     if (("IMPORT FAILED" in line or "Cannot import" in line) and PACK_FOLDER in line)
+                     or "SDXL two-stage nodes" in line]
+    assert not pack_failures, log[-3000:]
+    assert f"custom_nodes/{PACK_FOLDER}" in log  # the import-times table lists the pack, so it was loaded
     info = _get(server, "/object_info")
     for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
         assert name in info, f"{name} missing from /object_info"
