@@ -22,14 +22,10 @@ const browser = await chromium.launch({
     "--disable-component-update", "--disable-sync"],
 });
 const errors = [];
-const deprecations = [];
 try {
   const page = await browser.newPage();
   page.on("console", (message) => {
     if (message.type() === "error" && /sdxl/i.test(message.text())) errors.push(message.text());
-    // The frontend warns once per deprecated API a page uses (e.g. "output.links is deprecated"); the page runs
-    // no other extension, so any such warning is this pack's.
-    if (/deprecat/i.test(message.text())) deprecations.push(message.text());
   });
   // Only errors of this pack count: the headless frontend has unrelated failures of its own (settings store).
   page.on("pageerror", (error) => {
@@ -44,6 +40,18 @@ try {
     const app = window.app;
     const out = {};
     out.frontendVersion = window.__COMFYUI_FRONTEND_VERSION__ ?? null;
+    // Deprecated node APIs (e.g. "output.links is deprecated") reach LiteGraph's deprecation hooks (frontends that
+    // have them, 1.58 does): every warning is kept, with the stack that raised it, and counts when this pack's
+    // extension is on that stack (the frontend's own code raises some too).
+    out.deprecations = [];
+    const hooks = window.LiteGraph.onDeprecationWarning;
+    if (Array.isArray(hooks)) {
+      window.LiteGraph.alwaysRepeatWarnings = true;
+      hooks.push((message) => {
+        const stack = String(new Error().stack);
+        if (/extensions\/[^/]+\/sdxl_/.test(stack)) out.deprecations.push(`${message}\n${stack}`);
+      });
+    }
     out.types = Object.keys(window.LiteGraph.registered_node_types).filter((t) => t.startsWith("SDXLTwoStage.")).sort();
     out.extensionCount = app.extensions.filter((e) => e.name === "sdxl_two_stage.aspect_buckets").length;
     await app.loadGraphData(workflow);
@@ -60,9 +68,12 @@ try {
     out.afterBucket = { latent: [w(latent, "width").value, w(latent, "height").value], micro: sizes() };
     pick("width", 832); pick("height", 1216);
     out.afterTyping = { resolution: w(latent, "resolution").value, micro: sizes() };
+    const toggle = w(micro, "follow latent size");
+    out.toggleBefore = toggle?.value;
     const mw = w(micro, "width"); mw.value = 4096; mw.callback?.(4096);
     pick("resolution", "1024x1024 (1:1)");
     out.afterOverride = sizes();
+    out.toggleAfterOverride = toggle?.value;
     // The node's own context menu (as LiteGraph builds it) turns following back on.
     const menu = app.canvas.getNodeMenuOptions(micro).filter(Boolean);
     const resume = menu.find((option) => option.content === "Follow the latent size again");
@@ -70,6 +81,14 @@ try {
     resume?.callback?.();
     pick("resolution", "1152x896 (9:7)");
     out.afterResume = sizes();
+    out.toggleAfterResume = toggle?.value;
+    // The toggle on the node does the same as the menu.
+    const flip = (value) => { if (toggle) { toggle.value = value; toggle.callback?.(value); } };
+    flip(false);
+    pick("resolution", "1344x768 (7:4)");
+    out.afterToggleOff = sizes();
+    flip(true);
+    out.afterToggleOn = sizes();
     mw.value = 4096; mw.callback?.(4096);
 
     // Queue a tiny run through the frontend's own graph -> API conversion.
@@ -86,22 +105,40 @@ try {
     out.promptMicroWidth = output[String(micro.id)].inputs.width;
     const response = await window.comfyAPI.api.api.queuePrompt(0, { output, workflow: app.graph.serialize() });
     out.promptId = response.prompt_id;
+    out.toggleSent = "follow latent size" in output[String(micro.id)].inputs;
+
+    // A latent width driven by a linked primitive node is followed too.
+    mw.value = 1024; mw.callback?.(1024);
+    flip(true);
+    const primitive = window.LiteGraph.createNode("PrimitiveInt");
+    app.graph.add(primitive);
+    const widthSlot = latent.inputs.findIndex((input) => input.name === "width");
+    primitive.connect(0, latent, widthSlot);
+    const value = w(primitive, "value");
+    value.value = 640; value.callback?.(640);
+    await new Promise((resolve) => setTimeout(resolve, 50)); // re-wiring syncs in a microtask
+    out.afterLinkedWidth = sizes();
     return out;
   }, { workflow, baseCkpt, refinerCkpt });
 
   assert.equal(findings.types.length, 12, JSON.stringify(findings.types));
   assert.equal(findings.extensionCount, 1);
+  assert.deepEqual(findings.deprecations, []);
   assert.deepEqual(findings.afterBucket, { latent: [1344, 768], micro: [1344, 768, 1344, 768] });
   assert.deepEqual(findings.afterTyping, { resolution: "832x1216 (13:19)", micro: [832, 1216, 832, 1216] });
   assert.deepEqual(findings.afterOverride, [4096, 1216, 832, 1216]);
   assert.equal(findings.menuOffersResume, true);
   assert.deepEqual(findings.afterResume, [1152, 896, 1152, 896]);
   assert.equal(findings.promptMicroWidth, 4096);
+  assert.deepEqual([findings.toggleBefore, findings.toggleAfterOverride, findings.toggleAfterResume],
+    [true, false, true]);
+  assert.deepEqual(findings.afterToggleOff, [1152, 896, 1152, 896]);
+  assert.deepEqual(findings.afterToggleOn, [1344, 768, 1344, 768]);
+  assert.equal(findings.toggleSent, false);
+  assert.deepEqual(findings.afterLinkedWidth, [640, 64, 640, 64]);
   assert.ok(findings.promptId);
   assert.deepEqual(errors, []);
   if (process.env.EXPECT_FRONTEND_VERSION) assert.equal(findings.frontendVersion, process.env.EXPECT_FRONTEND_VERSION);
-  findings.deprecations = deprecations;
-  assert.deepEqual(deprecations, []);
   console.log(JSON.stringify(findings));
 } finally {
   await browser.close();

@@ -177,7 +177,15 @@ def test_pack_loads_and_object_info_lists_every_node(server):
     with urllib.request.urlopen(server["url"] + f"/extensions/{PACK_FOLDER}/sdxl_buckets.js", timeout=30) as reply:
         assert b"export function parseBucketLabel" in reply.read()
     templates = _get(server, "/workflow_templates")
-    assert sorted(templates[PACK_FOLDER]) == ["sdxl_refiner_img2img", "sdxl_two_stage_txt2img"]
+    assert sorted(templates[PACK_FOLDER]) == ["SDXL refiner image polish", "SDXL two-stage text to image"]
+    quoted = urllib.parse.quote("SDXL two-stage text to image.json")  # the browser fetches it by its title
+    with urllib.request.urlopen(server["url"] + f"/api/workflow_templates/{PACK_FOLDER}/{quoted}", timeout=30) as r:
+        assert json.loads(r.read())["models"][0]["name"] == "sd_xl_base_1.0.safetensors"
+    help_page = urllib.parse.quote("SDXLTwoStage.BaseSampler.md")
+    with urllib.request.urlopen(server["url"] + f"/extensions/{PACK_FOLDER}/docs/{help_page}", timeout=30) as r:
+        assert r.read().startswith(b"# SDXL Base Sampler")
+    chinese = _get(server, "/i18n")["zh"]["nodeDefs"]["SDXLTwoStage.BaseSampler"]
+    assert chinese["display_name"].startswith("SDXL 基础采样器")
 
 
 def _local_two_stage(root: Path, lora: tuple[str, float, float] | None = None) -> np.ndarray:
@@ -428,7 +436,7 @@ def test_real_frontend_loads_the_example_and_the_picker_works(server):
     """ComfyUI's own frontend in headless Chromium: see tests/frontend/check_in_chromium.mjs for the checks."""
     result = subprocess.run(
         [shutil.which("node"), str(REPO / "tests" / "frontend" / "check_in_chromium.mjs"), server["url"],
-         str(REPO / "example_workflows" / "sdxl_two_stage_txt2img.json"), TINY["sd_xl_base_1.0.safetensors"],
+         str(REPO / "example_workflows" / "SDXL two-stage text to image.json"), TINY["sd_xl_base_1.0.safetensors"],
          TINY["sd_xl_refiner_1.0.safetensors"]],
         capture_output=True, text=True, timeout=400, env={**os.environ, "CHROMIUM": CHROMIUM})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
