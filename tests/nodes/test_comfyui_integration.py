@@ -15,6 +15,7 @@ import subprocess
 import sys
 import struct
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -378,33 +379,64 @@ def test_prompts_name_embeddings_from_comfyuis_embeddings_folder(server):
         _run(server, prompt)
 
 
-def test_validation_errors_are_node_errors_with_sentences(server):
-    prompt = _example("sdxl_two_stage_txt2img", **{"7.end_at_step": 30, "7.steps": 25})
-    with pytest.raises(client.WorkflowError, match=r"past the last step"):
-        client.queue(server["url"], prompt)
-    prompt = _example("sdxl_two_stage_txt2img", **{"3.resolution": "custom", "3.width": 100})
-    with pytest.raises(client.WorkflowError, match=r"multiple of 8"):
-        client.queue(server["url"], prompt)
+def _refusal(server, prompt) -> dict:
+    """The node_errors of a prompt ComfyUI refuses at queue time."""
+    request = urllib.request.Request(server["url"] + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    return json.loads(refused.value.read())["node_errors"]
 
 
-def test_wiring_mistakes_fail_with_a_sentence_at_run_time(server):
-    prompt = _example("sdxl_two_stage_txt2img", **{
+def _failure(server, prompt) -> tuple[str, str]:
+    """Run a prompt that fails: the failing node and its message."""
+    prompt_id = client.queue(server["url"], prompt)
+    with pytest.raises(client.WorkflowError):
+        client.wait(server["url"], prompt_id, timeout=600)
+    messages = dict((kind, data) for kind, data in _get(server, f"/history/{prompt_id}")[prompt_id]["status"]
+                    ["messages"])
+    error = messages["execution_error"]
+    return str(error["node_id"]), error["exception_message"]
+
+
+def _two_stage(**overrides) -> dict:
+    return _example("sdxl_two_stage_txt2img", **{
         "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
-        "11.steps": STEPS, "11.start_at_step": HANDOFF})
+        "11.steps": STEPS, "11.start_at_step": HANDOFF, **overrides})
+
+
+def test_a_range_error_is_refused_at_queue_time_once_on_its_input(server):
+    errors = _refusal(server, _example("sdxl_two_stage_txt2img", **{"7.steps": 0}))
+    (entry,) = errors["7"]["errors"]
+    assert entry["extra_info"]["input_name"] == "steps" and "min of 1" in entry["message"]
+
+
+def test_settings_over_several_inputs_fail_once_before_the_node_works(server):
+    node, message = _failure(server, _two_stage(**{"7.end_at_step": STEPS + 1}))
+    assert node == "7" and message.count("past the last step") == 1
+    node, message = _failure(server, _two_stage(**{"3.width": 100}))
+    assert node == "3" and "multiple of 8" in message
+
+
+def test_wiring_mistakes_the_links_show_stop_the_run_at_the_base_before_it_samples(server):
+    prompt = _two_stage()
     prompt["11"]["inputs"]["positive"] = ["6", 0]  # base conditioning into the refiner
-    with pytest.raises(client.WorkflowError, match="this is base conditioning wired into the refiner model"):
-        _run(server, prompt)
-    prompt = _example("sdxl_two_stage_txt2img", **{
-        "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
-        "11.steps": STEPS, "11.start_at_step": HANDOFF})
-    prompt["11"]["inputs"]["model"] = ["1", 0]  # the base checkpoint in the refiner's slot
-    with pytest.raises(client.WorkflowError, match="needs the SDXL refiner checkpoint"):
-        _run(server, prompt)
-    prompt = _example("sdxl_two_stage_txt2img", **{
-        "3.resolution": "custom", "3.width": W, "3.height": H, "7.steps": STEPS, "7.end_at_step": HANDOFF,
-        "11.steps": STEPS, "11.start_at_step": HANDOFF - 1})  # the refiner set to another K than the base
-    with pytest.raises(client.WorkflowError, match=f"handed off at step {HANDOFF} of {STEPS}"):
-        _run(server, prompt)
+    node, message = _failure(server, prompt)
+    assert node == "7" and "this is base conditioning wired into the refiner model" in message
+    prompt = _two_stage(**{"11.start_at_step": HANDOFF - 1})  # the refiner set to another K than the base
+    node, message = _failure(server, prompt)
+    assert node == "7" and f"hands off at step {HANDOFF} of {STEPS}" in message
+    prompt = _two_stage()
+    prompt["7"]["inputs"]["negative"] = ["10", 0]  # refiner conditioning into the base
+    node, message = _failure(server, prompt)
+    assert node == "7" and "this is refiner conditioning wired into the base model" in message
+
+
+def test_the_wrong_checkpoint_in_the_refiner_fails_with_a_sentence_at_run_time(server):
+    prompt = _two_stage()
+    prompt["11"]["inputs"]["model"] = ["1", 0]  # the base checkpoint in the refiner's slot: known once loaded
+    node, message = _failure(server, prompt)
+    assert node == "11" and "needs the SDXL refiner checkpoint" in message
 
 
 def test_interrupt_stops_sampling_within_a_step(server):
