@@ -5,7 +5,7 @@ from __future__ import annotations
 from sdxl_core.buckets import DEFAULT_BUCKET, SDXL_BUCKETS, bucket_by_label
 
 from . import comfy_host
-from ._shared import CATEGORY, LATENT_CELL, MAX_RESOLUTION, check_widgets, node_id, validation_result
+from ._shared import CATEGORY, LATENT_CELL, MAX_RESOLUTION, check_widgets, node_id
 
 CUSTOM = "custom"
 BUCKET_CHOICES = [CUSTOM] + [bucket.label for bucket in SDXL_BUCKETS]
@@ -55,9 +55,7 @@ class EmptyLatent:
                                    "tooltip": "How many images to generate at once (each gets its own noise)."}),
         }}
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, resolution=None, width=None, height=None, batch_size=None):
-        return validation_result(_check, resolution, width, height, batch_size)
+    # No VALIDATE_INPUTS: ComfyUI would repeat a width sentence on all four inputs; generate() checks first.
 
     def generate(self, resolution: str, width: int, height: int, batch_size: int = 1):
         from sdxl_core.pipeline import empty_latent

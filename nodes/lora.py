@@ -48,8 +48,10 @@ class LoraLoader:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, strength_model=None, strength_clip=None):
-        return validate_widgets(cls, strength_model=strength_model, strength_clip=strength_clip)
+    def VALIDATE_INPUTS(cls, strength_model=None):
+        # One input per check, so ComfyUI reports a sentence once, on its input; a non-finite strength_clip is
+        # refused by apply() before the LoRA file is read.
+        return validate_widgets(cls, strength_model=strength_model)
 
     def apply(self, model, lora_name: str, strength_model: float = 1.0, strength_clip: float = 1.0):
         from sdxl_core.checkpoints.lora import apply_lora

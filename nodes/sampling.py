@@ -9,7 +9,7 @@ from sdxl_core.sampling.samplers import SAMPLERS
 from sdxl_core.sampling.schedules import SCHEDULERS
 from sdxl_core.sampling.settings import MAX_SEED, MAX_STEPS, TWO_STAGE_HANDOFF, TWO_STAGE_STEPS, SamplingSettings
 
-from . import comfy_host
+from . import comfy_host, graph_checks
 from ._shared import CATEGORY, SDXL_MODEL, check_widgets, node_id, require_stage, validation_result
 
 SAMPLER_NAMES = list(SAMPLERS)
@@ -167,19 +167,27 @@ class BaseSampler:
             "tooltip": "1.0 for text-to-image. Below 1, image-to-image: how much of the input latent to repaint "
                        "(0.3 keeps the composition, 0.8 keeps little). Below 1 the base cannot hand off to the "
                        "refiner: set end_at_step = steps."})
-        return {"required": inputs}
+        # The queued graph, to check the refiners this base feeds before sampling (nodes/graph_checks.py).
+        return {"required": inputs, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, steps=None, end_at_step=None, denoise=None, leftover_noise=None, cfg=None):
-        return validation_result(_check_base, steps, end_at_step, denoise, leftover_noise, cfg)
+    def VALIDATE_INPUTS(cls, cfg=None):
+        # ComfyUI's own range check lets NaN through (it compares with < and >): a non-finite cfg stops at queue time,
+        # one input per check so the sentence appears once; a non-finite denoise is refused before sampling.
+        return validation_result(check_widgets, cls, cfg=cfg)
 
+    # No VALIDATE_INPUTS: ComfyUI repeats its sentence once per input in its signature, so the checks that combine
+    # inputs run here, once, before any sampling; ComfyUI's own range checks stay on each input.
     def sample(self, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
-               scheduler: str, end_at_step: int, leftover_noise: bool = True, denoise: float = 1.0):
+               scheduler: str, end_at_step: int, leftover_noise: bool = True, denoise: float = 1.0, prompt=None,
+               unique_id=None):
         _check_base(steps, end_at_step, denoise, bool(leftover_noise), cfg)
         check_widgets(BaseSampler, sampler_name=sampler_name, scheduler=scheduler)
         require_stage(model, "base", "SDXL Base Sampler")
         end = end_at_step if end_at_step < steps else None
         leftover = bool(leftover_noise) and end is not None
+        graph_checks.check_base_graph(prompt, None if unique_id is None else str(unique_id), steps, end, scheduler,
+                                      leftover, _check_refiner)
         settings = SamplingSettings(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
                                     denoise=denoise)
         (latent,) = _run(model, latent_image, positive, negative, end or steps, settings, end_step=end,
@@ -215,9 +223,11 @@ class RefinerSampler:
                        "polishes detail; higher starts to change content). Keep 1.0 for the two-stage handoff."})
         return {"required": inputs}
 
+    # Its settings checks run in sample() (see BaseSampler), and a base sampler feeding it runs them before it
+    # samples; only non-finite values, which ComfyUI's range check lets through, stop at queue time.
     @classmethod
-    def VALIDATE_INPUTS(cls, steps=None, start_at_step=None, denoise=None, cfg=None):
-        return validation_result(_check_refiner, steps, start_at_step, denoise, cfg)
+    def VALIDATE_INPUTS(cls, cfg=None):
+        return validation_result(check_widgets, cls, cfg=cfg)
 
     def sample(self, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
                scheduler: str, start_at_step: int, denoise: float = 1.0):

@@ -23,6 +23,16 @@ NEGATIVE = "blurry, low quality, watermark, text"
 BAKED_VAE = "baked into the checkpoint"  # nodes.loaders.BAKED_VAE (this script does not import the pack)
 REFINE_POSITIVE = "a detailed photograph, sharp focus, fine texture"
 
+# Where the frontend's missing-model dialog offers to download each checkpoint the examples name (Stability AI's
+# releases), and the models folder it goes into.
+MODEL_DOWNLOADS = {
+    "sd_xl_base_1.0.safetensors":
+        "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+    "sd_xl_refiner_1.0.safetensors":
+        "https://huggingface.co/stabilityai/stable-diffusion-xl-refiner-1.0/resolve/main/"
+        "sd_xl_refiner_1.0.safetensors",
+}
+
 
 @dataclass
 class Node:
@@ -37,12 +47,14 @@ class Node:
     title: str | None = None
     color: str | None = None
     bgcolor: str | None = None
+    models: list[dict] = field(default_factory=list)  # files the node loads, as the templates' `models` entries
 
 
 def _checkpoint_loader(id, pos, name, title):
     return Node(id, P + "CheckpointLoader", pos, (380, 150), [name, "default", BAKED_VAE],
-                {"ckpt_name": name, "weight_dtype": "default", "vae_name": BAKED_VAE}, outputs=[("model", "SDXL_MODEL"), ("vae", "SDXL_VAE")],
-                title=title)
+                {"ckpt_name": name, "weight_dtype": "default", "vae_name": BAKED_VAE},
+                outputs=[("model", "SDXL_MODEL"), ("vae", "SDXL_VAE")], title=title,
+                models=[{"name": name, "url": MODEL_DOWNLOADS[name], "directory": "checkpoints"}])
 
 
 def _base_encode(id, pos, model, text, title, color):
@@ -168,16 +180,19 @@ def to_ui(nodes: list[Node], groups: list[dict]) -> dict:
             "outputs": [{"name": name, "type": type_, "links": out_links.get((node.id, slot), []),
                          "slot_index": slot} for slot, (name, type_) in enumerate(node.outputs)],
             "properties": {"Node name for S&R": node.type,
-                           "cnr_id": PACK_ID if node.type.startswith(P) else "comfy-core"},
+                           "cnr_id": PACK_ID if node.type.startswith(P) else "comfy-core",
+                           **({"models": node.models} if node.models else {})},
             "widgets_values": node.widgets,
         }
         for key in ("title", "color", "bgcolor"):
             if getattr(node, key) is not None:
                 entry[key] = getattr(node, key)
         ui_nodes.append(entry)
+    models = [model for node in nodes for model in node.models]
     return {"last_node_id": max(n.id for n in nodes), "last_link_id": len(links), "nodes": ui_nodes,
             "links": links, "groups": [{"id": i + 1, "font_size": 24, "flags": {}, **g} for i, g in enumerate(groups)],
-            "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}}, "version": 0.4}
+            "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}}, "version": 0.4,
+            "models": models}
 
 
 def to_api(nodes: list[Node]) -> dict:
@@ -191,16 +206,21 @@ def to_api(nodes: list[Node]) -> dict:
     return prompt
 
 
-EXAMPLES = {"sdxl_two_stage_txt2img": txt2img, "sdxl_refiner_img2img": img2img_refine}
+# API name -> (template title, graph). The template browser shows a pack's template by its file name, so the UI
+# file (and its .jpg thumbnail) carries the readable title; scripts use the API twin's short name.
+EXAMPLES = {
+    "sdxl_two_stage_txt2img": ("SDXL two-stage text to image", txt2img),
+    "sdxl_refiner_img2img": ("SDXL refiner image polish", img2img_refine),
+}
 
 
 def main() -> None:
     API_DIR.mkdir(parents=True, exist_ok=True)
-    for name, build in EXAMPLES.items():
+    for name, (title, build) in EXAMPLES.items():
         nodes, groups = build()
-        (UI_DIR / f"{name}.json").write_text(json.dumps(to_ui(nodes, groups), indent=2) + "\n")
+        (UI_DIR / f"{title}.json").write_text(json.dumps(to_ui(nodes, groups), indent=2) + "\n")
         (API_DIR / f"{name}_api.json").write_text(json.dumps(to_api(nodes), indent=2) + "\n")
-        print(f"wrote {name}.json and api/{name}_api.json")
+        print(f"wrote {title}.json and api/{name}_api.json")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 //   node tests/frontend/check_in_chromium.mjs <comfyui url> <ui workflow json> <base ckpt> <refiner ckpt>
 //
 // Needs Debian's chromium (CHROMIUM, default /usr/bin/chromium) and the npm package playwright-core, found through
-// NODE_PATH or PLAYWRIGHT_CORE (its folder). Prints one JSON line of findings; exits 1 on the first failed check.
+// NODE_PATH or PLAYWRIGHT_CORE (its folder). EXPECT_FRONTEND_VERSION, when set, is the frontend version the page must
+// report (so a --front-end-root that was not taken fails). Prints one JSON line of findings; exits 1 on the first
+// failed check.
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
@@ -37,6 +39,19 @@ try {
   const findings = await page.evaluate(async ({ workflow, baseCkpt, refinerCkpt }) => {
     const app = window.app;
     const out = {};
+    out.frontendVersion = window.__COMFYUI_FRONTEND_VERSION__ ?? null;
+    // Deprecated node APIs (e.g. "output.links is deprecated") reach LiteGraph's deprecation hooks (frontends that
+    // have them, 1.58 does): every warning is kept, with the stack that raised it, and counts when this pack's
+    // extension is on that stack (the frontend's own code raises some too).
+    out.deprecations = [];
+    const hooks = window.LiteGraph.onDeprecationWarning;
+    if (Array.isArray(hooks)) {
+      window.LiteGraph.alwaysRepeatWarnings = true;
+      hooks.push((message) => {
+        const stack = String(new Error().stack);
+        if (/extensions\/[^/]+\/sdxl_/.test(stack)) out.deprecations.push(`${message}\n${stack}`);
+      });
+    }
     out.types = Object.keys(window.LiteGraph.registered_node_types).filter((t) => t.startsWith("SDXLTwoStage.")).sort();
     out.extensionCount = app.extensions.filter((e) => e.name === "sdxl_two_stage.aspect_buckets").length;
     await app.loadGraphData(workflow);
@@ -53,9 +68,12 @@ try {
     out.afterBucket = { latent: [w(latent, "width").value, w(latent, "height").value], micro: sizes() };
     pick("width", 832); pick("height", 1216);
     out.afterTyping = { resolution: w(latent, "resolution").value, micro: sizes() };
+    const toggle = w(micro, "follow latent size");
+    out.toggleBefore = toggle?.value;
     const mw = w(micro, "width"); mw.value = 4096; mw.callback?.(4096);
     pick("resolution", "1024x1024 (1:1)");
     out.afterOverride = sizes();
+    out.toggleAfterOverride = toggle?.value;
     // The node's own context menu (as LiteGraph builds it) turns following back on.
     const menu = app.canvas.getNodeMenuOptions(micro).filter(Boolean);
     const resume = menu.find((option) => option.content === "Follow the latent size again");
@@ -63,6 +81,14 @@ try {
     resume?.callback?.();
     pick("resolution", "1152x896 (9:7)");
     out.afterResume = sizes();
+    out.toggleAfterResume = toggle?.value;
+    // The toggle on the node does the same as the menu.
+    const flip = (value) => { if (toggle) { toggle.value = value; toggle.callback?.(value); } };
+    flip(false);
+    pick("resolution", "1344x768 (7:4)");
+    out.afterToggleOff = sizes();
+    flip(true);
+    out.afterToggleOn = sizes();
     mw.value = 4096; mw.callback?.(4096);
 
     // Queue a tiny run through the frontend's own graph -> API conversion.
@@ -79,20 +105,41 @@ try {
     out.promptMicroWidth = output[String(micro.id)].inputs.width;
     const response = await window.comfyAPI.api.api.queuePrompt(0, { output, workflow: app.graph.serialize() });
     out.promptId = response.prompt_id;
+    out.toggleSent = "follow latent size" in output[String(micro.id)].inputs;
+
+    // A latent width driven by a linked primitive node is followed too.
+    mw.value = 1024; mw.callback?.(1024);
+    flip(true);
+    const primitive = window.LiteGraph.createNode("PrimitiveInt");
+    app.graph.add(primitive);
+    const widthSlot = latent.inputs.findIndex((input) => input.name === "width");
+    primitive.connect(0, latent, widthSlot);
+    const value = w(primitive, "value");
+    value.value = 640; value.callback?.(640);
+    await new Promise((resolve) => setTimeout(resolve, 50)); // re-wiring syncs in a microtask
+    out.afterLinkedWidth = sizes();
     return out;
   }, { workflow, baseCkpt, refinerCkpt });
 
   // findings.types is compared with the pack's node mappings by the caller (tests/nodes/test_comfyui_integration.py).
   assert.ok(findings.types.length > 0, JSON.stringify(findings.types));
   assert.equal(findings.extensionCount, 1);
+  assert.deepEqual(findings.deprecations, []);
   assert.deepEqual(findings.afterBucket, { latent: [1344, 768], micro: [1344, 768, 1344, 768] });
   assert.deepEqual(findings.afterTyping, { resolution: "832x1216 (13:19)", micro: [832, 1216, 832, 1216] });
   assert.deepEqual(findings.afterOverride, [4096, 1216, 832, 1216]);
   assert.equal(findings.menuOffersResume, true);
   assert.deepEqual(findings.afterResume, [1152, 896, 1152, 896]);
   assert.equal(findings.promptMicroWidth, 4096);
+  assert.deepEqual([findings.toggleBefore, findings.toggleAfterOverride, findings.toggleAfterResume],
+    [true, false, true]);
+  assert.deepEqual(findings.afterToggleOff, [1152, 896, 1152, 896]);
+  assert.deepEqual(findings.afterToggleOn, [1344, 768, 1344, 768]);
+  assert.equal(findings.toggleSent, false);
+  assert.deepEqual(findings.afterLinkedWidth, [640, 64, 640, 64]);
   assert.ok(findings.promptId);
   assert.deepEqual(errors, []);
+  if (process.env.EXPECT_FRONTEND_VERSION) assert.equal(findings.frontendVersion, process.env.EXPECT_FRONTEND_VERSION);
   console.log(JSON.stringify(findings));
 } finally {
   await browser.close();

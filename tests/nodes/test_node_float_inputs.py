@@ -13,6 +13,11 @@ from tests._nodes_helpers import node
 
 FLOAT_INPUTS = [(name, input_name) for name, cls in sorted(nodes.NODE_CLASS_MAPPINGS.items())
                 for input_name in float_inputs(cls)]
+# ComfyUI repeats a VALIDATE_INPUTS failure once per input its signature names, so each node's check names one
+# input (tests/nodes/test_nodes.py): the main FLOAT input is refused at queue time, the others (denoise,
+# strength_clip) by the node itself before any work (test_direct_calls_refuse_nan_before_any_work).
+QUEUE_CHECKED = [(name, input_name) for name, input_name in FLOAT_INPUTS
+                 if input_name in inspect.getfullargspec(nodes.NODE_CLASS_MAPPINGS[name].VALIDATE_INPUTS).args]
 
 
 def _default(cls, input_name):
@@ -25,7 +30,13 @@ def test_the_pack_has_float_inputs_to_check():
                                                                "strength_clip"}
 
 
-@pytest.mark.parametrize("name, input_name", FLOAT_INPUTS)
+def test_every_node_with_float_inputs_checks_one_at_queue_time():
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        if float_inputs(cls):
+            assert any(entry[0] == name for entry in QUEUE_CHECKED), name
+
+
+@pytest.mark.parametrize("name, input_name", QUEUE_CHECKED)
 def test_every_float_input_is_validated_for_finite_values(name, input_name):
     cls = nodes.NODE_CLASS_MAPPINGS[name]
     validate = getattr(cls, "VALIDATE_INPUTS", None)
@@ -52,3 +63,7 @@ def test_direct_calls_refuse_nan_before_any_work():
         node("RefinerSampler").sample(None, [], [], {}, 0, 4, math.inf, "euler", "normal", 3)
     with pytest.raises(ValueError, match="aesthetic_score must be a finite number"):
         node("AestheticScore").apply([], math.nan)
+    with pytest.raises(ValueError, match="denoise must be a finite number"):
+        node("BaseSampler").sample(None, [], [], {}, 0, 4, 8.0, "euler", "normal", 3, True, math.nan)
+    with pytest.raises(ValueError, match="denoise must be a finite number"):
+        node("RefinerSampler").sample(None, [], [], {}, 0, 4, 8.0, "euler", "normal", 0, math.nan)

@@ -264,16 +264,19 @@ def test_empty_latent_buckets_and_custom_sizes():
 
 
 def test_empty_latent_validation():
-    cls = node_class("EmptyLatent")
-    message = cls.VALIDATE_INPUTS(resolution="custom", width=1000, height=1001, batch_size=1)
-    assert message == "height must be a multiple of 8 pixels (one latent cell), got 1001; the nearest are 1000 and 1008"
-    assert cls.VALIDATE_INPUTS(resolution="custom", width=1000, height=1000, batch_size=1) is True
-    assert "at least 64" in cls.VALIDATE_INPUTS(resolution="custom", width=8, height=64, batch_size=1)
-    assert "must be one of" in cls.VALIDATE_INPUTS(resolution="999x1 (x)", width=64, height=64, batch_size=1)
+    from nodes.latent import _check
+
+    with pytest.raises(ValueError) as refused:
+        _check("custom", 1000, 1001, 1)
+    assert str(refused.value) == ("height must be a multiple of 8 pixels (one latent cell), got 1001; the nearest are "
+                                  "1000 and 1008")
+    _check("custom", 1000, 1000, 1)
+    with pytest.raises(ValueError, match="at least 64"):
+        _check("custom", 8, 64, 1)
+    with pytest.raises(ValueError, match="must be one of"):
+        _check("999x1 (x)", 64, 64, 1)
     # With a bucket chosen the free size is unused, so it need not be valid.
-    assert cls.VALIDATE_INPUTS(resolution="1024x1024 (1:1)", width=1001, height=64, batch_size=1) is True
-    # Linked (unknown) values are skipped.
-    assert cls.VALIDATE_INPUTS(resolution="custom") is True
+    _check("1024x1024 (1:1)", 1001, 64, 1)
     with pytest.raises(ValueError, match="multiple of 8"):
         node("EmptyLatent").generate("custom", 100, 64, 1)
 
@@ -408,29 +411,44 @@ def test_wrong_checkpoint_in_each_sampler_slot(loaded, conds):
 
 
 def test_step_validation_before_running():
-    base_cls, refiner_cls = node_class("BaseSampler"), node_class("RefinerSampler")
-    assert base_cls.VALIDATE_INPUTS(steps=25, end_at_step=20, denoise=1.0) is True
-    assert base_cls.VALIDATE_INPUTS(steps=25, end_at_step=30, denoise=1.0).startswith(
-        "end_at_step (K = 30) is past the last step (N = 25)")
-    assert "at least 1" in base_cls.VALIDATE_INPUTS(steps=0, end_at_step=0, denoise=1.0)
-    assert "at most 1.0" in base_cls.VALIDATE_INPUTS(steps=25, end_at_step=20, denoise=1.5)
-    assert refiner_cls.VALIDATE_INPUTS(steps=25, start_at_step=20, denoise=1.0) is True
-    assert refiner_cls.VALIDATE_INPUTS(steps=25, start_at_step=26, denoise=1.0).startswith(
-        "start_at_step (K = 26) is past the last step (N = 25)")
-    assert "use either start_at_step" in refiner_cls.VALIDATE_INPUTS(steps=25, start_at_step=20, denoise=0.3)
-    # Values linked from other nodes are unknown at validation time and skipped.
-    assert base_cls.VALIDATE_INPUTS(steps=None, end_at_step=30, denoise=None) is True
+    from nodes.sampling import _check_base, _check_refiner
 
+    _check_base(25, 20, 1.0)
+    with pytest.raises(ValueError, match=r"^end_at_step \(K = 30\) is past the last step \(N = 25\)"):
+        _check_base(25, 30, 1.0)
+    with pytest.raises(ValueError, match="at least 1"):
+        _check_base(0, 0, 1.0)
+    with pytest.raises(ValueError, match="at most 1.0"):
+        _check_base(25, 20, 1.5)
+    _check_refiner(25, 20, 1.0)
+    with pytest.raises(ValueError, match=r"^start_at_step \(K = 26\) is past the last step \(N = 25\)"):
+        _check_refiner(25, 26, 1.0)
+    with pytest.raises(ValueError, match="use either start_at_step"):
+        _check_refiner(25, 20, 0.3)
+    with pytest.raises(ValueError, match="past the last step"):
+        node("BaseSampler").sample(None, [], [], {}, 0, 25, 4.0, "euler", "normal", 30, True, 1.0)
+
+
+def test_no_node_repeats_a_validation_sentence_over_several_inputs():
+    """ComfyUI reports a VALIDATE_INPUTS sentence once per input in its signature: a check over several inputs
+    belongs in the node's function, where it is raised once."""
+    import inspect
+
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        if hasattr(cls, "VALIDATE_INPUTS"):
+            parameters = [p for p in inspect.signature(cls.VALIDATE_INPUTS).parameters if p != "cls"]
+            assert len(parameters) <= 1, f"{name}.VALIDATE_INPUTS takes {parameters}"
 
 
 def test_base_refuses_a_handoff_from_a_shortened_img2img_schedule(loaded, conds):
     # With denoise < 1 the base's step K lies on a shortened grid (lower noise) while the refiner continues step K
     # of the full N-step grid: the handed-off latent would be treated as noisier than it is.
-    base_cls = node_class("BaseSampler")
-    message = base_cls.VALIDATE_INPUTS(steps=25, end_at_step=20, denoise=0.6, leftover_noise=True)
-    assert isinstance(message, str) and "denoise 1.0" in message and "start_at_step 0" in message
-    assert base_cls.VALIDATE_INPUTS(steps=25, end_at_step=20, denoise=0.6, leftover_noise=False) is True
-    assert base_cls.VALIDATE_INPUTS(steps=25, end_at_step=25, denoise=0.6, leftover_noise=True) is True
+    from nodes.sampling import _check_base
+
+    with pytest.raises(ValueError, match="denoise 1.0.*start_at_step 0"):
+        _check_base(25, 20, 0.6, True)
+    _check_base(25, 20, 0.6, False)
+    _check_base(25, 25, 0.6, True)
     latent, _, _ = node("EmptyLatent").generate("custom", SIZE_W, SIZE_H, 1)
     with pytest.raises(ValueError, match="denoise 1.0"):
         node("BaseSampler").sample(loaded[0], *conds["base"], latent, 0, 4, 4.0, "euler", "normal", 3, True, 0.5)
@@ -557,3 +575,22 @@ def test_two_stage_graph_with_a_lora_equals_the_core_pipeline(loaded, conds, lor
     assert torch.equal(image, expected.images)
     _, plain, _ = _two_stage(loaded, conds)
     assert (plain["samples"] - refined["samples"]).abs().max() > 1e-3  # the LoRA changed the picture
+
+
+def test_base_sampler_refuses_a_mismatched_refiner_before_it_samples(monkeypatch, loaded, conds):
+    """With the queued graph (ComfyUI's hidden PROMPT), the base checks the refiner its latent feeds first."""
+    import json
+
+    from nodes import sampling
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(sampling, "_run", never)
+    prompt = json.loads((Path(__file__).resolve().parents[2] / "example_workflows" / "api" /
+                         "sdxl_two_stage_txt2img_api.json").read_text())
+    prompt["11"]["inputs"].update(steps=4, start_at_step=2)
+    latent, _, _ = node("EmptyLatent").generate("custom", SIZE_W, SIZE_H, 1)
+    with pytest.raises(ValueError, match="is set to start at step 2 of 4"):
+        node("BaseSampler").sample(loaded[0], *conds["base"], latent, 0, 4, 4.0, "euler", "normal", 3, True, 1.0,
+                                   prompt=prompt, unique_id="7")

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 import nodes
+from nodes import latent as node_latent
+from nodes import sampling as node_sampling
 
 REPO = Path(__file__).resolve().parents[2]
 UI_DIR = REPO / "example_workflows"
@@ -24,6 +26,12 @@ CORE_NODES = {
     "PreviewImage": {"inputs": {"images": ("IMAGE", {})}, "outputs": ()},
     "LoadImage": {"inputs": {"image": (["example.png"], {"image_upload": True})}, "outputs": ("IMAGE", "MASK")},
 }
+
+
+# The checks over several widgets each node runs before its work.
+SETTINGS_CHECKS = {nodes.NODE_CLASS_MAPPINGS["SDXLTwoStage.EmptyLatent"]: node_latent._check,
+                   nodes.NODE_CLASS_MAPPINGS["SDXLTwoStage.BaseSampler"]: node_sampling._check_base,
+                   nodes.NODE_CLASS_MAPPINGS["SDXLTwoStage.RefinerSampler"]: node_sampling._check_refiner}
 
 
 def _definition(class_type: str) -> dict:
@@ -79,12 +87,15 @@ def _check_widgets(where: str, definition: dict, widgets: dict) -> None:
     for name, value in widgets.items():
         _check_value(where, name, definition["inputs"][name], value)
     cls = definition.get("class")
-    if cls is not None and hasattr(cls, "VALIDATE_INPUTS"):
+    check = SETTINGS_CHECKS.get(cls)
+    if check is not None:
         import inspect
 
-        wanted = inspect.signature(cls.VALIDATE_INPUTS).parameters
-        result = cls.VALIDATE_INPUTS(**{k: v for k, v in widgets.items() if k in wanted})
-        assert result is True, f"{where}: {result}"
+        wanted = inspect.signature(check).parameters
+        try:
+            check(**{k: v for k, v in widgets.items() if k in wanted})
+        except ValueError as error:
+            raise AssertionError(f"{where}: {error}") from None
 
 
 def ui_to_api(workflow: dict) -> dict:
@@ -102,12 +113,19 @@ def ui_to_api(workflow: dict) -> dict:
     return prompt
 
 
+# The template browser shows a pack's template by its file name: readable titles, with short names for the API twins.
+TWINS = {"SDXL two-stage text to image": "sdxl_two_stage_txt2img", "SDXL refiner image polish": "sdxl_refiner_img2img"}
+# The files the examples load and where the missing-model dialog may download them from.
+DOWNLOADS = {"sd_xl_base_1.0.safetensors": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/",
+             "sd_xl_refiner_1.0.safetensors": "https://huggingface.co/stabilityai/stable-diffusion-xl-refiner-1.0/"}
+
+
 def _api_twin(ui_file: Path) -> Path:
-    return API_DIR / f"{ui_file.stem}_api.json"
+    return API_DIR / f"{TWINS[ui_file.stem]}_api.json"
 
 
 def test_examples_exist_and_the_template_browser_lists_only_ui_workflows():
-    assert {f.stem for f in UI_FILES} == {"sdxl_two_stage_txt2img", "sdxl_refiner_img2img"}
+    assert {f.stem for f in UI_FILES} == set(TWINS)
     assert not any(f.stem.endswith("_api") for f in UI_FILES)
     assert sorted(API_DIR.glob("*.json")) == sorted(_api_twin(f) for f in UI_FILES)
     # Thumbnails sit beside their workflow under the same name, as the template browser expects.
@@ -143,6 +161,23 @@ def validate_ui_workflow(workflow: dict, name: str) -> None:
 
 
 @pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
+def test_every_loaded_checkpoint_has_a_download_entry(ui_file):
+    """ComfyUI's templates list each model file a node loads under the node's properties.models (and the
+    workflow's models), which the frontend's missing-model dialog offers to download into the named folder."""
+    workflow = json.loads(ui_file.read_text())
+    listed = []
+    for node in workflow["nodes"]:
+        if node["type"] != "SDXLTwoStage.CheckpointLoader":
+            assert "models" not in node["properties"], node["id"]
+            continue
+        (entry,) = node["properties"]["models"]
+        assert entry["name"] == node["widgets_values"][0] and entry["directory"] == "checkpoints"
+        assert entry["url"].startswith(DOWNLOADS[entry["name"]]) and entry["url"].endswith("/" + entry["name"])
+        listed.append(entry)
+    assert listed and workflow["models"] == listed
+
+
+@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
 def test_api_twin_is_valid_and_agrees_with_the_ui_workflow(ui_file):
     prompt = json.loads(_api_twin(ui_file).read_text())
     for node_id, node in prompt.items():
@@ -166,17 +201,16 @@ def test_api_twin_is_valid_and_agrees_with_the_ui_workflow(ui_file):
 
 def test_validator_catches_a_mistyped_link_and_a_bad_widget():
     """The checks above can fail: a refiner sampler fed an IMAGE, and K > N."""
-    workflow = json.loads((UI_DIR / "sdxl_two_stage_txt2img.json").read_text())
+    workflow = json.loads((UI_DIR / "SDXL two-stage text to image.json").read_text())
     link = next(link for link in workflow["links"] if link[5] == "LATENT")
     link[5] = "IMAGE"
     with pytest.raises(AssertionError, match="link"):
         validate_ui_workflow(workflow, "broken")
-    refiner = nodes.NODE_CLASS_MAPPINGS["SDXLTwoStage.RefinerSampler"]
     with pytest.raises(AssertionError, match="past the last step"):
         _check_widgets("x", _definition("SDXLTwoStage.RefinerSampler"),
                        {"seed": 0, "steps": 10, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
                         "start_at_step": 12, "denoise": 1.0})
-    assert refiner.VALIDATE_INPUTS(steps=10, start_at_step=10, denoise=1.0) is True
+    node_sampling._check_refiner(steps=10, start_at_step=10, denoise=1.0)
 
 
 
