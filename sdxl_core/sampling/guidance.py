@@ -77,12 +77,21 @@ class CFGDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = per_item_sigma(sigma, x)
-        sides = [self.cond] if self.skips_uncond else [self.uncond, self.cond]
-        predictions = self._side_predictions(x, sigma, sides)
         if self.skips_uncond:
-            return predictions[0] * self.cfg
-        uncond_x0, cond_x0 = predictions
+            return self._side_predictions(x, sigma, [self.cond])[0] * self.cfg
+        uncond_x0, cond_x0 = self._side_predictions(x, sigma, [self.uncond, self.cond])
         return uncond_x0 + (cond_x0 - uncond_x0) * self.cfg
+
+    def with_uncond(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(guided x0, unconditional x0): the hook a CFG++ sampler steps with (ComfyUI hands `uncond_denoised` to a
+        `sampler_post_cfg_function`). Both branches run even at cfg 1, as ComfyUI's `disable_cfg1_optimization`
+        makes them; without a negative side the unconditional prediction is the conditional one."""
+        sigma = per_item_sigma(sigma, x)
+        if self.uncond is None:
+            cond_x0 = self._side_predictions(x, sigma, [self.cond])[0]
+            return cond_x0 * self.cfg, cond_x0
+        uncond_x0, cond_x0 = self._side_predictions(x, sigma, [self.uncond, self.cond])
+        return uncond_x0 + (cond_x0 - uncond_x0) * self.cfg, uncond_x0
 
     def _side_predictions(self, x: torch.Tensor, sigma: torch.Tensor,
                           sides: list[list[WeightedConditioning]]) -> list[torch.Tensor]:

@@ -33,11 +33,20 @@ class StepLoop:
     def steps(self, sigmas: torch.Tensor) -> Iterator[int]:
         if sigmas.ndim != 1:
             raise ValueError(f"expected a 1-D sigma grid, got shape {tuple(sigmas.shape)}")
-        self.total = max(len(sigmas) - 1, 0)
+        return self.count(len(sigmas) - 1)
+
+    def count(self, total: int) -> Iterator[int]:
+        """Step indices 0..total-1, for samplers whose steps are not the grid's (dpm_fast)."""
+        self.total = max(total, 0)
         for i in range(self.total):
-            if self.cancel is not None and self.cancel():
-                raise SamplingCancelled(i, self.total)
+            self.check(i)
             yield i
+
+    def check(self, i: int) -> None:
+        """Raise SamplingCancelled before step i if asked to; for loops of unknown length (dpm_adaptive), which
+        set `total` as they go."""
+        if self.cancel is not None and self.cancel():
+            raise SamplingCancelled(i, self.total)
 
     def report(self, i: int, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor,
                sigma_hat: torch.Tensor | None = None) -> None:
