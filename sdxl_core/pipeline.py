@@ -197,7 +197,8 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
     denoiser = _guided_denoiser(model, positive, negative, cfg, tuple(samples.shape[-2:]))
     with torch.inference_mode():
         x = run_sampler(sampler, denoiser, samples.to(device) * scale, noise.to(device), sigmas,
-                        sigma_max=schedule.sigma_max, seed=seed, callback=callback, cancel=cancel)
+                        sigma_max=schedule.sigma_max, seed=seed, callback=callback, cancel=cancel,
+                        schedule=schedule)
     out = (x / scale).float().cpu()
     if not torch.isfinite(out).all():
         _, dtype = _unet_device_dtype(model)
@@ -217,7 +218,7 @@ def denoise_from(model: SDXLModel, x: torch.Tensor, sigmas: torch.Tensor, positi
     denoiser = _guided_denoiser(model, positive, negative, cfg, tuple(x.shape[-2:]))
     with torch.inference_mode():
         return integrate(sampler, denoiser, x.to(device), sigmas.to(device), seed=seed, callback=callback,
-                         cancel=cancel)
+                         cancel=cancel, schedule=eps_schedule())
 
 
 def _guided_denoiser(model: SDXLModel, positive: list, negative: list, cfg: float,

@@ -15,7 +15,9 @@ class SamplingCancelled(Exception):
     """Raised between steps when the caller's `cancel()` returned true."""
 
     def __init__(self, step: int, total: int):
-        super().__init__(f"sampling cancelled before step {step + 1} of {total}")
+        # A sampler that chooses its own steps (dpm_adaptive) knows no total in advance.
+        of = f" of {total}" if total > step else ""
+        super().__init__(f"sampling cancelled before step {step + 1}{of}")
         self.step = step
         self.total = total
 

@@ -67,7 +67,7 @@ def _update(model, x, x0_history, t_history, t, order, variant, use_corrector):
         ratios.append(rk)
         differences.append((x0_history[-(k + 1)] - x0_prev) / rk)
     ratios.append(1.0)
-    ratios = torch.tensor(ratios, device=x.device)
+    ratios = torch.tensor(ratios, dtype=x.dtype, device=x.device)
 
     hh = -h[0]
     h_phi_1 = torch.expm1(hh)
@@ -81,17 +81,17 @@ def _update(model, x, x0_history, t_history, t, order, variant, use_corrector):
         factorial *= k + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
     powers = torch.stack(powers)
-    b = torch.tensor(b, device=x.device)
+    b = torch.tensor(b, dtype=x.dtype, device=x.device)
 
     stacked = torch.stack(differences, dim=1) if differences else None
     x_base = _per_item(std_t / std_prev, ndim) * x - _per_item(alpha_t * h_phi_1, ndim) * x0_prev
     x_t = x_base
     if stacked is not None:
-        rhos_p = torch.tensor([0.5], device=x.device) if order == 2 else torch.linalg.solve(powers[:-1, :-1], b[:-1])
+        rhos_p = torch.tensor([0.5], dtype=x.dtype, device=x.device) if order == 2 else torch.linalg.solve(powers[:-1, :-1], b[:-1])
         x_t = x_base - _per_item(alpha_t * b_h, ndim) * torch.tensordot(stacked, rhos_p, dims=([1], [0]))
     if not use_corrector:
         return x_t, None
-    rhos_c = torch.tensor([0.5], device=x.device) if order == 1 else torch.linalg.solve(powers, b)
+    rhos_c = torch.tensor([0.5], dtype=x.dtype, device=x.device) if order == 1 else torch.linalg.solve(powers, b)
     x0_t = model(x_t, t)
     correction = rhos_c[-1] * (x0_t - x0_prev)
     if stacked is not None:
