@@ -7,6 +7,7 @@ from sdxl_core.sampling.noise import BrownianTreeNoiseSampler
 from sdxl_core.sampling.samplers import (
     COMFYUI_SAMPLER_ORDER,
     SAMPLERS,
+    NoiseKind,
     STOCHASTIC_SAMPLERS,
     SamplingCancelled,
     get_sampler,
@@ -435,3 +436,98 @@ def test_ancestral_landing_flags_equal_the_per_step_values(eta):
         assert per_step[-1]
     if eta == 2.0:
         assert any(_ancestral_lands_on_zero(torch.tensor([14.6146, 2.0, 0.0292, 0.0]), eta)[:-1])
+
+
+CFG_PP_SAMPLERS = [name for name, spec in SAMPLERS.items() if spec.uncond]
+
+
+def test_cfg_pp_samplers_are_flagged_and_need_the_uncond_prediction():
+    assert CFG_PP_SAMPLERS == ["euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp",
+                               "dpmpp_2m_cfg_pp", "res_multistep_cfg_pp", "res_multistep_ancestral_cfg_pp",
+                               "gradient_estimation_cfg_pp"]
+    assert all(name.endswith("_cfg_pp") == SAMPLERS[name].uncond for name in SAMPLERS)
+
+
+def _guided_toy(x, sigma, y):
+    """A conditional toy denoiser: the condition y (one value per item) shifts the data mean."""
+    return twisted(x, sigma) + 0.2 * y.view(-1, 1, 1, 1) * torch.tanh(sigma.view(-1, 1, 1, 1))
+
+
+@requires_comfyui
+@pytest.mark.comfyui
+@pytest.mark.parametrize("cfg", [1.0, 3.5])
+@pytest.mark.parametrize("name", CFG_PP_SAMPLERS + ["euler", "dpmpp_2m", "euler_ancestral"])
+def test_guided_samplers_equal_comfyuis_with_its_cfg_function_and_post_cfg_hooks(name, cfg):
+    """Through real guidance: CFGDenoiser against ComfyUI's `cfg_function` with the samplers' own post-CFG hooks
+    (the CFG++ samplers read uncond_denoised there, and disable the cfg-1 skip). UNet passes are counted: a CFG++
+    sampler evaluates the unconditional branch even at cfg 1, every other sampler skips it there."""
+    from sdxl_core.sampling.guidance import CFGDenoiser
+
+    cond_y, uncond_y = torch.tensor([[1.0]]), torch.tensor([[-0.5]])
+    sigmas = ksampler_sigmas(SCHEDULE, "karras", name, 10)
+    x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    comfy_model = GuidedModelStub(_guided_toy, cond_y, uncond_y, cfg, model_sampling_eps())
+    expected = comfyui_sample(name, comfy_model, x, sigmas, 42)
+
+    rows = []
+
+    def inner(x, sigma, y):
+        rows.append(x.shape[0])
+        return _guided_toy(x, sigma, y)
+
+    guided = CFGDenoiser(inner, {"y": cond_y}, {"y": uncond_y}, cfg)
+    ours = integrate(name, guided, x, sigmas, seed=42)
+    _assert_comfyui_equal(name, ours, expected)
+    both_branches = cfg != 1.0 or SAMPLERS[name].uncond
+    assert set(rows) == {2 * x.shape[0] if both_branches else x.shape[0]}
+    assert len(rows) == comfy_model.calls
+
+
+def test_cfg_pp_without_guidance_is_the_plain_sampler():
+    """With no guidance the unconditional prediction is the prediction: euler_cfg_pp is euler, up to rounding
+    (CFG++ writes the step as x0 + sigma_next * d, Euler as x + (sigma_next - sigma) * d)."""
+    x, sigmas = _start(10)
+    plain = integrate("euler", gaussian_denoiser, x, sigmas)
+    cfg_pp = integrate("euler_cfg_pp", gaussian_denoiser, x, sigmas)
+    assert torch.allclose(plain, cfg_pp, rtol=0, atol=1e-10)
+    assert torch.allclose(integrate("dpmpp_2m", gaussian_denoiser, x, sigmas),
+                          integrate("dpmpp_2m_cfg_pp", gaussian_denoiser, x, sigmas), rtol=0, atol=1e-10)
+
+
+def test_lcm_steps_by_hand():
+    # Each step jumps to x0 and renoises it to the next sigma with the seeded generator's next draw.
+    sigmas = torch.tensor([3.0, 1.0, 0.0])
+    x = torch.ones(1, 1, 2, 2)
+    generator = torch.Generator().manual_seed(11)
+    first_noise = torch.randn(x.shape, generator=generator)
+    seen = []
+    out = integrate("lcm", lambda x, s: 0.5 * x, x, sigmas, seed=11, callback=lambda info: seen.append(info["x"]))
+    assert torch.equal(seen[1], 0.5 * x + first_noise * 1.0)
+    assert torch.equal(out, 0.5 * seen[1])  # the last step returns x0
+
+
+def test_samplers_that_read_the_schedule_say_so():
+    assert [name for name, spec in SAMPLERS.items() if spec.schedule] == ["sa_solver", "sa_solver_pece"]
+    x, sigmas = _start(4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="sa_solver reads the model's noise schedule: pass schedule="):
+        integrate("sa_solver", gaussian_denoiser, x, sigmas, seed=1)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"])
+def test_gpu_variants_equal_the_cpu_ones_on_a_cpu(name):
+    """The `_gpu` names draw their Brownian tree on the latent's device: on a CPU with float32 sigmas that is the
+    same tree as the CPU variant's, so the samples agree bit for bit (on a GPU they differ, as in ComfyUI)."""
+    assert SAMPLERS[f"{name}_gpu"].noise is NoiseKind.BROWNIAN_DEVICE and SAMPLERS[name].noise is NoiseKind.BROWNIAN
+    x, sigmas = _start(8, dtype=torch.float32)
+    assert torch.equal(integrate(name, gaussian_denoiser, x, sigmas, seed=5),
+                       integrate(f"{name}_gpu", gaussian_denoiser, x, sigmas, seed=5))
+
+
+@pytest.mark.parametrize("name", ["uni_pc", "uni_pc_bh2", "dpm_2", "dpm_2_ancestral"])
+def test_discard_penultimate_sigma_samplers(name):
+    from sdxl_core.sampling.schedules import DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+
+    assert DISCARD_PENULTIMATE_SIGMA_SAMPLERS == {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
+    grid = ksampler_sigmas(SCHEDULE, "karras", name, 10)
+    eleven = SCHEDULERS["karras"](SCHEDULE, 11)
+    assert len(grid) == 11 and torch.equal(grid, torch.cat([eleven[:-2], eleven[-1:]]))
