@@ -2,17 +2,17 @@
 """SDXL speed and memory benchmark: this project against diffusers, in one process, on identical random weights.
 
 On a GPU (full-size SDXL, 1024x1024, fp16, CFG batch 2) it times, with CUDA events and the median of many runs:
-the base UNet step (plain and with each lever of sdxl_core/optimize.py), the refiner step, the VAE decode, and a
+the base UNet step (plain and with each lever of sdxl_core/runtime/optimize.py), the refiner step, the VAE decode, and a
 whole two-stage run (base steps + refiner steps + decode), for this project and for diffusers' UNet2DConditionModel
 / AutoencoderKL converted from the same tensors by diffusers' own single-file conversion. It prints absolute times,
 ratios, the GPU's name and peak memory, and first runs the whole two-stage pipeline under an 8 GiB cap
-(torch.cuda.set_per_process_memory_fraction) with the residency plan of sdxl_core/residency.py.
+(torch.cuda.set_per_process_memory_fraction) with the residency plan of sdxl_core/runtime/residency.py.
 On a CPU it runs the tiny configs at 64x64 (fp32), so CI keeps every code path working (tests/test_bench.py).
 
     python benchmarks/bench_sdxl.py --device cuda --compile --memory-cap-gb 8 --json bench.json
     python benchmarks/bench_sdxl.py --device cpu --quick          # tiny configs, seconds
 
-Not a timed test: numbers hold only next to the card's name (PERF.md, "How to compare").
+Not a timed test: numbers hold only next to the card's name (docs/performance.md#how-to-compare).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from sdxl_core.config import (ADM_SCALAR_EMBED_DIM, SDXL_BASE, SDXL_REFINER, TINY_BASE,  # noqa: E402
                               TINY_REFINER, SDXLConfig, UNetConfig)
+from sdxl_core.dtypes import DTYPES_BY_NAME  # noqa: E402
 from sdxl_core.sampling.denoiser import EpsDenoiser  # noqa: E402
 from tests._diffusers_twins import diffusers_unet, diffusers_vae  # noqa: E402
 from sdxl_core.sampling.guidance import CFGDenoiser  # noqa: E402
@@ -48,7 +49,7 @@ from sdxl_core.runtime.optimize import (OptimizedStep, UNetOptimizations, fuse_q
                                 unfuse_qkv)
 from sdxl_core.runtime.residency import DEFAULT_ACTIVATION_RESERVE, GiB, ResidencyPlan, no_residency  # noqa: E402
 from sdxl_core.sampling.samplers import integrate  # noqa: E402
-from sdxl_core.sampling.schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range  # noqa: E402
+from sdxl_core.sampling.schedules import DiscreteSchedule, ksampler_sigmas, sigmas_for_range  # noqa: E402
 from sdxl_core.text.encoders import TextEncoder  # noqa: E402
 from sdxl_core.models.timestep_embedding import timestep_embedding  # noqa: E402
 from sdxl_core.text.tokenizer import SDXLTokenizer  # noqa: E402
@@ -59,13 +60,15 @@ from sdxl_core.runtime.vae_decoding import decode_latents, default_vae_dtype  # 
 POOLED_DIM = 1280  # bigG projection width: the head of every SDXL ADM vector
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dusk, dramatic light", "blurry, low quality"
 # Levers tried one at a time on the eager base step; a lever is kept when it beats plain eager by more than this
-# (about the run-to-run spread of a median on a GPU: METHOD.md, "a difference smaller than that spread is noise").
+# (about the run-to-run spread of a median on a GPU, docs/performance.md#how-to-compare: a smaller difference is
+# noise).
 KEEP_THRESHOLD = 0.01
 # torch.compile modes that capture CUDA graphs themselves (no second capture on top of them).
 GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")
-# Wall time of compiling diffusers' base UNet and timing it (PERF.md: about 100 s on an H100), with a margin.
+# Wall time of compiling diffusers' base UNet and timing it (docs/performance.md: about 100 s on an H100), with a
+# margin.
 REFERENCE_COMPILE_ESTIMATE_S = 150.0
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = DTYPES_BY_NAME
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,7 +285,7 @@ class TwoStagePlan:
 
 def two_stage_plan(steps: int, refiner_steps: int, latent_side: int, device: torch.device, seed: int
                    ) -> TwoStagePlan:
-    schedule = DiscreteEpsSchedule()
+    schedule = DiscreteSchedule()
     total = steps + refiner_steps
     sigmas = ksampler_sigmas(schedule, "normal", "euler", total)
     base = sigmas_for_range(sigmas, 0, steps, leftover_noise=True) if refiner_steps else sigmas
@@ -295,7 +298,7 @@ def run_two_stage(plan: TwoStagePlan, base_model: Callable, base_cond: tuple[dic
                   refiner_model: Callable | None, refiner_cond: tuple[dict, dict] | None,
                   decode: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Euler + CFG over the base grid, then the refiner's, then decode; returns (latent, images)."""
-    schedule = DiscreteEpsSchedule()
+    schedule = DiscreteSchedule()
     x = noise_scaling(plan.base_sigmas[0], plan.noise, torch.zeros_like(plan.noise), True)
     denoiser = CFGDenoiser(EpsDenoiser(base_model, schedule, dtype=base_dtype), base_cond[0], base_cond[1], plan.cfg)
     x = integrate("euler", denoiser, x, plan.base_sigmas)
@@ -324,25 +327,29 @@ def branch_conditioning(inputs: StepInputs, diffusers_layout: bool) -> tuple[dic
 def pipeline_two_stage(base: SDXLModel, refiner: SDXLModel | None, size: int, steps: int, refiner_steps: int,
                        stage=no_residency, seed: int = 0) -> tuple[dict, torch.Tensor]:
     """Prompt to image through sdxl_core.pipeline's public stages, each inside `stage(model, part)`."""
-    from sdxl_core.pipeline import (decode, empty_latent, encode_base_conditioning, encode_refiner_conditioning,
-                                    sample_latent)
+    from sdxl_core.conditioning import BaseMicroConditioning, RefinerMicroConditioning
+    from sdxl_core.pipeline import decode, empty_latent, encode_base_conditioning, encode_refiner_conditioning
+    from sdxl_core.sampling.ksampler import sample_latent
+    from sdxl_core.sampling.settings import SamplingSettings
 
     total = steps + (refiner_steps if refiner is not None else 0)
-    settings = dict(seed=seed, steps=total, cfg=7.0, sampler="euler", scheduler="normal")
+    settings = SamplingSettings(seed=seed, steps=total, cfg=7.0, sampler="euler", scheduler="normal")
     with stage(base, "text"):
-        positive = encode_base_conditioning(base, PROMPT, width=size, height=size)
-        negative = encode_base_conditioning(base, NEGATIVE, width=size, height=size)
+        micro = BaseMicroConditioning(original_size=(size, size))
+        positive = encode_base_conditioning(base, PROMPT, micro=micro)
+        negative = encode_base_conditioning(base, NEGATIVE, micro=micro)
     with stage(base, "unet"):
-        latent = sample_latent(base, empty_latent(size, size), positive, negative,
+        latent = sample_latent(base, empty_latent(size, size), positive, negative, settings,
                                end_step=steps if refiner is not None else None,
-                               return_with_leftover_noise=refiner is not None, **settings)
+                               return_with_leftover_noise=refiner is not None)
     if refiner is not None:
         with stage(refiner, "text"):
-            refiner_positive = encode_refiner_conditioning(refiner, PROMPT, width=size, height=size)
-            refiner_negative = encode_refiner_conditioning(refiner, NEGATIVE, width=size, height=size)
+            micro = RefinerMicroConditioning(original_size=(size, size))
+            refiner_positive = encode_refiner_conditioning(refiner, PROMPT, micro=micro)
+            refiner_negative = encode_refiner_conditioning(refiner, NEGATIVE, micro=micro)
         with stage(refiner, "unet"):
-            latent = sample_latent(refiner, latent, refiner_positive, refiner_negative, start_step=steps,
-                                   add_noise=False, **settings)
+            latent = sample_latent(refiner, latent, refiner_positive, refiner_negative, settings, start_step=steps,
+                                   add_noise=False)
     with stage(base, "vae"):
         images = decode(base, latent)
     return latent, images
@@ -579,8 +586,8 @@ def unet_section(args, report: Report, kind: str, unet: UNetModel, twin, inputs:
 
 
 def compile_reference_section(args, report: Report, kind: str, twin, inputs: StepInputs) -> None:
-    """diffusers' UNet compiled as PERF.md's anchor was (default mode, channels_last): last, because it costs about
-    100 s and only re-measures a reference number on this card."""
+    """diffusers' UNet compiled as the anchor in docs/performance.md was (default mode, channels_last): last,
+    because it costs about 100 s and only re-measures a reference number on this card."""
     device, warmup, iters = args.device, args.warmup, args.iters
     what = f"{kind} UNet step (batch 2)"
     print(f"\n== {what}: compiling diffusers ...", flush=True)
@@ -767,7 +774,7 @@ def summarize(args, report: Report) -> dict:
         base_ms, total_ms = out["base"]["ours_best_ms"], out["two_stage_ms"]
         out["goals"] = {"base_step_le_30ms": base_ms is not None and base_ms <= 30.0,
                         "two_stage_lt_1300ms": total_ms is not None and total_ms < 1300.0,
-                        "note": "goals are stated for an H100 (PERF.md); compare only on that card"}
+                        "note": "goals are stated for an H100 (docs/performance.md); compare only on that card"}
     report.data["summary"] = out
     report.flush()
     return out
@@ -810,7 +817,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="also torch.compile our UNets (cost reported)")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
     parser.add_argument("--compile-reference", action="store_true",
-                        help="also compile diffusers' base UNet (channels_last, like PERF.md's anchor)")
+                        help="also compile diffusers' base UNet (channels_last, like the anchor in docs/performance.md)")
     parser.add_argument("--compile-reference-refiner", action="store_true",
                         help="with --compile-reference: compile diffusers' refiner too (another ~100 s)")
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",

@@ -10,6 +10,9 @@ from typing import Any
 
 import torch
 
+from sdxl_core.config import VAE_DOWNSCALE
+from sdxl_core.dtypes import DTYPES_BY_NAME
+
 # Our own socket types for our own model objects (core MODEL/CLIP/VAE are ComfyUI objects we do not produce).
 # IMAGE, LATENT and CONDITIONING are ComfyUI's own, so core nodes connect on either side of ours.
 SDXL_MODEL = "SDXL_MODEL"
@@ -21,11 +24,9 @@ CATEGORY = "sdxl_two_stage"
 # Largest side ComfyUI's own size widgets accept (nodes.MAX_RESOLUTION).
 MAX_RESOLUTION = 16384
 # Pixels per latent cell: image sides must be multiples of this.
-LATENT_CELL = 8
-# The largest seed ComfyUI's seed widgets allow.
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
+LATENT_CELL = VAE_DOWNSCALE
 
-WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = {"default": None, **DTYPES_BY_NAME}  # "default": the loader picks one for the device
 
 
 def file_identity(path: Path, *parts: Any) -> tuple:
@@ -85,11 +86,6 @@ def conditioning_on(conditioning: list, device: torch.device) -> list:
 
 def require_stage(model: Any, kind: str, slot: str) -> None:
     """Refuse, in a sentence, an SDXL model of the other stage wired into a slot meant for `kind`."""
-    found = getattr(model, "kind", None)
-    if found is None:
-        raise ValueError(f"{slot} needs an SDXL {kind} model from the SDXL checkpoint loader, got "
-                         f"{type(model).__name__}")
-    if found != kind:
-        raise ValueError(f"{slot} needs the SDXL {kind} checkpoint, but the connected model is the SDXL {found} "
-                         f"(from {getattr(model, 'source', None) or 'memory'}); load the {kind} checkpoint "
-                         f"(e.g. sd_xl_{kind}_1.0.safetensors) and wire it here")
+    from sdxl_core.config import require_stage as core_require_stage
+
+    core_require_stage(model, kind, slot)

@@ -142,7 +142,8 @@ def default_dtypes() -> tuple[torch.dtype | None, torch.dtype | None]:
     if host is None:
         return None, None
     mm = host.model_management
-    # The SDXL VAE overflows in float16; ComfyUI's SD/SDXL VAE working dtypes are bf16 and fp32 (COMFYUI.md §2).
+    # The SDXL VAE overflows in float16; ComfyUI's SD/SDXL VAE working dtypes are bf16 and fp32
+    # (docs/checkpoints.md#loading-and-dtypes).
     # Each dtype is chosen for the device that network runs on, as ComfyUI does (--cpu-vae: the CPU's).
     return mm.unet_dtype(mm.get_torch_device()), mm.vae_dtype(mm.vae_device(), [torch.bfloat16, torch.float32])
 

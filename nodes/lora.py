@@ -3,7 +3,7 @@
 ComfyUI's own LoraLoader takes ComfyUI's MODEL and CLIP, which this pack's loader does not produce; this node is its
 counterpart for SDXL_MODEL, with the same widgets. The model coming in is never modified (the checkpoint loader
 caches it and other branches of the graph may use it): the output is a new model that shares every weight the LoRA
-leaves alone, so only the patched weights cost memory (see sdxl_core/lora.py).
+leaves alone, so only the patched weights cost memory (see sdxl_core/checkpoints/lora.py).
 """
 
 from __future__ import annotations

@@ -7,15 +7,16 @@ import torch
 
 from sdxl_core.sampling.samplers import SAMPLERS
 from sdxl_core.sampling.schedules import SCHEDULERS
+from sdxl_core.sampling.settings import MAX_SEED, MAX_STEPS, TWO_STAGE_HANDOFF, TWO_STAGE_STEPS, SamplingSettings
 
 from . import comfy_host
-from ._shared import CATEGORY, MAX_SEED, SDXL_MODEL, check_widgets, node_id, require_stage, validation_result
+from ._shared import CATEGORY, SDXL_MODEL, check_widgets, node_id, require_stage, validation_result
 
-MAX_STEPS = 10000
 SAMPLER_NAMES = list(SAMPLERS)
 SCHEDULER_NAMES = list(SCHEDULERS)
-DEFAULT_STEPS = 25
-DEFAULT_HANDOFF = 20  # the refiner takes the last fifth, as in the paper's and ComfyUI's SDXL examples
+# The widgets' defaults are the core's: SamplingSettings (ComfyUI KSampler's cfg, sampler and scheduler) and the
+# SDXL two-stage recipe's 25 steps with the refiner from step 20.
+DEFAULTS = SamplingSettings(steps=TWO_STAGE_STEPS)
 # LATENT key under which the base sampler records where it handed off, so the refiner can check it continues there.
 # Core nodes copy unknown LATENT keys along (or drop them); only a latent that still carries noise has it.
 HANDOFF_KEY = "sdxl_two_stage_handoff"
@@ -41,13 +42,13 @@ def _sampling_inputs(model_tooltip: str) -> dict:
         "positive": ("CONDITIONING", {"tooltip": _COMMON_TOOLTIPS["positive"]}),
         "negative": ("CONDITIONING", {"tooltip": _COMMON_TOOLTIPS["negative"]}),
         "latent_image": ("LATENT", {"tooltip": "The latent to denoise."}),
-        "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+        "seed": ("INT", {"default": DEFAULTS.seed, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                          "tooltip": _COMMON_TOOLTIPS["seed"]}),
-        "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": MAX_STEPS, "tooltip": _COMMON_TOOLTIPS["steps"]}),
-        "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+        "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": MAX_STEPS, "tooltip": _COMMON_TOOLTIPS["steps"]}),
+        "cfg": ("FLOAT", {"default": DEFAULTS.cfg, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                           "tooltip": _COMMON_TOOLTIPS["cfg"]}),
-        "sampler_name": (SAMPLER_NAMES, {"default": "euler", "tooltip": _COMMON_TOOLTIPS["sampler_name"]}),
-        "scheduler": (SCHEDULER_NAMES, {"default": "normal", "tooltip": _COMMON_TOOLTIPS["scheduler"]}),
+        "sampler_name": (SAMPLER_NAMES, {"default": DEFAULTS.sampler, "tooltip": _COMMON_TOOLTIPS["sampler_name"]}),
+        "scheduler": (SCHEDULER_NAMES, {"default": DEFAULTS.scheduler, "tooltip": _COMMON_TOOLTIPS["scheduler"]}),
     }
 
 
@@ -111,9 +112,10 @@ def _activation_bytes(model, latent: dict, branches: int = 2) -> int:
     return unet_activation_bytes(model.unet, branches * batch, height, width)
 
 
-def _run(model, latent: dict, positive: list, negative: list, total_steps: int, **settings) -> tuple[dict]:
+def _run(model, latent: dict, positive: list, negative: list, total_steps: int, settings: SamplingSettings,
+         **step_range) -> tuple[dict]:
     """Validate the conditioning, put the UNet on the device, sample with per-step progress and interruption."""
-    from sdxl_core.pipeline import sample_latent, validate_conditioning_for
+    from sdxl_core.sampling.ksampler import sample_latent, validate_conditioning_for
     from sdxl_core.sampling.samplers import SamplingCancelled
 
     validate_conditioning_for(model, positive, "positive")
@@ -126,8 +128,8 @@ def _run(model, latent: dict, positive: list, negative: list, total_steps: int, 
         progress.update(info["i"] + 1, info["denoised"])
 
     try:
-        out = sample_latent(model, latent, positive, negative, callback=on_step, cancel=comfy_host.interrupted,
-                            **settings)
+        out = sample_latent(model, latent, positive, negative, settings, callback=on_step,
+                            cancel=comfy_host.interrupted, **step_range)
     except SamplingCancelled:
         comfy_host.raise_if_interrupted()  # ComfyUI's own exception, so the run ends as "interrupted"
         raise
@@ -152,7 +154,7 @@ class BaseSampler:
         inputs = _sampling_inputs("The SDXL base from 'Load SDXL Checkpoint' (the refiner goes into the SDXL Latent "
                                   "Refiner node).")
         inputs["end_at_step"] = ("INT", {
-            "default": DEFAULT_HANDOFF, "min": 1, "max": MAX_STEPS,
+            "default": TWO_STAGE_HANDOFF, "min": 1, "max": MAX_STEPS,
             "tooltip": "K: the step at which the base stops and the refiner takes over (1..steps). About 80% of "
                        "steps is usual (20 of 25); K = steps runs the base alone."})
         inputs["leftover_noise"] = ("BOOLEAN", {
@@ -178,9 +180,10 @@ class BaseSampler:
         require_stage(model, "base", "SDXL Base Sampler")
         end = end_at_step if end_at_step < steps else None
         leftover = bool(leftover_noise) and end is not None
-        (latent,) = _run(model, latent_image, positive, negative, end or steps, seed=seed, steps=steps, cfg=cfg,
-                         sampler=sampler_name, scheduler=scheduler, end_step=end,
-                         return_with_leftover_noise=leftover, denoise=denoise)
+        settings = SamplingSettings(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
+                                    denoise=denoise)
+        (latent,) = _run(model, latent_image, positive, negative, end or steps, settings, end_step=end,
+                         return_with_leftover_noise=leftover)
         if leftover:
             latent[HANDOFF_KEY] = {"steps": steps, "end_at_step": end, "scheduler": scheduler}
         return (latent,)
@@ -203,7 +206,7 @@ class RefinerSampler:
         inputs = _sampling_inputs("The SDXL refiner from 'Load SDXL Checkpoint'. The base does not belong here: it "
                                   "goes into the SDXL Base Sampler.")
         inputs["start_at_step"] = ("INT", {
-            "default": DEFAULT_HANDOFF, "min": 0, "max": MAX_STEPS,
+            "default": TWO_STAGE_HANDOFF, "min": 0, "max": MAX_STEPS,
             "tooltip": "K: the step to continue from, equal to the base sampler's end_at_step. 0 means refine a "
                        "finished latent by the denoise strength instead."})
         inputs["denoise"] = ("FLOAT", {
@@ -225,9 +228,10 @@ class RefinerSampler:
         # A handoff continues the base's own noise; a strength-based refine starts from clean pixels and needs fresh
         # noise (KSamplerAdvanced add_noise disable / enable).
         handoff = start_at_step > 0
-        return _run(model, latent_image, positive, negative, max(steps - start_at_step, 1), seed=seed, steps=steps,
-                    cfg=cfg, sampler=sampler_name, scheduler=scheduler, start_step=start_at_step,
-                    add_noise=not handoff, denoise=denoise)
+        settings = SamplingSettings(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
+                                    denoise=denoise)
+        return _run(model, latent_image, positive, negative, max(steps - start_at_step, 1), settings,
+                    start_step=start_at_step, add_noise=not handoff)
 
 
 NODE_CLASS_MAPPINGS = {

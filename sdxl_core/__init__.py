@@ -42,7 +42,8 @@ _EXPORTS = {
     "decode": "pipeline",
     "encode": "pipeline",
     # one stage of sampling
-    "sample_latent": "pipeline",
+    "sample_latent": "sampling.ksampler",
+    "SamplingSettings": "sampling.settings",
     "SAMPLERS": "sampling.samplers",
     "SCHEDULERS": "sampling.schedules",
     "SamplingCancelled": "sampling.samplers",
@@ -74,7 +75,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve l
     from .models.unet import UNetModel
     from .models.vae import AutoencoderKL
     from .pipeline import (GenerationRequest, GenerationResult, ImageToImageRequest, decode, empty_latent, encode,
-                           encode_base_conditioning, encode_refiner_conditioning, generate, image_to_image,
-                           sample_latent)
+                           encode_base_conditioning, encode_refiner_conditioning, generate, image_to_image)
+    from .sampling.ksampler import sample_latent
     from .sampling.samplers import SAMPLERS, SamplingCancelled
     from .sampling.schedules import SCHEDULERS
+    from .sampling.settings import SamplingSettings

@@ -1,7 +1,8 @@
 """The multi-aspect training buckets of SDXL (Podell et al. 2023, arXiv 2307.01952, §2.3 and App. I).
 
 About 1024² pixels each, sides in multiples of 64. The list is the one public code copies from the paper's
-appendix table (see ../shared/reference/SDXL.md §7); sgm's demo ratios are a subset of it.
+appendix table (docs/conditioning.md#aspect-buckets); sgm's 26 demo sizes are a subset of it, all but one
+portrait size (704x1344) that the table lacks.
 """
 
 from __future__ import annotations

@@ -89,6 +89,51 @@ class TextEncoderConfig:
     context_layer: int = -2
 
 
+# The two SDXL stages: the base (full schedule, two text encoders) and the latent refiner (low-noise end, bigG).
+STAGES = ("base", "refiner")
+
+
+class WrongStageError(ValueError):
+    """A model of one SDXL stage was given where the other stage belongs."""
+
+
+def require_stage(model, kind: str, action: str) -> None:
+    """Refuse, in a sentence, anything but an SDXL model of stage `kind` for `action` (e.g. "SDXL Base Sampler")."""
+    found = getattr(model, "kind", None)
+    if found not in STAGES:
+        raise WrongStageError(f"{action} needs an SDXL {kind} model (from the SDXL checkpoint loader or "
+                              f"sdxl_core.load_checkpoint), got {type(model).__name__}")
+    if found != kind:
+        raise WrongStageError(f"{action} needs the SDXL {kind} checkpoint, but the model given is the SDXL {found} "
+                              f"(from {getattr(model, 'source', None) or 'memory'}); load the {kind} checkpoint "
+                              f"(e.g. sd_xl_{kind}_1.0.safetensors) and use it there")
+
+
+# What the UNet's output means (ComfyUI `model_sampling` EPS / V_PREDICTION; k-diffusion's Discrete*DDPMDenoiser):
+# "eps", the noise (SDXL 1.0 and most fine-tunes). The v-prediction issue adds the other targets here.
+PREDICTION_TYPES = ("eps",)
+
+
+@dataclass(frozen=True)
+class NoiseScheduleConfig:
+    """The discrete DDPM training schedule: `num_timesteps` betas spaced linearly in sqrt(beta) from `linear_start`
+    to `linear_end` (sgm `LegacyDDPMDiscretization`, ComfyUI `ModelSamplingDiscrete` with "linear" betas)."""
+
+    num_timesteps: int = 1000
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+
+    def __post_init__(self) -> None:
+        if self.num_timesteps < 2:
+            raise ValueError(f"num_timesteps must be at least 2, got {self.num_timesteps}")
+        if not 0.0 < self.linear_start < self.linear_end < 1.0:
+            raise ValueError(f"expected 0 < linear_start < linear_end < 1, got {self.linear_start} and "
+                             f"{self.linear_end}")
+
+
+SDXL_NOISE_SCHEDULE = NoiseScheduleConfig()
+
+
 @dataclass(frozen=True)
 class SDXLConfig:
     """One SDXL stage: its UNet, VAE and text encoders. `clip_l` is None for the refiner."""
@@ -99,10 +144,14 @@ class SDXLConfig:
     clip_g: TextEncoderConfig
     clip_l: TextEncoderConfig | None = None
     adm_scalars: tuple[str, ...] = field(default=())  # micro-conditioning fields in ADM order
+    prediction: str = "eps"  # one of PREDICTION_TYPES
+    noise_schedule: NoiseScheduleConfig = SDXL_NOISE_SCHEDULE  # base and refiner share SDXL's
 
     def __post_init__(self) -> None:
-        if self.kind not in ("base", "refiner"):
-            raise ValueError(f"kind must be 'base' or 'refiner', got {self.kind!r}")
+        if self.kind not in STAGES:
+            raise ValueError(f"kind must be one of {STAGES}, got {self.kind!r}")
+        if self.prediction not in PREDICTION_TYPES:
+            raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {self.prediction!r}")
         context = self.clip_g.hidden_size + (self.clip_l.hidden_size if self.clip_l else 0)
         if context != self.unet.context_dim:
             raise ValueError(f"text encoders give a {context}-wide context, the UNet expects {self.unet.context_dim}")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdxl_core.conditioning import ConditioningMismatch
+from sdxl_core.conditioning import BaseMicroConditioning, ConditioningMismatch, RefinerMicroConditioning
 from sdxl_core.pipeline import (
     GenerationRequest,
     decode,
@@ -12,8 +12,10 @@ from sdxl_core.pipeline import (
     encode_base_conditioning,
     encode_refiner_conditioning,
     generate,
-    sample_latent,
 )
+from sdxl_core.sampling.ksampler import guided_denoiser, sample_latent
+from sdxl_core.sampling.model_sampling import model_sampling_for
+from sdxl_core.sampling.settings import SamplingSettings
 from sdxl_core.runtime.residency import ResidencyPlan
 from sdxl_core.sampling.samplers import SamplingCancelled
 from tests._host_reads import HostReads
@@ -23,15 +25,19 @@ SIZE = 64  # pixels: an 8x8 latent keeps every UNet call in milliseconds
 
 @pytest.fixture(scope="module")
 def base_conds(tiny_base):
-    positive = encode_base_conditioning(tiny_base, "a red cube", width=SIZE, height=SIZE)
-    negative = encode_base_conditioning(tiny_base, "blurry", width=SIZE, height=SIZE)
+    positive = encode_base_conditioning(tiny_base, "a red cube", micro=BaseMicroConditioning((SIZE, SIZE)))
+    negative = encode_base_conditioning(tiny_base, "blurry", micro=BaseMicroConditioning((SIZE, SIZE)))
     return positive, negative
+
+
+SETTINGS = ("seed", "steps", "cfg", "sampler", "scheduler", "denoise")
 
 
 def _sample(model, latent, conds, **overrides):
     settings = dict(seed=7, steps=6, cfg=4.0, sampler="euler", scheduler="normal")
-    settings.update(overrides)
-    return sample_latent(model, latent, *conds, **settings)
+    settings.update((k, v) for k, v in overrides.items() if k in SETTINGS)
+    step_range = {k: v for k, v in overrides.items() if k not in SETTINGS}
+    return sample_latent(model, latent, *conds, SamplingSettings(**settings), **step_range)
 
 
 def test_split_run_with_leftover_noise_equals_one_run(tiny_base, base_conds):
@@ -82,12 +88,12 @@ def test_denoise_zero_and_empty_range_return_the_latent_unchanged(tiny_base, bas
 
 
 def test_refiner_conditioning_in_base_sampler_is_a_sentence(tiny_base, tiny_refiner, base_conds):
-    refiner_cond = encode_refiner_conditioning(tiny_refiner, "a red cube", width=SIZE, height=SIZE)
+    refiner_cond = encode_refiner_conditioning(tiny_refiner, "a red cube", micro=RefinerMicroConditioning((SIZE, SIZE)))
     with pytest.raises(ConditioningMismatch, match="refiner conditioning wired into the base"):
         _sample(tiny_base, empty_latent(SIZE, SIZE), (refiner_cond, base_conds[1]))
     with pytest.raises(ConditioningMismatch, match="base conditioning wired into the refiner"):
         _sample(tiny_refiner, empty_latent(SIZE, SIZE), (base_conds[0], refiner_cond))
-    with pytest.raises(ConditioningMismatch, match="needs the SDXL base"):
+    with pytest.raises(ValueError, match="needs the SDXL base"):
         encode_base_conditioning(tiny_refiner, "x")
 
 
@@ -174,8 +180,8 @@ def test_refiner_conditions_on_the_output_size_whatever_the_base_was_told(tiny_b
     generate(tiny_base, tiny_refiner, request)
     assert len(seen) == 2
     for kwargs in seen:
-        assert (kwargs["height"], kwargs["width"]) == (SIZE + 16, SIZE)
-        assert (kwargs.get("crop_top", 0), kwargs.get("crop_left", 0)) == (0, 0)
+        assert kwargs["micro"].original_size == (SIZE + 16, SIZE)
+        assert kwargs["micro"].crop_top_left == (0, 0)
 
 
 def test_an_explicit_grid_and_a_denoise_strength_are_not_both_taken(tiny_base, base_conds):
@@ -228,10 +234,8 @@ def test_non_finite_conditioning_is_named_before_sampling(tiny_base, base_conds)
 def test_combined_conditioning_is_the_strength_weighted_mean_in_one_unet_call(tiny_base, base_conds, monkeypatch):
     """ComfyUI ConditioningCombine with strengths 1 and 3: each side's x0 is (1·x0_a + 3·x0_b) / 4, so the guided
     x0 is the same mean of the two single-entry guided x0s; both entries and the negative share one UNet call."""
-    from sdxl_core.pipeline import _guided_denoiser
-
     positive, negative = base_conds
-    other = encode_base_conditioning(tiny_base, "a blue sphere, studio light", width=SIZE // 2, height=SIZE)
+    other = encode_base_conditioning(tiny_base, "a blue sphere, studio light", micro=BaseMicroConditioning((SIZE, SIZE // 2)))
     (context_a, options_a), (context_b, options_b) = positive[0], other[0]
     combined = [[context_a, options_a], [context_b, {**options_b, "strength": 3.0}]]
     x, sigma = torch.randn(1, 4, 8, 8) * 3.0, torch.tensor([3.0])
@@ -243,10 +247,10 @@ def test_combined_conditioning_is_the_strength_weighted_mean_in_one_unet_call(ti
         return real_forward(x_in, t, context, y)
 
     with torch.inference_mode():
-        single_a = _guided_denoiser(tiny_base, positive, negative, 4.0, (8, 8))(x, sigma)
-        single_b = _guided_denoiser(tiny_base, other, negative, 4.0, (8, 8))(x, sigma)
+        single_a = guided_denoiser(tiny_base, positive, negative, 4.0, (8, 8))(x, sigma)
+        single_b = guided_denoiser(tiny_base, other, negative, 4.0, (8, 8))(x, sigma)
         monkeypatch.setattr(tiny_base.unet, "forward", spy)
-        both = _guided_denoiser(tiny_base, combined, negative, 4.0, (8, 8))(x, sigma)
+        both = guided_denoiser(tiny_base, combined, negative, 4.0, (8, 8))(x, sigma)
     assert calls == [3]
     torch.testing.assert_close(both, (1.0 * single_a + 3.0 * single_b) / 4.0, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(both, single_a, atol=1e-3) and not torch.allclose(both, single_b, atol=1e-3)
@@ -254,19 +258,17 @@ def test_combined_conditioning_is_the_strength_weighted_mean_in_one_unet_call(ti
 
 def test_a_timestep_range_limits_an_entry_to_its_part_of_the_schedule(tiny_base, base_conds):
     """ConditioningSetTimestepRange: an entry counts only where sigma lies within percent_to_sigma(start..end)."""
-    from sdxl_core.pipeline import _guided_denoiser, eps_schedule
-
     positive, negative = base_conds
-    other = encode_base_conditioning(tiny_base, "a blue sphere", width=SIZE, height=SIZE)
+    other = encode_base_conditioning(tiny_base, "a blue sphere", micro=BaseMicroConditioning((SIZE, SIZE)))
     split = [[positive[0][0], {**positive[0][1], "end_percent": 0.5}],
              [other[0][0], {**other[0][1], "start_percent": 0.5}]]
-    boundary = eps_schedule().percent_to_sigma(0.5)
+    boundary = model_sampling_for(tiny_base.config).schedule.percent_to_sigma(0.5)
     x = torch.randn(1, 4, 8, 8)
     with torch.inference_mode():
-        gated = _guided_denoiser(tiny_base, split, negative, 4.0, (8, 8))
+        gated = guided_denoiser(tiny_base, split, negative, 4.0, (8, 8))
         for sigma, alone in ((boundary * 4, positive), (boundary / 4, other)):
             s = torch.tensor([sigma])
-            expected = _guided_denoiser(tiny_base, alone, negative, 4.0, (8, 8))(x, s)
+            expected = guided_denoiser(tiny_base, alone, negative, 4.0, (8, 8))(x, s)
             assert torch.equal(gated(x, s), expected)
     out = _sample(tiny_base, empty_latent(SIZE, SIZE), (split, negative))
     assert torch.isfinite(out["samples"]).all()

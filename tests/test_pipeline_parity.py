@@ -1,4 +1,4 @@
-"""End-to-end parity with diffusers' SDXL pipelines on the tiny models (SDXL.md §5).
+"""End-to-end parity with diffusers' SDXL pipelines on the tiny models (docs/sampling.md).
 
 Our side runs prompt encoding, micro-conditioning, ADM vector, UNet, guidance and sampler through
 `sdxl_core.pipeline`; diffusers runs `StableDiffusionXLPipeline` (and `StableDiffusionXLImg2ImgPipeline` for the
@@ -18,15 +18,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdxl_core.conditioning import with_micro_conditioning
+from sdxl_core.conditioning import BaseMicroConditioning, RefinerMicroConditioning, with_micro_conditioning
+from sdxl_core.config import TINY_BASE
+from sdxl_core.pipeline import encode_base_conditioning, encode_refiner_conditioning
+from sdxl_core.sampling.ksampler import denoise_from, sample_latent
+from sdxl_core.sampling.model_sampling import model_sampling_for
+from sdxl_core.sampling.settings import SamplingSettings
 from tests._diffusers_twins import diffusers_unet, diffusers_vae
-from sdxl_core.pipeline import (denoise_from, encode_base_conditioning, encode_refiner_conditioning, eps_schedule,
-                                sample_latent)
 
 from tests._diffusers_reference import (SCHEDULERS, UNetCalls, compare_calls, diffusers_clip_tokenizers, euler_scheduler,
                                   relative_error)
 from tests._diffusers_reference import base_pipeline as _base_pipeline
 from tests._diffusers_reference import refiner_pipeline as _refiner_pipeline
+
+SCHEDULE = model_sampling_for(TINY_BASE).schedule
 
 pytest.importorskip("diffusers")  # the helpers above import it only when called
 # diffusers 0.42 schedulers call np.array(tensor, copy=False) on torch tensors; harmless here.
@@ -87,15 +92,16 @@ def refiner_pipeline(tiny_refiner, tokenizers, reference_parts):
 
 @pytest.fixture(scope="module")
 def base_conditioning(tiny_base):
-    size = dict(width=SIZE, height=SIZE, crop_top=0, crop_left=0)  # original = target = generation size
-    return encode_base_conditioning(tiny_base, PROMPT, **size), encode_base_conditioning(tiny_base, NEGATIVE, **size)
+    micro = BaseMicroConditioning(original_size=(SIZE, SIZE))  # original = target = generation size, crop (0, 0)
+    return (encode_base_conditioning(tiny_base, PROMPT, micro=micro),
+            encode_base_conditioning(tiny_base, NEGATIVE, micro=micro))
 
 
 @pytest.fixture(scope="module")
 def refiner_conditioning(tiny_refiner):
-    size = dict(width=SIZE, height=SIZE, crop_top=0, crop_left=0)
-    return (encode_refiner_conditioning(tiny_refiner, PROMPT, aesthetic_score=POSITIVE_AESTHETIC, **size),
-            encode_refiner_conditioning(tiny_refiner, NEGATIVE, aesthetic_score=NEGATIVE_AESTHETIC, **size))
+    micro = RefinerMicroConditioning(original_size=(SIZE, SIZE))
+    return (encode_refiner_conditioning(tiny_refiner, PROMPT, aesthetic_score=POSITIVE_AESTHETIC, micro=micro),
+            encode_refiner_conditioning(tiny_refiner, NEGATIVE, aesthetic_score=NEGATIVE_AESTHETIC, micro=micro))
 
 
 def start_noise() -> torch.Tensor:
@@ -206,8 +212,8 @@ def test_refiner_handoff_matches_diffusers(sampler, tiny_base, tiny_refiner, bas
     # noise, refiner start_step=k without added noise). Its own noise follows ComfyUI's start convention, so the
     # already-noised start goes in as the (unscaled) latent with add_noise off.
     scale = tiny_base.config.vae.scale_factor
-    settings = dict(seed=SEED, steps=STEPS, cfg=CFG, sampler=sampler, scheduler="normal", sigmas=sigmas,
-                    add_noise=False)
+    settings = dict(settings=SamplingSettings(seed=SEED, steps=STEPS, cfg=CFG, sampler=sampler, scheduler="normal"),
+                    sigmas=sigmas, add_noise=False)
     latent = {"samples": noise * (sigmas[0] ** 2 + 1) ** 0.5 / scale}
     latent = sample_latent(tiny_base, latent, *base_conditioning, end_step=k, return_with_leftover_noise=True,
                            **settings)
@@ -237,8 +243,8 @@ def test_negative_aesthetic_score_is_what_diffusers_uses(tiny_refiner, refiner_p
 
 def test_diffusers_float32_grid_is_our_schedule_at_its_timesteps():
     """Why the parity runs walk diffusers' sigma tensor: it is our float64 schedule at the same integer timesteps,
-    rounded through float32 betas (SDXL.md §5: at most 1.3e-5 relative)."""
-    schedule = eps_schedule()
+    rounded through float32 betas (docs/sampling.md#the-noise-schedule: at most 1.3e-5 relative)."""
+    schedule = SCHEDULE
     for make in SCHEDULERS.values():
         scheduler = make()
         scheduler.set_timesteps(STEPS)
@@ -264,7 +270,7 @@ def test_fractional_timesteps_are_the_only_difference(tiny_base, base_pipeline, 
         if round_timesteps:
             def nearest_timestep(_module, args):
                 sigma = scheduler.sigmas[scheduler.step_index]
-                return (args[0], eps_schedule().timestep(sigma).float(), *args[2:])
+                return (args[0], SCHEDULE.timestep(sigma).float(), *args[2:])
             handle = pipe.unet.register_forward_pre_hook(nearest_timestep)
         try:
             with torch.no_grad():
@@ -279,7 +285,7 @@ def test_fractional_timesteps_are_the_only_difference(tiny_base, base_pipeline, 
     assert (scheduler.timesteps != scheduler.timesteps.round()).any()
     sigmas = scheduler.sigmas
     ours, calls = run_ours(tiny_base, noise * scheduler.init_noise_sigma, sigmas, base_conditioning, "euler")
-    assert calls.timesteps() == eps_schedule().timestep(sigmas[:-1]).double().tolist()
+    assert calls.timesteps() == SCHEDULE.timestep(sigmas[:-1]).double().tolist()
     unrounded_err = relative_error(ours, reference)
     rounded, _ = run_reference(round_timesteps=True)
     rounded_err = relative_error(ours, rounded)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..buckets import bucket_for_ratio
+from ..dtypes import DTYPES_BY_NAME
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -102,7 +103,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, *, steps_help: str)
 
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="UNet and text-encoder precision")
+    parser.add_argument("--dtype", choices=list(DTYPES_BY_NAME), help="UNet and text-encoder precision")
     parser.add_argument("--low-vram", action="store_true",
                         help="keep weights in system RAM and move one network at a time onto the GPU (8 GB cards)")
     parser.add_argument("--out", required=True, type=Path,
@@ -231,15 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         from .inspect import run_inspect
 
         return run_inspect(args)
-    from ..pipeline import DEFAULTS
+    from . import defaults
     from .runner import run_demo, run_generate, run_img2img
 
     if args.command == "img2img":
         return run_img2img(_img2img_request_from_args(args, parser), args)
     if args.command == "demo":
-        request = _request_from_args(args, parser, DEFAULTS.demo)
+        request = _request_from_args(args, parser, defaults.DEMO)
         return run_demo(request, args)
-    request = _request_from_args(args, parser, DEFAULTS.full)
+    request = _request_from_args(args, parser, defaults.FULL)
     return run_generate(request, args)
 
 

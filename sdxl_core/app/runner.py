@@ -16,13 +16,13 @@ import torch
 from ..checkpoints.loading import default_dtype, default_vae_dtype, load_checkpoint
 from ..checkpoints.errors import CheckpointError
 from ..conditioning import ConditioningMismatch
+from ..dtypes import DTYPES_BY_NAME
 from ..checkpoints.lora import apply_lora
 from ..pipeline import GenerationRequest, GenerationResult, ImageToImageRequest, generate, image_to_image
 from .progress import ProgressBar
 from ..runtime.residency import ResidencyError, ResidencyPlan
 from ..sampling.samplers import SamplingCancelled
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _device(name: str | None) -> torch.device:
@@ -100,7 +100,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
         if device.type != "cuda":
             raise ValueError("--low-vram manages GPU memory; it needs a CUDA device")
         residency = ResidencyPlan.for_card(device)
-    dtype = _DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    dtype = DTYPES_BY_NAME[args.dtype] if args.dtype else default_dtype(device)
     return _Setup(device, dtype, residency)
 
 

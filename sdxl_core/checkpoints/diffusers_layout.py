@@ -1,9 +1,9 @@
 """diffusers-layout weights -> the original (sgm/ldm) single-file layout, tensor by tensor and lazily.
 
 The reverse of diffusers `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint` and
-`convert_open_clip_checkpoint` (SDXL.md §4 tables), written as name rules so that a diffusers folder or a
-diffusers-layout VAE file streams through the same loader as a single-file checkpoint. Every mapped tensor stays a
-`LazyTensor`: nothing is read until the loader asks for it.
+`convert_open_clip_checkpoint` (docs/checkpoints.md#diffusers-folders), written as name rules so that a diffusers
+folder or a diffusers-layout VAE file streams through the same loader as a single-file checkpoint. Every mapped
+tensor stays a `LazyTensor`: nothing is read until the loader asks for it.
 """
 
 from __future__ import annotations
@@ -157,7 +157,8 @@ def _transposed(tensor: LazyTensor) -> LazyTensor:
 
 
 def clip_g_from_transformers(tensors: Mapping[str, LazyTensor], prefix: str) -> dict[str, LazyTensor]:
-    """A transformers CLIPTextModelWithProjection state (lazy) -> open_clip names (SDXL.md §4, reversed).
+    """A transformers CLIPTextModelWithProjection state (lazy) -> open_clip names (docs/checkpoints.md, "bigG in
+    transformers", reversed).
 
     q/k/v projections are stacked back into `attn.in_proj_*` (q rows first) and the projection Linear weight is
     transposed back into open_clip's `text_projection` (used as x @ P).

@@ -2,14 +2,14 @@
 
 Accepted: an original single-file `.safetensors` base or refiner (fp16, bf16, fp32), a diffusers pipeline folder
 (single or sharded weights), and a separate VAE file (original or diffusers names) replacing the checkpoint's VAE.
-The architecture is read from the tensors' shapes (`checkpoint_detect.infer_config`), every key and shape is
+The architecture is read from the tensors' shapes (`detect.infer_config`), every key and shape is
 validated before a byte of tensor data is read, and the weights then stream in one tensor at a time: modules are
 built on the meta device and adopt each tensor, already cast to the target dtype and device, with
 `load_state_dict(assign=True)`. Peak host memory is therefore the weights in the target dtype plus one tensor.
 
 Default dtypes (`dtype=None`): the UNet and text encoders run in float16 on CUDA and float32 on the CPU (CPU half
 matmuls are slow and partly unsupported); the VAE runs in bfloat16 on CUDA, never float16 by default, because the
-original SDXL VAE overflows in float16 (SDXL.md §6; ComfyUI's VAE working dtypes are bf16/fp32), and in float32 on
+original SDXL VAE overflows in float16 (docs/checkpoints.md#loading-and-dtypes), and in float32 on
 the CPU. The text encoders' tokenizers come from the vocabulary bundled in the package, never from a hub (a
 diffusers folder's tokenizer/ and tokenizer_2/ are therefore not read).
 """

@@ -21,7 +21,7 @@ class CheckpointSource:
     format: str  # "safetensors file" or "diffusers folder"
     layout: str  # "original" (sgm/ldm names) or "diffusers" (converted on the fly)
     tensors: dict[str, LazyTensor]  # original-layout names (diffusers folders and VAE files already mapped)
-    hints: dict[str, str] = field(default_factory=dict)  # facts shapes do not carry (see checkpoint_detect)
+    hints: dict[str, str] = field(default_factory=dict)  # facts shapes do not carry (see detect.py)
     files: list[Path] = field(default_factory=list)
     identification: Identification | None = None
 

@@ -12,7 +12,7 @@ Loading without initialising: build on the meta device, then assign the checkpoi
 `UNetModel.from_state_dict` does exactly that (plus the dtype/device cast). With `assign=True` the module takes
 the given tensors as its parameters (no copy), so their dtype and device become the model's.
 
-Numerical choices (SDXL.md §7):
+Numerical choices (docs/architecture.md#numerical-choices):
 - GroupNorm runs in the model dtype, as diffusers and ComfyUI do, not upcast to fp32 as sgm's `GroupNorm32` does.
   PyTorch's GroupNorm kernels already accumulate mean and variance in fp32 for fp16/bf16 inputs (CPU and CUDA), so
   the upcast only changes the rounding of the affine output while costing two extra full-size copies per norm
@@ -32,7 +32,8 @@ from torch import nn
 from ..config import UNetConfig
 from .timestep_embedding import timestep_embedding
 
-# Normalisation epsilons of sgm (SDXL.md §7): ResBlocks and the output head, spatial transformers, LayerNorms.
+# Normalisation epsilons of sgm (docs/architecture.md#numerical-choices): ResBlocks and the output head, spatial
+# transformers, LayerNorms.
 # All norms run in the model dtype; see the module docstring for why sgm's fp32 GroupNorm upcast is not copied.
 RESBLOCK_GROUP_NORM_EPS = 1e-5
 TRANSFORMER_GROUP_NORM_EPS = 1e-6

@@ -1,5 +1,6 @@
 """Opt-in speed levers for a loaded UNet, each one reversible or layout-preserving and each one measured by
-`benchmarks/bench_sdxl.py` before it becomes a default (PERF.md: time, on the same card, against diffusers).
+`benchmarks/bench_sdxl.py` before it becomes a default (docs/performance.md#how-to-compare: time, on the same card,
+against diffusers).
 
 - `fuse_qkv`: self-attention q/k/v (and cross-attention k/v) as one Linear each: one GEMM launch instead of three
   (the PyTorch "Accelerating Generative AI Part III" recipe; diffusers `fuse_qkv_projections`). Done as a module

@@ -1,9 +1,9 @@
 """Which weights sit on the GPU when: SDXL base + refiner + VAE on a GPU with 8 GB.
 
-Base and refiner together hold about 9.7 GB of fp16 UNet weights, their text encoders 3 GB more (PERF.md): an 8 GB
-card cannot keep them all. The plan keeps every stage's weights on the offload device (the CPU) and, for each step
-of the pipeline, moves to the GPU only what that step needs, evicting the least recently used modules until the
-weights fit a byte budget:
+Base and refiner together hold about 9.7 GB of fp16 UNet weights, their text encoders 3 GB more
+(docs/performance.md#memory): an 8 GB card cannot keep them all. The plan keeps every stage's weights on the offload
+device (the CPU) and, for each step of the pipeline, moves to the GPU only what that step needs, evicting the least
+recently used modules until the weights fit a byte budget:
 
     text encoding  clip_l + clip_g of the stage        (offloaded again as soon as a UNet needs the room)
     denoising      that stage's UNet                    (one UNet at a time: 4.8 GiB base, 4.2 GiB refiner, fp16)

@@ -34,8 +34,9 @@ _DECODE_ELEMENTS_PER_PIXEL_PER_CHANNEL = 5
 _ENCODE_ELEMENTS_PER_PIXEL_PER_CHANNEL = 4
 # Measured activations are a floor: the CUDA caching allocator fragments and cuDNN takes workspaces. 2x puts a
 # 1024x1024 bf16 decode at 2.7 GB, between the live-tensor floor (1.3 GB) and the published budgets (ComfyUI
-# ~4.6 GB bf16, diffusers peaks ~7.5 GB fp16 with its less frugal blocks; PERF.md). An underestimate is caught by
-# the out-of-memory retry, an overestimate costs only a tiled pass, so the middle is the right place.
+# ~4.6 GB bf16, diffusers peaks ~7.5 GB fp16 with its less frugal blocks; docs/performance.md#memory). An
+# underestimate is caught by the out-of-memory retry, an overestimate costs only a tiled pass, so the middle is the
+# right place.
 _ALLOCATOR_HEADROOM = 2.0
 
 
@@ -382,7 +383,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """NCHW images in [-1, 1] -> uint8 [B, H, W, C] on the CPU.
 
     Truncates after clamp * 255, as ComfyUI's SaveImage (`np.clip(255. * i, 0, 255).astype(np.uint8)`) and sgm do;
-    diffusers rounds instead, so its PNGs are brighter by up to one level (SDXL.md §7.5).
+    diffusers rounds instead, so its PNGs are brighter by up to one level (docs/architecture.md#vae).
     """
     return (255.0 * images_to_comfy(images)).clamp(0.0, 255.0).to(torch.uint8)
 

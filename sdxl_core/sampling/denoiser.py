@@ -10,16 +10,17 @@ from collections.abc import Callable
 
 import torch
 
-from .schedules import DiscreteEpsSchedule
+from .schedules import DiscreteSchedule
 
-EpsModel = Callable[..., torch.Tensor]
+# network(x_in, t, **cond) -> the network's raw output (eps for an eps-prediction model)
+NetworkFn = Callable[..., torch.Tensor]
 
 
 class EpsDenoiser:
     """Wraps `model(x_in, t, **cond) -> eps` as `denoiser(x, sigma, **cond) -> x0` with c_in = 1/sqrt(sigma^2+1),
     t = nearest training timestep in log sigma, x0 = x - sigma * eps (ComfyUI `EPS`)."""
 
-    def __init__(self, model: EpsModel, schedule: DiscreteEpsSchedule, dtype: torch.dtype | None = None):
+    def __init__(self, model: NetworkFn, schedule: DiscreteSchedule, dtype: torch.dtype | None = None):
         self.model = model
         self.schedule = schedule
         # The network's compute dtype: the scaled input and floating conditioning are cast to it and eps comes back

@@ -1,6 +1,6 @@
 """The SDXL noise schedule and the step grids (schedulers) that ComfyUI's KSampler offers.
 
-`DiscreteEpsSchedule` is the 1000-step scaled-linear schedule of SDXL (sgm `LegacyDDPMDiscretization`, ComfyUI
+`DiscreteSchedule` is the 1000-step scaled-linear schedule of SDXL (sgm `LegacyDDPMDiscretization`, ComfyUI
 `ModelSamplingDiscrete`), computed in float64 like sgm and ComfyUI and stored as float32 like ComfyUI. The
 schedulers turn it into a descending sigma grid ending in 0; every one reproduces the ComfyUI function of the same
 name (`comfy/samplers.py`, `comfy/k_diffusion/sampling.py`) operation for operation, so the grids are bit-equal.
@@ -13,23 +13,21 @@ from collections.abc import Callable
 
 import torch
 
+from ..config import SDXL_NOISE_SCHEDULE, NoiseScheduleConfig
+
 # Samplers for which ComfyUI's KSampler computes one extra step and drops the penultimate sigma
 # (`KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS`).
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
 
 
-class DiscreteEpsSchedule:
+class DiscreteSchedule:
     """The DDPM discrete schedule with scaled-linear betas (sgm `make_beta_schedule("linear")`, ComfyUI
-    `ModelSamplingDiscrete`)."""
+    `ModelSamplingDiscrete`), as sigmas of the VE view every sampler works in."""
 
-    def __init__(self, num_timesteps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012):
-        if num_timesteps < 2:
-            raise ValueError(f"num_timesteps must be at least 2, got {num_timesteps}")
-        if not 0.0 < linear_start < linear_end < 1.0:
-            raise ValueError(f"expected 0 < linear_start < linear_end < 1, got {linear_start} and {linear_end}")
+    def __init__(self, config: NoiseScheduleConfig = SDXL_NOISE_SCHEDULE):
+        self.config = config
+        num_timesteps, linear_start, linear_end = config.num_timesteps, config.linear_start, config.linear_end
         self.num_timesteps = num_timesteps
-        self.linear_start = linear_start
-        self.linear_end = linear_end
         # float64 as in sgm/ComfyUI; diffusers' float32 version differs by up to 1.3e-5 relative.
         betas = torch.linspace(linear_start**0.5, linear_end**0.5, num_timesteps, dtype=torch.float64) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
@@ -87,19 +85,19 @@ def _check_steps(steps: int) -> None:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
 
 
-def normal_sigmas(schedule: DiscreteEpsSchedule, steps: int) -> torch.Tensor:
+def normal_sigmas(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
     """Timesteps evenly spaced from the last to the first, log-sigma interpolated (ComfyUI "normal")."""
     _check_steps(steps)
     return _linspace_timestep_sigmas(schedule, steps, sgm=False)
 
 
-def sgm_uniform_sigmas(schedule: DiscreteEpsSchedule, steps: int) -> torch.Tensor:
+def sgm_uniform_sigmas(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
     """`steps + 1` evenly spaced timesteps without the last (sgm discretization; ComfyUI "sgm_uniform")."""
     _check_steps(steps)
     return _linspace_timestep_sigmas(schedule, steps, sgm=True)
 
 
-def _linspace_timestep_sigmas(schedule: DiscreteEpsSchedule, steps: int, sgm: bool) -> torch.Tensor:
+def _linspace_timestep_sigmas(schedule: DiscreteSchedule, steps: int, sgm: bool) -> torch.Tensor:
     start = schedule.timestep(schedule.sigma_max)
     end = schedule.timestep(schedule.sigma_min)
     if sgm:
@@ -113,7 +111,7 @@ def _linspace_timestep_sigmas(schedule: DiscreteEpsSchedule, steps: int, sgm: bo
     return torch.tensor(sigmas + ([0.0] if append_zero else []), dtype=torch.float32)
 
 
-def simple_sigmas(schedule: DiscreteEpsSchedule, steps: int) -> torch.Tensor:
+def simple_sigmas(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
     """Every (1000/steps)-th training sigma from the top (ComfyUI "simple")."""
     _check_steps(steps)
     stride = len(schedule.sigmas) / steps
@@ -121,7 +119,7 @@ def simple_sigmas(schedule: DiscreteEpsSchedule, steps: int) -> torch.Tensor:
     return torch.tensor(sigmas + [0.0], dtype=torch.float32)
 
 
-def ddim_uniform_sigmas(schedule: DiscreteEpsSchedule, steps: int) -> torch.Tensor:
+def ddim_uniform_sigmas(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
     """Training sigmas 1, 1+k, 1+2k, ... with k = 1000 // steps, reversed (ComfyUI "ddim_uniform").
 
     As in ComfyUI the grid can hold more than `steps + 1` sigmas when 1000 is not a multiple of `steps`.
@@ -138,7 +136,7 @@ def ddim_uniform_sigmas(schedule: DiscreteEpsSchedule, steps: int) -> torch.Tens
     return torch.tensor(sigmas[::-1], dtype=torch.float32)
 
 
-def karras_sigmas(schedule: DiscreteEpsSchedule, steps: int, rho: float = 7.0) -> torch.Tensor:
+def karras_sigmas(schedule: DiscreteSchedule, steps: int, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. (2022), eq. 5: sigmas evenly spaced in sigma^(1/rho) (ComfyUI "karras")."""
     _check_steps(steps)
     sigma_min, sigma_max = float(schedule.sigma_min), float(schedule.sigma_max)
@@ -147,14 +145,14 @@ def karras_sigmas(schedule: DiscreteEpsSchedule, steps: int, rho: float = 7.0) -
     return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
 
 
-def exponential_sigmas(schedule: DiscreteEpsSchedule, steps: int) -> torch.Tensor:
+def exponential_sigmas(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
     """Sigmas evenly spaced in log sigma (k-diffusion `get_sigmas_exponential`; ComfyUI "exponential")."""
     _check_steps(steps)
     sigma_min, sigma_max = float(schedule.sigma_min), float(schedule.sigma_max)
     return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps).exp())
 
 
-def beta_sigmas(schedule: DiscreteEpsSchedule, steps: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+def beta_sigmas(schedule: DiscreteSchedule, steps: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
     """Timesteps at Beta(alpha, beta) quantiles, duplicates dropped (Lee et al. 2024, arXiv 2407.12173;
     ComfyUI "beta")."""
     _check_steps(steps)
@@ -235,7 +233,7 @@ def _beta_continued_fraction(x: float, a: float, b: float, max_terms: int = 500)
     raise ArithmeticError(f"incomplete beta continued fraction did not converge for x={x}, a={a}, b={b}")
 
 
-def linear_quadratic_sigmas(schedule: DiscreteEpsSchedule, steps: int, threshold_noise: float = 0.025,
+def linear_quadratic_sigmas(schedule: DiscreteSchedule, steps: int, threshold_noise: float = 0.025,
                             linear_steps: int | None = None) -> torch.Tensor:
     """Noise levels (as fractions of sigma_max) that rise linearly to `threshold_noise` over the first half of the
     steps, then quadratically to 1 with a continuous slope (the Mochi/Genmo schedule; ComfyUI "linear_quadratic").
@@ -257,7 +255,7 @@ def linear_quadratic_sigmas(schedule: DiscreteEpsSchedule, steps: int, threshold
     return torch.tensor([1.0 - level for level in levels], dtype=torch.float32) * schedule.sigma_max
 
 
-def kl_optimal_sigmas(schedule: DiscreteEpsSchedule, steps: int) -> torch.Tensor:
+def kl_optimal_sigmas(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
     """Sigmas evenly spaced in arctan(sigma), the schedule that minimises the KL bound of the DDIM discretisation
     for Gaussian data (Sabour et al. 2024, "Align Your Steps", arXiv 2404.14507; AUTOMATIC1111 PR 15608; ComfyUI
     "kl_optimal").
@@ -272,7 +270,7 @@ def kl_optimal_sigmas(schedule: DiscreteEpsSchedule, steps: int) -> torch.Tensor
     return _append_zero(angles.tan_())
 
 
-Scheduler = Callable[[DiscreteEpsSchedule, int], torch.Tensor]
+Scheduler = Callable[[DiscreteSchedule, int], torch.Tensor]
 
 # ComfyUI 0.3.64's scheduler names (`comfy/samplers.py SCHEDULER_HANDLERS`), all of them, in its menu order.
 SCHEDULERS: dict[str, Scheduler] = {
@@ -288,7 +286,7 @@ SCHEDULERS: dict[str, Scheduler] = {
 }
 
 
-def scheduler_sigmas(schedule: DiscreteEpsSchedule, scheduler: str, steps: int) -> torch.Tensor:
+def scheduler_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: int) -> torch.Tensor:
     """The grid of a scheduler by name (ComfyUI `samplers.calculate_sigmas`)."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {sorted(SCHEDULERS)}")
@@ -296,7 +294,7 @@ def scheduler_sigmas(schedule: DiscreteEpsSchedule, scheduler: str, steps: int) 
 
 
 def ksampler_sigmas(
-    schedule: DiscreteEpsSchedule, scheduler: str, sampler: str, steps: int, denoise: float = 1.0
+    schedule: DiscreteSchedule, scheduler: str, sampler: str, steps: int, denoise: float = 1.0
 ) -> torch.Tensor:
     """The grid ComfyUI's KSampler runs, with its `denoise` (img2img strength) semantics (`KSampler.set_steps`).
 
@@ -311,7 +309,7 @@ def ksampler_sigmas(
     return _sampler_grid(schedule, scheduler, sampler, int(steps / denoise))[-(steps + 1):]
 
 
-def _sampler_grid(schedule: DiscreteEpsSchedule, scheduler: str, sampler: str, steps: int) -> torch.Tensor:
+def _sampler_grid(schedule: DiscreteSchedule, scheduler: str, sampler: str, steps: int) -> torch.Tensor:
     if sampler not in DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
         return scheduler_sigmas(schedule, scheduler, steps)
     sigmas = scheduler_sigmas(schedule, scheduler, steps + 1)

@@ -80,7 +80,7 @@ def test_cli_exit_status_and_output(tiny, capsys):
 
 
 @pytest.mark.parametrize("kind, expected", [
-    # SDXL.md §1 (computed): UNet, CLIP-L, bigG with projection, VAE.
+    # docs/architecture.md (computed from the sgm configs): UNet, CLIP-L, bigG with projection, VAE.
     ("base", {"unet": 2_567_463_684, "vae": 83_653_863, "clip_l": 123_060_480, "clip_g": 694_659_840}),
     ("refiner", {"unet": 2_259_526_660, "vae": 83_653_863, "clip_g": 694_659_840}),
 ])

@@ -17,7 +17,7 @@ from sdxl_core.models.unet import UNetModel
 MANIFESTS = Path(__file__).resolve().parents[1] / "data" / "manifests"
 UNET_PREFIX = "model.diffusion_model."
 POOLED_DIM = 1280  # bigG projection width, the head of every SDXL y vector
-# Parameter counts from SDXL.md §1 (computed from the sgm configs).
+# Parameter counts from docs/architecture.md#unet (computed from the sgm configs).
 FULL_PARAMS = {"base": 2_567_463_684, "refiner": 2_259_526_660}
 FULL = {"base": SDXL_BASE_UNET, "refiner": SDXL_REFINER_UNET}
 TINY = {"base": TINY_BASE_UNET, "refiner": TINY_REFINER_UNET}

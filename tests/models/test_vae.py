@@ -34,7 +34,7 @@ def test_full_size_keys_and_shapes_match_the_checkpoint_manifest():
     assert sorted(set(expected) - set(ours)) == [], "keys in the checkpoint the model lacks"
     assert sorted(set(ours) - set(expected)) == [], "keys in the model the checkpoint lacks"
     assert {k: s for k, s in ours.items() if expected[k] != s} == {}
-    assert sum(v.numel() for v in vae.parameters()) == 83_653_863  # SDXL.md §1
+    assert sum(v.numel() for v in vae.parameters()) == 83_653_863  # docs/architecture.md#vae
 
 
 def test_meta_construction_allocates_nothing_and_loads_by_assignment():

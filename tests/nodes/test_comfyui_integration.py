@@ -413,6 +413,8 @@ PLAYWRIGHT_CORE = os.environ.get("PLAYWRIGHT_CORE")
                     reason="set PLAYWRIGHT_CORE to an npm playwright-core folder (and have Debian's chromium)")
 def test_real_frontend_loads_the_example_and_the_picker_works(server):
     """ComfyUI's own frontend in headless Chromium: see tests/frontend/check_in_chromium.mjs for the checks."""
+    import nodes
+
     result = subprocess.run(
         [shutil.which("node"), str(REPO / "tests" / "frontend" / "check_in_chromium.mjs"), server["url"],
          str(REPO / "example_workflows" / "sdxl_two_stage_txt2img.json"), TINY["sd_xl_base_1.0.safetensors"],
@@ -420,6 +422,7 @@ def test_real_frontend_loads_the_example_and_the_picker_works(server):
         capture_output=True, text=True, timeout=400, env={**os.environ, "CHROMIUM": CHROMIUM})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     findings = json.loads(result.stdout.strip().splitlines()[-1])
+    assert findings["types"] == sorted(nodes.NODE_CLASS_MAPPINGS)  # every node type registered in the frontend
     entry = client.wait(server["url"], findings["promptId"], timeout=600)
     images = client.output_images(entry)
     assert len(images) == 1

@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from sdxl_core.config import SDXL_BASE, SDXL_REFINER
+from sdxl_core.conditioning import BaseMicroConditioning, RefinerMicroConditioning
 from sdxl_core.pipeline import (GenerationRequest, decode, empty_latent, encode_base_conditioning,
-                                encode_refiner_conditioning, generate, sample_latent)
+                                encode_refiner_conditioning, generate)
+from sdxl_core.sampling.ksampler import sample_latent
 from sdxl_core.runtime.residency import (DEFAULT_ACTIVATION_RESERVE, GiB, ResidencyError, ResidencyPlan,
                                  no_residency)
 from sdxl_core.text.encoders import TextEncoder
@@ -33,23 +35,21 @@ def _sizes(model) -> dict[str, int]:
 def staged_generate(base, refiner, request: GenerationRequest, stage):
     """`pipeline.generate` for output-size micro-conditioning, each step inside `stage(model, part)`: the shape
     of the integration proposed for the pipeline (`generate(..., residency=plan)`)."""
-    size = dict(width=request.width, height=request.height)
+    size = (request.height, request.width)
     with stage(base, "text"):
-        positive = encode_base_conditioning(base, request.prompt, **size)
-        negative = encode_base_conditioning(base, request.negative, **size)
-    settings = dict(seed=request.seed, steps=request.steps, cfg=request.cfg, sampler=request.sampler,
-                    scheduler=request.scheduler)
+        positive = encode_base_conditioning(base, request.prompt, micro=BaseMicroConditioning(size))
+        negative = encode_base_conditioning(base, request.negative, micro=BaseMicroConditioning(size))
     with stage(base, "unet"):
         latent = sample_latent(base, empty_latent(request.width, request.height), positive, negative,
-                               end_step=request.refiner_start, return_with_leftover_noise=True, **settings)
+                               request.sampling, end_step=request.refiner_start, return_with_leftover_noise=True)
     with stage(refiner, "text"):
-        refiner_positive = encode_refiner_conditioning(refiner, request.prompt, **size,
+        refiner_positive = encode_refiner_conditioning(refiner, request.prompt, micro=RefinerMicroConditioning(size),
                                                        aesthetic_score=request.aesthetic_score)
-        refiner_negative = encode_refiner_conditioning(refiner, request.negative, **size,
+        refiner_negative = encode_refiner_conditioning(refiner, request.negative, micro=RefinerMicroConditioning(size),
                                                        aesthetic_score=request.negative_aesthetic_score)
     with stage(refiner, "unet"):
-        latent = sample_latent(refiner, latent, refiner_positive, refiner_negative, start_step=request.refiner_start,
-                               add_noise=False, **settings)
+        latent = sample_latent(refiner, latent, refiner_positive, refiner_negative, request.sampling,
+                               start_step=request.refiner_start, add_noise=False)
     with stage(base, "vae"):
         return decode(base, latent), latent
 

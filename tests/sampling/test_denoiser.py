@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from sdxl_core.sampling.denoiser import EpsDenoiser
-from sdxl_core.sampling.schedules import DiscreteEpsSchedule
+from sdxl_core.sampling.schedules import DiscreteSchedule
 from tests._comfyui_reference import load_modules, requires_comfyui
 
-SCHEDULE = DiscreteEpsSchedule()
+SCHEDULE = DiscreteSchedule()
 
 
 class RecordingModel:

@@ -3,10 +3,10 @@ import torch
 
 from sdxl_core.sampling.denoiser import EpsDenoiser
 from sdxl_core.sampling.guidance import CFGDenoiser, WeightedConditioning, can_batch, concat_conditioning
-from sdxl_core.sampling.schedules import DiscreteEpsSchedule
+from sdxl_core.sampling.schedules import DiscreteSchedule
 from tests._comfyui_reference import lift, requires_comfyui
 
-SCHEDULE = DiscreteEpsSchedule()
+SCHEDULE = DiscreteSchedule()
 
 
 class ContextModel:

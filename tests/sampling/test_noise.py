@@ -11,10 +11,10 @@ from sdxl_core.sampling.noise import (
     noise_scaling,
     prepare_noise,
 )
-from sdxl_core.sampling.schedules import SCHEDULERS, DiscreteEpsSchedule
+from sdxl_core.sampling.schedules import SCHEDULERS, DiscreteSchedule
 from tests._comfyui_reference import lift, requires_comfyui
 
-SCHEDULE = DiscreteEpsSchedule()
+SCHEDULE = DiscreteSchedule()
 
 
 def test_prepare_noise_is_comfyuis_manual_seed_stream():

@@ -15,7 +15,7 @@ from sdxl_core.sampling.samplers import (
     run_sampler,
 )
 from sdxl_core.sampling.samplers.dpmpp import sample_dpmpp_2m
-from sdxl_core.sampling.schedules import SCHEDULERS, DiscreteEpsSchedule, ksampler_sigmas
+from sdxl_core.sampling.schedules import SCHEDULERS, DiscreteSchedule, ksampler_sigmas
 from tests._host_reads import HostReads
 from tests._comfyui_reference import (
     HAS_TORCHSDE,
@@ -26,7 +26,7 @@ from tests._comfyui_reference import (
     requires_comfyui,
 )
 
-SCHEDULE = DiscreteEpsSchedule()
+SCHEDULE = DiscreteSchedule()
 DETERMINISTIC = sorted(set(SAMPLERS) - STOCHASTIC_SAMPLERS)
 
 # Toy data: every latent element i.i.d. N(MU, VAR). Its ideal denoiser and probability-flow ODE are known exactly.
@@ -406,7 +406,7 @@ def test_samplers_read_nothing_back_per_step(name):
     """A sampling loop that branches on a device value per step stalls the GPU once per step; these samplers read
     the grid once per run, so their host reads do not grow with the number of steps. (The SDE samplers' Brownian
     noise is drawn on the CPU from sigma values, as ComfyUI's is: a read per step they cannot avoid.)"""
-    schedule = DiscreteEpsSchedule()
+    schedule = DiscreteSchedule()
 
     def denoiser(x, sigma, **_):
         return x * (1 / (1 + sigma[:, None, None, None] ** 2))
@@ -428,7 +428,7 @@ def test_ancestral_landing_flags_equal_the_per_step_values(eta):
     from sdxl_core.sampling.samplers._math import ancestral_lands_on_zero as _ancestral_lands_on_zero
     from sdxl_core.sampling.samplers._math import ancestral_step as _ancestral_step
 
-    schedule = DiscreteEpsSchedule()
+    schedule = DiscreteSchedule()
     for grid in (ksampler_sigmas(schedule, "karras", "euler_ancestral", 10),
                  torch.tensor([14.6146, 2.0, 0.0292, 0.0])):
         per_step = [bool(_ancestral_step(grid[i], grid[i + 1], eta)[0] == 0) for i in range(len(grid) - 1)]

@@ -6,7 +6,7 @@ import torch
 
 from sdxl_core.sampling.schedules import (
     SCHEDULERS,
-    DiscreteEpsSchedule,
+    DiscreteSchedule,
     beta_ppf,
     ksampler_sigmas,
     regularized_incomplete_beta,
@@ -15,11 +15,11 @@ from sdxl_core.sampling.schedules import (
 )
 from tests._comfyui_reference import lift, load_modules, model_sampling_discrete, requires_comfyui
 
-SCHEDULE = DiscreteEpsSchedule()
+SCHEDULE = DiscreteSchedule()
 
 
 def _hand_sigma(t: int) -> float:
-    """sigma_t = sqrt((1 - abar_t) / abar_t) with scaled-linear betas, straight from SDXL.md §5 in float64."""
+    """sigma_t = sqrt((1 - abar_t) / abar_t) with scaled-linear betas, straight from docs/sampling.md in float64."""
     start, end = math.sqrt(0.00085), math.sqrt(0.012)
     abar = 1.0
     for i in range(t + 1):
@@ -76,7 +76,7 @@ def test_every_scheduler_ends_in_zero_and_descends():
 
 def test_simple_grid_n50_is_every_20th_training_sigma():
     sigmas = SCHEDULERS["simple"](SCHEDULE, 50)
-    indices = [999 - 20 * k for k in range(50)]  # 999, 979, ..., 19 (SDXL.md §5 step grid table)
+    indices = [999 - 20 * k for k in range(50)]  # 999, 979, ..., 19 (docs/sampling.md, schedulers)
     assert torch.equal(sigmas[:-1], SCHEDULE.sigmas[indices])
 
 
@@ -251,7 +251,7 @@ def test_timestep_lookup_stays_on_the_sigma_device():
     """The nearest-timestep lookup runs where sigma lives: a round trip through the CPU would make every sampling
     step on a GPU wait for the previous one to finish. The meta device stands in for a GPU here: it has no data,
     so any copy to the CPU fails."""
-    schedule = DiscreteEpsSchedule()
+    schedule = DiscreteSchedule()
     on_meta = schedule.timestep(torch.tensor([14.6, 0.03], device="meta"))
     assert on_meta.device.type == "meta" and on_meta.shape == (2,)
     assert schedule.timestep(torch.tensor([14.6146, 0.0292])).tolist() == [999, 0]

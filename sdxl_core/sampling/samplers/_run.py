@@ -47,7 +47,7 @@ def integrate(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
     """Run sampler `name` from `x`, already noised at sigmas[0], down the grid. A stochastic sampler draws its noise
     from `noise_sampler` or, by default, from the noise ComfyUI builds for the KSampler `seed`; deterministic
     samplers take neither. A CFG++ sampler steps with `with_uncond(denoiser)`; a sampler that reads the model's
-    noise schedule gets `schedule` (a `DiscreteEpsSchedule`). `options` go to the sampler (e.g. `eta`,
+    noise schedule gets `schedule` (a `DiscreteSchedule`). `options` go to the sampler (e.g. `eta`,
     `s_noise`). A grid of fewer than two sigmas returns x unchanged."""
     spec = get_sampler(name)
     if len(sigmas) < 2:
@@ -58,7 +58,7 @@ def integrate(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
     if spec.schedule:
         if schedule is None:
             raise ValueError(f"{name} reads the model's noise schedule: pass schedule= (the model's "
-                             "DiscreteEpsSchedule)")
+                             "DiscreteSchedule)")
         options["schedule"] = schedule
     if spec.noise is None:
         return spec.fn(denoiser, x, sigmas, loop, **options)

@@ -1,0 +1,153 @@
+"""ComfyUI's KSampler / KSamplerAdvanced on an SDXL stage: one run over a step range of an N-step grid.
+
+Latents enter and leave in ComfyUI's LATENT form, `{"samples": [B, 4, H/8, W/8]}` holding UNSCALED VAE latents on
+the CPU; the run scales them by the SDXL latent factor on the way in and out (ComfyUI
+`latent_formats.SDXL.process_in/out`). The steps follow ComfyUI's `KSampler.sample` so that a workflow's numbers
+mean the same here: the grid from the scheduler (with `denoise`), the step range, the seeded initial noise, the
+guided denoiser, the sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..conditioning import ConditioningMismatch, adm_vector, check_conditioning_for, micro_conditioning_scalars
+from ..models.bundle import SDXLModel
+from .guidance import CFGDenoiser, WeightedConditioning
+from .model_sampling import model_sampling_for
+from .noise import prepare_noise
+from .samplers import integrate, run_sampler
+from .schedules import ksampler_sigmas, sigmas_for_range
+from .settings import SamplingSettings
+
+StepCallback = Callable[[dict], None]
+Cancel = Callable[[], bool]
+
+
+def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list, settings: SamplingSettings, *,
+                  start_step: int = 0, end_step: int | None = None, add_noise: bool = True,
+                  return_with_leftover_noise: bool = False, sigmas: torch.Tensor | None = None,
+                  callback: StepCallback | None = None, cancel: Cancel | None = None) -> dict:
+    """Run one stage over steps [start_step, end_step) of the `settings.steps`-step grid, with ComfyUI
+    KSamplerAdvanced semantics (`add_noise`, `return_with_leftover_noise`) and KSampler's `denoise` for img2img.
+
+    `sigmas` replaces the scheduler's grid (ComfyUI SamplerCustom's SIGMAS input); the step range still applies.
+    """
+    samples = _check_latent(latent, model)
+    if end_step is not None and start_step >= end_step:
+        raise ValueError(f"start step {start_step} must come before end step {end_step} (of {settings.steps} steps)")
+    schedule = model_sampling_for(model.config).schedule
+    if sigmas is None:
+        sigmas = ksampler_sigmas(schedule, settings.scheduler, settings.sampler, settings.steps, settings.denoise)
+    elif settings.denoise != 1.0:
+        raise ValueError(f"denoise={settings.denoise} shapes the scheduler's grid, but an explicit sigmas grid was "
+                         "given; cut the grid itself (e.g. its last steps + 1 sigmas) for a partial denoise")
+    sigmas = sigmas_for_range(sigmas, start_step, end_step, leftover_noise=return_with_leftover_noise)
+    if len(sigmas) < 2:
+        return {**latent, "samples": samples.clone()}
+
+    device, _ = _unet_device_dtype(model)
+    seed = settings.seed
+    noise = prepare_noise(samples, seed, latent.get("batch_index")) if add_noise else torch.zeros_like(samples)
+    scale = model.config.vae.scale_factor
+    denoiser = guided_denoiser(model, positive, negative, settings.cfg, tuple(samples.shape[-2:]))
+    with torch.inference_mode():
+        x = run_sampler(settings.sampler, denoiser, samples.to(device) * scale, noise.to(device), sigmas,
+                        sigma_max=schedule.sigma_max, seed=seed, callback=callback, cancel=cancel,
+                        schedule=schedule)
+    out = (x / scale).float().cpu()
+    if not torch.isfinite(out).all():
+        _, dtype = _unet_device_dtype(model)
+        hint = ("run the UNet in bf16 or fp32" if dtype == torch.float16 else
+                f"the UNet already computes in {str(dtype).removeprefix('torch.')}: its weights or the input latent "
+                "are out of range")
+        raise FloatingPointError(f"the {model.kind} sampler produced non-finite latents; {hint}")
+    return {**latent, "samples": out}
+
+
+def denoise_from(model: SDXLModel, x: torch.Tensor, sigmas: torch.Tensor, positive: list, negative: list, *,
+                 cfg: float, sampler: str, seed: int | None = None, callback: StepCallback | None = None,
+                 cancel: Cancel | None = None) -> torch.Tensor:
+    """Integrate from an already noised latent `x` (model scale, at sigmas[0]) down the grid `sigmas` with guided
+    UNet calls; for callers that prepare their own start (e.g. diffusers parity, whose start is noise·√(σ0²+1))."""
+    device, _ = _unet_device_dtype(model)
+    denoiser = guided_denoiser(model, positive, negative, cfg, tuple(x.shape[-2:]))
+    with torch.inference_mode():
+        return integrate(sampler, denoiser, x.to(device), sigmas.to(device), seed=seed, callback=callback,
+                         cancel=cancel, schedule=model_sampling_for(model.config).schedule)
+
+
+def validate_conditioning_for(model: SDXLModel, conditioning: list, role: str = "positive") -> None:
+    """Raise ConditioningMismatch, in a sentence, unless a CONDITIONING was made for this model's stage."""
+    check_conditioning_for(model.config, conditioning, role)
+
+
+def guided_denoiser(model: SDXLModel, positive: list, negative: list, cfg: float,
+                    latent_hw: tuple[int, int]) -> CFGDenoiser:
+    """x -> guided x0 for this stage: the UNet as a denoiser of the model's prediction type, both conditionings
+    (each side the strength-weighted mean of its entries), one batched call per step where the entries' token
+    lengths allow."""
+    device, dtype = _unet_device_dtype(model)
+    sampling = model_sampling_for(model.config)
+    cond = _branch(model, positive, "positive", latent_hw, device)
+    uncond = _branch(model, negative, "negative", latent_hw, device)
+    return CFGDenoiser(sampling.denoiser(_UNetCall(model.unet), dtype=dtype), cond, uncond, cfg)
+
+
+def _branch(model: SDXLModel, conditioning: list, role: str, latent_hw: tuple[int, int],
+            device: torch.device) -> list[WeightedConditioning]:
+    """The UNet inputs (context, y) of each entry of one side of guidance, with its strength and sigma range
+    (ComfyUI `samplers.calculate_start_end_timesteps`: percentages of the model's schedule, not of the steps)."""
+    check_conditioning_for(model.config, conditioning, role)
+    schedule = model_sampling_for(model.config).schedule
+    entries = []
+    for index, (context, options) in enumerate(conditioning):
+        which = f"the {role} conditioning" if len(conditioning) == 1 else f"entry {index} of the {role} conditioning"
+        for what, tensor in (("text embeddings", context), ("pooled embedding", options["pooled_output"])):
+            if not torch.isfinite(tensor).all():
+                # Caught here, or it would surface only after the last step as non-finite latents.
+                raise ConditioningMismatch(f"{which}'s {what} contain NaN or infinite values; re-encode the prompt "
+                                           "(check its weights, or run the text encoders in fp32)")
+        scalars = micro_conditioning_scalars(model.config, options, latent_hw, negative=role == "negative")
+        y = adm_vector(options["pooled_output"].float(), scalars)
+        gating = {}
+        if "start_percent" in options:
+            gating["sigma_start"] = schedule.percent_to_sigma(options["start_percent"])
+        if "end_percent" in options:
+            gating["sigma_end"] = schedule.percent_to_sigma(options["end_percent"])
+        entries.append(WeightedConditioning({"context": context.to(device), "y": y.to(device)},
+                                            strength=float(options.get("strength", 1.0)), **gating))
+    return entries
+
+
+def _unet_device_dtype(model: SDXLModel) -> tuple[torch.device, torch.dtype]:
+    parameter = next(model.unet.parameters())
+    return parameter.device, parameter.dtype
+
+
+class _UNetCall:
+    """The UNet as the `network(x_in, t, context=, y=) -> output` callable the denoisers wrap."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+
+    def __call__(self, x_in: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, y: torch.Tensor):
+        return self.unet(x_in, t, context, y)
+
+
+def _check_latent(latent: dict, model: SDXLModel) -> torch.Tensor:
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise ValueError("expected a LATENT dict with a 'samples' tensor")
+    if "noise_mask" in latent:
+        raise ValueError("this latent carries an inpainting noise_mask, which the SDXL two-stage sampler does not "
+                         "apply; use ComfyUI's KSampler for inpainting")
+    samples = latent["samples"]
+    channels = model.config.unet.in_channels
+    if samples.ndim != 4 or samples.shape[1] != channels:
+        raise ValueError(f"expected SDXL latents of shape [batch, {channels}, height/8, width/8], "
+                         f"got {tuple(samples.shape)}")
+    if not torch.isfinite(samples).all():
+        raise ValueError("the input latent contains NaN or infinite values")
+    return samples
