@@ -149,14 +149,15 @@ class GuidedModelStub(KDiffusionModelStub):
     `calc_cond_batch` batches them (the unconditional branch skipped at cfg 1 unless a sampler disables that),
     combined by ComfyUI's own `cfg_function`, which also runs the samplers' post-CFG hooks."""
 
-    def __init__(self, inner, cond_y, uncond_y, cfg, model_sampling):
+    def __init__(self, inner, cond_y, uncond_y, cfg, model_sampling, model_options=None):
         super().__init__(None, model_sampling)
         self._inner, self._cond_y, self._uncond_y, self._cfg = inner, cond_y, uncond_y, cfg
+        self._model_options = model_options or {}
         self._cfg_function = lift("comfy/samplers.py", "cfg_function")["cfg_function"]
         self.calls = 0
 
     def __call__(self, x, sigma, model_options=None, **kwargs):
-        options = model_options or {}
+        options = {**self._model_options, **(model_options or {})}
         batch = x.shape[0]
         if math.isclose(self._cfg, 1.0) and not options.get("disable_cfg1_optimization", False):
             self.calls += 1
@@ -167,3 +168,25 @@ class GuidedModelStub(KDiffusionModelStub):
             y = torch.cat([self._cond_y.expand(batch, -1), self._uncond_y.expand(batch, -1)])
             cond, uncond = self._inner(torch.cat([x, x]), torch.cat([sigma, sigma]), y).split(batch)
         return self._cfg_function(None, cond, uncond, self._cfg, x, sigma, model_options=options)
+
+
+def model_sampling_v(zsnr: bool = False):
+    """ComfyUI's model sampling of an SDXL v-prediction model, with or without zero terminal SNR."""
+    module = load_modules().model_sampling
+    return type("ModelSamplingV", (module.ModelSamplingDiscrete, module.V_PREDICTION), {})(zsnr=zsnr)
+
+
+def rescale_cfg_function(multiplier: float):
+    """The sampler_cfg_function ComfyUI's RescaleCFG node installs on a model."""
+    node = lift("comfy_extras/nodes_model_advanced.py", "RescaleCFG")["RescaleCFG"]()
+    installed = {}
+
+    class _Model:
+        def clone(self):
+            return self
+
+        def set_model_sampler_cfg_function(self, function, disable_cfg1_optimization=False):
+            installed["function"] = function
+
+    node.patch(_Model(), multiplier)
+    return installed["function"]

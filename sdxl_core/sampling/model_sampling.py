@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 
 from ..config import NoiseScheduleConfig, SDXLConfig
-from .denoiser import EpsDenoiser, NetworkFn
+from .denoiser import EpsDenoiser, NetworkFn, VDenoiser
 from .schedules import DiscreteSchedule
 
 
@@ -27,6 +27,8 @@ class ModelSampling:
         network's compute dtype (inputs are cast to it, x0 comes back in float32)."""
         if self.prediction == "eps":
             return EpsDenoiser(network, self.schedule, dtype=dtype)
+        if self.prediction == "v_prediction":
+            return VDenoiser(network, self.schedule, dtype=dtype)
         raise ValueError(f"no denoiser for prediction type {self.prediction!r}")  # config.PREDICTION_TYPES guards
 
 

@@ -32,6 +32,9 @@ class DiscreteSchedule:
         betas = torch.linspace(linear_start**0.5, linear_end**0.5, num_timesteps, dtype=torch.float64) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        if config.zsnr:
+            sigmas = zero_terminal_snr_sigmas(sigmas)
+            self.alphas_cumprod = 1 / ((sigmas * sigmas) + 1)
         self.sigmas = sigmas.float()
         # The log is taken in float64 before the cast, as ComfyUI does; log(sigmas.float()) differs in the last bit.
         self.log_sigmas = sigmas.log().float()
@@ -74,6 +77,23 @@ class DiscreteSchedule:
         if percent >= 1.0:
             return 0.0
         return self.sigma(torch.tensor((1.0 - percent) * 999.0)).item()
+
+
+# ComfyUI's stand-in for the last step's alpha_bar of a zero-terminal-SNR schedule: exactly 0 would make sigma
+# infinite; this gives sigma_max ~ 4519.
+ZSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
+
+
+def zero_terminal_snr_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2024), Algorithm 1 on the sigmas (float64): sqrt(alpha_bar) shifted so the last step's is 0 and
+    scaled so the first step's is unchanged, the last alpha_bar then set to ZSNR_LAST_ALPHA_BAR (ComfyUI
+    `rescale_zero_terminal_snr_sigmas`)."""
+    root = (1 / ((sigmas * sigmas) + 1)).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    alpha_bar = root**2
+    alpha_bar[-1] = ZSNR_LAST_ALPHA_BAR
+    return ((1 - alpha_bar) / alpha_bar) ** 0.5
 
 
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
