@@ -52,7 +52,8 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
     seed = settings.seed
     noise = prepare_noise(samples, seed, latent.get("batch_index")) if add_noise else torch.zeros_like(samples)
     scale = model.config.vae.scale_factor
-    denoiser = guided_denoiser(model, positive, negative, settings.cfg, tuple(samples.shape[-2:]))
+    denoiser = guided_denoiser(model, positive, negative, settings.cfg, tuple(samples.shape[-2:]),
+                               rescale=settings.rescale_cfg)
     with torch.inference_mode():
         x = run_sampler(settings.sampler, denoiser, samples.to(device) * scale, noise.to(device), sigmas,
                         sigma_max=schedule.sigma_max, seed=seed, callback=callback, cancel=cancel,
@@ -85,15 +86,15 @@ def validate_conditioning_for(model: SDXLModel, conditioning: list, role: str = 
 
 
 def guided_denoiser(model: SDXLModel, positive: list, negative: list, cfg: float,
-                    latent_hw: tuple[int, int]) -> CFGDenoiser:
+                    latent_hw: tuple[int, int], rescale: float = 0.0) -> CFGDenoiser:
     """x -> guided x0 for this stage: the UNet as a denoiser of the model's prediction type, both conditionings
     (each side the strength-weighted mean of its entries), one batched call per step where the entries' token
-    lengths allow."""
+    lengths allow; `rescale` is RescaleCFG's multiplier (0: plain CFG)."""
     device, dtype = _unet_device_dtype(model)
     sampling = model_sampling_for(model.config)
     cond = _branch(model, positive, "positive", latent_hw, device)
     uncond = _branch(model, negative, "negative", latent_hw, device)
-    return CFGDenoiser(sampling.denoiser(_UNetCall(model.unet), dtype=dtype), cond, uncond, cfg)
+    return CFGDenoiser(sampling.denoiser(_UNetCall(model.unet), dtype=dtype), cond, uncond, cfg, rescale=rescale)
 
 
 def _branch(model: SDXLModel, conditioning: list, role: str, latent_hw: tuple[int, int],
