@@ -110,8 +110,9 @@ def require_stage(model, kind: str, action: str) -> None:
 
 
 # What the UNet's output means (ComfyUI `model_sampling` EPS / V_PREDICTION; k-diffusion's Discrete*DDPMDenoiser):
-# "eps", the noise (SDXL 1.0 and most fine-tunes). The v-prediction issue adds the other targets here.
-PREDICTION_TYPES = ("eps",)
+# "eps", the noise (SDXL 1.0 and most fine-tunes); "v_prediction", v = alpha eps - sigma x0 (Salimans & Ho 2022;
+# NoobAI-XL and the Illustrious v-pred lines).
+PREDICTION_TYPES = ("eps", "v_prediction")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,9 @@ class NoiseScheduleConfig:
     num_timesteps: int = 1000
     linear_start: float = 0.00085
     linear_end: float = 0.012
+    # Zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"): the
+    # schedule rescaled so its last step is (almost) pure noise, as ComfyUI's ModelSamplingDiscrete(zsnr=True).
+    zsnr: bool = False
 
     def __post_init__(self) -> None:
         if self.num_timesteps < 2:

@@ -58,8 +58,16 @@ def _stubs() -> dict[str, types.ModuleType]:
         def __init__(self, *args, **kwargs):
             raise RuntimeError("torchsde is not installed; the Brownian-tree samplers cannot run the reference")
 
+    def set_model_options_post_cfg_function(model_options, post_cfg_function, disable_cfg1_optimization=False):
+        # The one model-patcher helper ComfyUI's CFG++ samplers call: queue a post-CFG hook on the options.
+        hooks = model_options.get("sampler_post_cfg_function", [])
+        model_options["sampler_post_cfg_function"] = hooks + [post_cfg_function]
+        if disable_cfg1_optimization:
+            model_options["disable_cfg1_optimization"] = True
+        return model_options
+
     stubs = {
-        "comfy.model_patcher": {},
+        "comfy.model_patcher": {"set_model_options_post_cfg_function": set_model_options_post_cfg_function},
         "comfy.ldm.util": {"instantiate_from_config": None},
         "comfy.ops": {},
     }
@@ -78,7 +86,7 @@ _IMPORT_FAILURE: str | None = None  # why the checkout could not be imported (sk
 
 
 def load_modules() -> types.SimpleNamespace:
-    """ComfyUI's k-diffusion sampling module and model_sampling module.
+    """ComfyUI's k-diffusion sampling module, model_sampling module and UniPC module.
 
     The checkout and the stand-ins are visible only while importing: afterwards sys.path is restored and the
     `comfy` modules and stand-ins leave sys.modules, so other tests (and libraries probing for torchsde) never
@@ -97,6 +105,10 @@ def load_modules() -> types.SimpleNamespace:
             with comfyui_imports_or_skip("ComfyUI's sampling code"):
                 import comfy.k_diffusion.sampling as sampling  # noqa: PLC0415 (only with a configured checkout)
                 import comfy.model_sampling as model_sampling  # noqa: PLC0415
+                import comfy.extra_samplers.uni_pc as uni_pc  # noqa: PLC0415
+                # A stand-in placed in sys.modules is not set as an attribute of its package, which the samplers
+                # reach it through (`comfy.model_patcher....`).
+                sampling.comfy.model_patcher = stubs["comfy.model_patcher"]
         except pytest.skip.Exception as skipped:
             _IMPORT_FAILURE = str(skipped.msg)
             raise
@@ -105,7 +117,7 @@ def load_modules() -> types.SimpleNamespace:
             for name in set(sys.modules) - saved_modules:
                 if name == "comfy" or name.startswith("comfy.") or name in stubs:
                     del sys.modules[name]
-        _LOADED = types.SimpleNamespace(sampling=sampling, model_sampling=model_sampling)
+        _LOADED = types.SimpleNamespace(sampling=sampling, model_sampling=model_sampling, uni_pc=uni_pc)
     return _LOADED
 
 
@@ -129,6 +141,13 @@ def model_sampling_discrete():
     return load_modules().model_sampling.ModelSamplingDiscrete()
 
 
+def model_sampling_eps():
+    """ComfyUI's model sampling object of an SDXL eps model: ModelSamplingDiscrete with the EPS parameterisation
+    mixed in, as `model_base.model_sampling` composes it."""
+    module = load_modules().model_sampling
+    return type("ModelSamplingEPS", (module.ModelSamplingDiscrete, module.EPS), {})()
+
+
 class KDiffusionModelStub:
     """What ComfyUI's samplers reach through `model`: a callable denoiser plus the attribute chains some samplers
     inspect (`inner_model.inner_model.model_sampling`, `inner_model.model_patcher.get_model_object`)."""
@@ -139,6 +158,61 @@ class KDiffusionModelStub:
         patcher = types.SimpleNamespace(get_model_object=lambda name: model_sampling)
         self.inner_model = types.SimpleNamespace(inner_model=inner_inner, model_patcher=patcher)
 
-    def __call__(self, x, sigma, **kwargs):
+    def __call__(self, x, sigma, model_options=None, **kwargs):
         kwargs.pop("seed", None)
-        return self._denoiser(x, sigma)
+        kwargs.pop("denoise_mask", None)
+        denoised = self._denoiser(x, sigma)
+        # An unguided model: what a post-CFG hook (the CFG++ samplers') sees as the unconditional prediction is
+        # the prediction itself.
+        for hook in (model_options or {}).get("sampler_post_cfg_function", []):
+            denoised = hook({"denoised": denoised, "uncond_denoised": denoised, "cond_denoised": denoised,
+                             "sigma": sigma, "input": x, "model_options": model_options})
+        return denoised
+
+
+class GuidedModelStub(KDiffusionModelStub):
+    """ComfyUI's guided model as its samplers see it: `inner(x, sigma, y) -> x0` on [cond; uncond] batched as
+    `calc_cond_batch` batches them (the unconditional branch skipped at cfg 1 unless a sampler disables that),
+    combined by ComfyUI's own `cfg_function`, which also runs the samplers' post-CFG hooks."""
+
+    def __init__(self, inner, cond_y, uncond_y, cfg, model_sampling, model_options=None):
+        super().__init__(None, model_sampling)
+        self._inner, self._cond_y, self._uncond_y, self._cfg = inner, cond_y, uncond_y, cfg
+        self._model_options = model_options or {}
+        self._cfg_function = lift("comfy/samplers.py", "cfg_function")["cfg_function"]
+        self.calls = 0
+
+    def __call__(self, x, sigma, model_options=None, **kwargs):
+        options = {**self._model_options, **(model_options or {})}
+        batch = x.shape[0]
+        if math.isclose(self._cfg, 1.0) and not options.get("disable_cfg1_optimization", False):
+            self.calls += 1
+            cond = self._inner(x, sigma, self._cond_y.expand(batch, -1))
+            uncond = torch.zeros_like(cond)
+        else:
+            self.calls += 1
+            y = torch.cat([self._cond_y.expand(batch, -1), self._uncond_y.expand(batch, -1)])
+            cond, uncond = self._inner(torch.cat([x, x]), torch.cat([sigma, sigma]), y).split(batch)
+        return self._cfg_function(None, cond, uncond, self._cfg, x, sigma, model_options=options)
+
+
+def model_sampling_v(zsnr: bool = False):
+    """ComfyUI's model sampling of an SDXL v-prediction model, with or without zero terminal SNR."""
+    module = load_modules().model_sampling
+    return type("ModelSamplingV", (module.ModelSamplingDiscrete, module.V_PREDICTION), {})(zsnr=zsnr)
+
+
+def rescale_cfg_function(multiplier: float):
+    """The sampler_cfg_function ComfyUI's RescaleCFG node installs on a model."""
+    node = lift("comfy_extras/nodes_model_advanced.py", "RescaleCFG")["RescaleCFG"]()
+    installed = {}
+
+    class _Model:
+        def clone(self):
+            return self
+
+        def set_model_sampler_cfg_function(self, function, disable_cfg1_optimization=False):
+            installed["function"] = function
+
+    node.patch(_Model(), multiplier)
+    return installed["function"]

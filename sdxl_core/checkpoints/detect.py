@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from .errors import CorruptCheckpointError, StateDictMismatchError
-from ..config import (BASE_ADM_SCALARS, REFINER_ADM_SCALARS, SDXL_VAE, SDXLConfig, TextEncoderConfig, UNetConfig,
-                     VAEConfig)
+from ..config import (BASE_ADM_SCALARS, REFINER_ADM_SCALARS, SDXL_VAE, NoiseScheduleConfig, SDXLConfig,
+                     TextEncoderConfig, UNetConfig, VAEConfig)
 
 Shapes = Mapping[str, tuple]
 
@@ -39,10 +39,23 @@ DEFAULT_HEAD_WIDTH = 64
 DEFAULT_NORM_GROUPS = 32
 
 
-# Marker keys of SDXL-architecture models with another noise schedule or prediction target.
-_SCHEDULE_MARKERS = (("edm_mean", "the EDM schedule of Playground v2.5"),
-                     ("edm_vpred", "v-prediction on an EDM schedule (CosXL)"),
-                     ("v_pred", "v-prediction"))
+# Marker keys of SDXL-architecture models with a noise schedule these nodes do not run (the markers ComfyUI's
+# `supported_models.SDXL.model_type` reads). Rectified-flow SDXL variants carry no marker ComfyUI knows either.
+_SCHEDULE_MARKERS = (("edm_mean", "the EDM schedule of Playground v2.5 (continuous sigmas, sigma_data 0.5)"),
+                     ("edm_vpred", "v-prediction on an EDM schedule (CosXL)"))
+# The empty marker tensors of a v-prediction checkpoint, and of one trained with zero terminal SNR (read only
+# together with v_pred, as ComfyUI reads them). `save_checkpoint` writes them back.
+V_PRED_MARKER = "v_pred"
+ZTSNR_MARKER = "ztsnr"
+PREDICTION_MARKERS = (V_PRED_MARKER, ZTSNR_MARKER)
+
+
+def prediction_from_keys(keys) -> tuple[str, bool]:
+    """(prediction type, zero terminal SNR) of an SDXL checkpoint from its marker keys, as ComfyUI detects them."""
+    keys = set(keys)
+    if V_PRED_MARKER in keys:
+        return "v_prediction", ZTSNR_MARKER in keys
+    return "eps", False
 
 
 @dataclass(frozen=True)
@@ -269,7 +282,9 @@ def infer_config(shapes: Shapes, hints: Mapping[str, str] | None = None, *,
     prefixes = component_prefixes(kind)
     if vae is None:
         vae = infer_vae_config(_strip(shapes, VAE_PREFIX), hints)
+    prediction, zsnr = prediction_from_keys(shapes.keys())
     config = dict(
+        prediction=prediction, noise_schedule=NoiseScheduleConfig(zsnr=zsnr),
         unet=infer_unet_config(_strip(shapes, UNET_PREFIX), hints), vae=vae,
         clip_g=infer_clip_g_config(_strip(shapes, prefixes["clip_g"]), hints),
         clip_l=infer_clip_l_config(_strip(shapes, prefixes["clip_l"]), hints) if "clip_l" in prefixes else None,

@@ -24,8 +24,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .detect import (VAE_PREFIX, Identification, component_prefixes, config_hints, infer_config,
-                                infer_vae_config)
+from .detect import (PREDICTION_MARKERS, V_PRED_MARKER, VAE_PREFIX, ZTSNR_MARKER, Identification,
+                     component_prefixes, config_hints, infer_config, infer_vae_config)
 from .errors import (CheckpointError, CorruptCheckpointError, NonFiniteWeightError,
                                 StateDictMismatchError, WrongArchitectureError, WrongComponentError, WrongVariantError)
 from .files import LazyTensor, write_safetensors
@@ -69,9 +69,10 @@ def refuse_unless_sdxl(source: CheckpointSource, expect: str | None = None) -> s
         raise WrongArchitectureError(f"{name} is {found.description}; this project runs SDXL (base and refiner). "
                                      "Load it with a loader for its own model family.")
     if found.kind == "sdxl-other-schedule":
-        raise WrongArchitectureError(f"{name} is {found.description}; this project samples SDXL's eps-prediction "
-                                     "schedule, which would turn this model's output into noise or washed-out "
-                                     "images. Use ComfyUI's own checkpoint loader for it.")
+        raise WrongArchitectureError(f"{name} is {found.description}; this project samples SDXL's discrete schedule "
+                                     "(eps or v-prediction, with or without zero terminal SNR), which would turn "
+                                     "this model's output into noise or washed-out images. Use ComfyUI's own "
+                                     "checkpoint loader for it.")
     if found.kind == "sdxl-vae":
         raise WrongComponentError(f"{name} is a VAE-only file, not a checkpoint (a checkpoint has a UNet, text "
                                   "encoders and a VAE). Select it as the separate VAE instead (models/vae).")
@@ -185,7 +186,9 @@ def _plan(source: CheckpointSource, expect: str | None, vae_config: VAEConfig | 
         prefixes = {name: prefix for name, prefix in prefixes.items() if name != "vae"}
     modules = {name: build_component(name, config) for name in prefixes}
     skip = (VAE_PREFIX,) if vae_config is not None else ()
-    report = validate(source.shapes, expected_shapes(modules, prefixes), prefixes, skip_prefixes=skip)
+    # The prediction markers are read into the config (`detect.prediction_from_keys`), not loaded as weights.
+    shapes = {key: shape for key, shape in source.shapes.items() if key not in PREDICTION_MARKERS}
+    report = validate(shapes, expected_shapes(modules, prefixes), prefixes, skip_prefixes=skip)
     return config, modules, report
 
 
@@ -308,5 +311,13 @@ def save_checkpoint(model, path: Path | str, dtype: torch.dtype | None = None) -
         entries[prefixes["clip_l"] + "text_model.embeddings.position_ids"] = _lazy(ids, None)
     logit_dtype = dtype or model.clip_g.hf_model.get_input_embeddings().weight.dtype
     entries[prefixes["clip_g"] + "logit_scale"] = _lazy(torch.tensor(_OPENCLIP_LOGIT_SCALE, dtype=logit_dtype), None)
+    # The prediction type travels as ComfyUI's empty marker tensors, so ComfyUI reads the file the same way.
+    if config.prediction == "v_prediction":
+        entries[V_PRED_MARKER] = _lazy(torch.tensor([]), None)
+        if config.noise_schedule.zsnr:
+            entries[ZTSNR_MARKER] = _lazy(torch.tensor([]), None)
+    elif config.noise_schedule.zsnr:
+        raise ValueError("an eps-prediction model with a zero-terminal-SNR schedule has no marker ComfyUI reads; "
+                         "save it as eps without zsnr, or as v_prediction")
     metadata = {**config_hints(config), "modelspec.architecture": _MODELSPEC[config.kind]}
     write_safetensors(path, entries, metadata)

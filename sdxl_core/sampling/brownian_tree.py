@@ -29,9 +29,10 @@ def _round(t: float) -> float:
     return round(t, TOLERANCE_DIGITS)
 
 
-def _seeded_normal(seed: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randn(shape, dtype=dtype, generator=generator, device="cpu")
+def _seeded_normal(seed: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # torchsde seeds a generator on the tree's device: a CUDA tree draws other numbers than a CPU tree.
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.randn(shape, dtype=dtype, generator=generator, device=device)
 
 
 class _Node:
@@ -55,11 +56,12 @@ class _Node:
 
 
 class BrownianTree:
-    """Brownian motion W on [t0, t1] with W(t0) = 0, seeded by `entropy`, on the CPU in `dtype`: `increment(ta, tb)`
-    equals torchsde 0.2.6 `BrownianTree(t0, w0, t1, entropy=entropy)(ta, tb)` for w0 of that shape and dtype."""
+    """Brownian motion W on [t0, t1] with W(t0) = 0, seeded by `entropy`, on `device` in `dtype`:
+    `increment(ta, tb)` equals torchsde 0.2.6 `BrownianTree(t0, w0, t1, entropy=entropy)(ta, tb)` for w0 of that
+    shape, dtype and device."""
 
     def __init__(self, t0: float, t1: float, shape: Sequence[int], *, entropy: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         t0, t1 = float(t0), float(t1)
         if not t0 <= t1:
             raise ValueError(f"a Brownian tree needs t0 <= t1, got t0={t0}, t1={t1}")
@@ -67,11 +69,11 @@ class BrownianTree:
             raise ValueError(f"entropy must be a non-negative int (a seed), got {entropy!r}")
         entropy = int(entropy)
         self.t0, self.t1, self.entropy = t0, t1, entropy
-        self.shape, self.dtype = tuple(int(s) for s in shape), dtype
+        self.shape, self.dtype, self.device = tuple(int(s) for s in shape), dtype, torch.device(device)
         self._root = _Node(_round(t0), _round(t1), 0, 0, None, True)
         # The root's seed comes from the bare entropy; splits use (entropy, spawn key) below.
         root_seed = np.random.SeedSequence(entropy=entropy, pool_size=POOL_SIZE).generate_state(1)[0]
-        self._root_increment = _seeded_normal(root_seed, self.shape, dtype) * math.sqrt(t1 - t0)
+        self._root_increment = _seeded_normal(root_seed, self.shape, dtype, self.device) * math.sqrt(t1 - t0)
         # The left child's increment of each split node near the last query's end points (see `_forget`).
         self._left_increments: dict[_Node, torch.Tensor] = {}
 
@@ -82,7 +84,7 @@ class BrownianTree:
         if ta > tb:
             raise ValueError(f"expected ta <= tb, got ta={ta}, tb={tb}")
         if ta == tb:
-            return torch.zeros(self.shape, dtype=self.dtype)
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         ta, tb = _round(ta), _round(tb)
         if ta == tb:
             # torchsde recurses without end here (RecursionError); the increment is below the tree's resolution.
@@ -140,7 +142,7 @@ class BrownianTree:
             # torchsde's `left_diff * W * h_reciprocal + sqrt(var) * noise`, op for op (in place: no new buffers).
             mean = value * left_length
             mean.mul_(reciprocal)
-            left = _seeded_normal(seed, self.shape, self.dtype).mul_(math.sqrt(left_length * right_length * reciprocal))
+            left = _seeded_normal(seed, self.shape, self.dtype, self.device).mul_(math.sqrt(left_length * right_length * reciprocal))
             left.add_(mean)
             self._left_increments[node] = left
         return left

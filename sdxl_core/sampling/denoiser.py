@@ -1,7 +1,9 @@
-"""The eps-prediction network as a k-diffusion denoiser: `denoiser(x, sigma, **cond) -> x0`.
+"""The eps- and v-prediction networks as k-diffusion denoisers: `denoiser(x, sigma, **cond) -> x0`.
 
-Samplers see only this interface (Karras et al. 2022, "Elucidating the Design Space", Table 1, VP/eps column;
-sgm `EpsScaling` + `DiscreteDenoiser`; ComfyUI `model_sampling.EPS` with `BaseModel._apply_model`).
+Samplers see only this interface (Karras et al. 2022, "Elucidating the Design Space", Table 1, VP column; sgm
+`EpsScaling` / `VScaling` + `DiscreteDenoiser`; ComfyUI `model_sampling.EPS` / `V_PREDICTION` with
+`BaseModel._apply_model`). Both take the same input, x / sqrt(sigma^2 + 1) at the nearest training timestep; they
+differ in how the output becomes x0.
 """
 
 from __future__ import annotations
@@ -35,11 +37,26 @@ class EpsDenoiser:
         if self.dtype is not None:
             x_in = x_in.to(self.dtype)
             cond = {k: v.to(self.dtype) if torch.is_floating_point(v) else v for k, v in cond.items()}
-        eps = self.model(x_in, t, **cond)
-        if eps.shape != x.shape:
-            raise ValueError(f"the model returned eps of shape {tuple(eps.shape)} for an input of shape "
-                             f"{tuple(x.shape)}")
-        return x - eps.float() * sigma_b if self.dtype is not None else x - eps * sigma_b
+        output = self.model(x_in, t, **cond)
+        if output.shape != x.shape:
+            raise ValueError(f"the model returned {self.output_name} of shape {tuple(output.shape)} for an input of "
+                             f"shape {tuple(x.shape)}")
+        return self.x0(x, output.float() if self.dtype is not None else output, sigma_b)
+
+    output_name = "eps"
+
+    def x0(self, x: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x - eps * sigma
+
+
+class VDenoiser(EpsDenoiser):
+    """A v-prediction network (v = alpha eps - sigma_vp x0, Salimans & Ho 2022) as a denoiser, sigma_data = 1:
+    x0 = x / (sigma^2 + 1) - v sigma / sqrt(sigma^2 + 1) (ComfyUI `V_PREDICTION.calculate_denoised`)."""
+
+    output_name = "v"
+
+    def x0(self, x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x / (sigma**2 + 1.0) - v * sigma / (sigma**2 + 1.0) ** 0.5
 
 
 def per_item_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:

@@ -62,11 +62,15 @@ class CFGDenoiser:
     step run in as few batched calls as their token lengths allow (unconditional first, as ComfyUI orders them).
     """
 
-    def __init__(self, denoiser: Denoiser, cond: Side, uncond: Side | None, cfg: float):
+    def __init__(self, denoiser: Denoiser, cond: Side, uncond: Side | None, cfg: float, rescale: float = 0.0):
         self.denoiser = denoiser
         self.cond = _entries(cond, "cond")
         self.uncond = None if uncond is None else _entries(uncond, "uncond")
         self.cfg = float(cfg)
+        if not (math.isfinite(rescale) and 0.0 <= rescale <= 1.0):
+            raise ValueError(f"the RescaleCFG multiplier must lie in [0, 1] (0 is plain CFG, 0.7 the usual value "
+                             f"for v-prediction models), got {rescale}")
+        self.rescale = float(rescale)
         # ComfyUI skips the unconditional pass when cfg is 1 (its "cfg1 optimization"): the result is the same.
         self.skips_uncond = math.isclose(self.cfg, 1.0)
         if self.uncond is None and not self.skips_uncond:
@@ -77,12 +81,31 @@ class CFGDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = per_item_sigma(sigma, x)
-        sides = [self.cond] if self.skips_uncond else [self.uncond, self.cond]
-        predictions = self._side_predictions(x, sigma, sides)
         if self.skips_uncond:
-            return predictions[0] * self.cfg
-        uncond_x0, cond_x0 = predictions
+            cond_x0 = self._side_predictions(x, sigma, [self.cond])[0]
+            if not self.rescale:
+                return cond_x0 * self.cfg
+            # ComfyUI's skipped branch reads as a zero prediction, which RescaleCFG then combines.
+            return self._combine(x, sigma, cond_x0, torch.zeros_like(cond_x0))
+        uncond_x0, cond_x0 = self._side_predictions(x, sigma, [self.uncond, self.cond])
+        return self._combine(x, sigma, cond_x0, uncond_x0)
+
+    def _combine(self, x: torch.Tensor, sigma: torch.Tensor, cond_x0: torch.Tensor,
+                 uncond_x0: torch.Tensor) -> torch.Tensor:
+        if self.rescale:
+            return rescaled_cfg(x, sigma, cond_x0, uncond_x0, self.cfg, self.rescale)
         return uncond_x0 + (cond_x0 - uncond_x0) * self.cfg
+
+    def with_uncond(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(guided x0, unconditional x0): the hook a CFG++ sampler steps with (ComfyUI hands `uncond_denoised` to a
+        `sampler_post_cfg_function`). Both branches run even at cfg 1, as ComfyUI's `disable_cfg1_optimization`
+        makes them; without a negative side the unconditional prediction is the conditional one."""
+        sigma = per_item_sigma(sigma, x)
+        if self.uncond is None:
+            cond_x0 = self._side_predictions(x, sigma, [self.cond])[0]
+            return self._combine(x, sigma, cond_x0, cond_x0), cond_x0
+        uncond_x0, cond_x0 = self._side_predictions(x, sigma, [self.uncond, self.cond])
+        return self._combine(x, sigma, cond_x0, uncond_x0), uncond_x0
 
     def _side_predictions(self, x: torch.Tensor, sigma: torch.Tensor,
                           sides: list[list[WeightedConditioning]]) -> list[torch.Tensor]:
@@ -109,6 +132,23 @@ class CFGDenoiser:
             pairs = [(entry.strength, x0) for (i, entry, _), x0 in zip(runs, x0s) if i == index]
             predictions.append(_weighted_mean(pairs, x))
         return predictions
+
+
+def rescaled_cfg(x: torch.Tensor, sigma: torch.Tensor, cond_x0: torch.Tensor, uncond_x0: torch.Tensor, cfg: float,
+                 multiplier: float) -> torch.Tensor:
+    """CFG with the guided prediction's std rescaled to the conditional one's (Lin et al. 2024, "Common Diffusion
+    Noise Schedules and Sample Steps are Flawed", eq. 15-16), blended by `multiplier`; done on v of the VP model
+    as ComfyUI's RescaleCFG node does it (`comfy_extras/nodes_model_advanced.py`), op for op."""
+    s = sigma.view(sigma.shape[:1] + (1,) * (x.ndim - 1))
+    reduce = tuple(range(1, x.ndim))
+    x_vp = x / (s * s + 1.0)
+    eps_cond, eps_uncond = x - cond_x0, x - uncond_x0
+    v_cond = ((x_vp - (x - eps_cond)) * (s**2 + 1.0) ** 0.5) / s
+    v_uncond = ((x_vp - (x - eps_uncond)) * (s**2 + 1.0) ** 0.5) / s
+    v_cfg = v_uncond + cfg * (v_cond - v_uncond)
+    v_rescaled = v_cfg * (torch.std(v_cond, dim=reduce, keepdim=True) / torch.std(v_cfg, dim=reduce, keepdim=True))
+    v_final = multiplier * v_rescaled + (1.0 - multiplier) * v_cfg
+    return x - (x - (x_vp - v_final * s / (s * s + 1.0) ** 0.5))
 
 
 def _entries(side: Side, name: str) -> list[WeightedConditioning]:

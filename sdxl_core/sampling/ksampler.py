@@ -52,10 +52,12 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
     seed = settings.seed
     noise = prepare_noise(samples, seed, latent.get("batch_index")) if add_noise else torch.zeros_like(samples)
     scale = model.config.vae.scale_factor
-    denoiser = guided_denoiser(model, positive, negative, settings.cfg, tuple(samples.shape[-2:]))
+    denoiser = guided_denoiser(model, positive, negative, settings.cfg, tuple(samples.shape[-2:]),
+                               rescale=settings.rescale_cfg)
     with torch.inference_mode():
         x = run_sampler(settings.sampler, denoiser, samples.to(device) * scale, noise.to(device), sigmas,
-                        sigma_max=schedule.sigma_max, seed=seed, callback=callback, cancel=cancel)
+                        sigma_max=schedule.sigma_max, seed=seed, callback=callback, cancel=cancel,
+                        schedule=schedule)
     out = (x / scale).float().cpu()
     if not torch.isfinite(out).all():
         _, dtype = _unet_device_dtype(model)
@@ -75,7 +77,7 @@ def denoise_from(model: SDXLModel, x: torch.Tensor, sigmas: torch.Tensor, positi
     denoiser = guided_denoiser(model, positive, negative, cfg, tuple(x.shape[-2:]))
     with torch.inference_mode():
         return integrate(sampler, denoiser, x.to(device), sigmas.to(device), seed=seed, callback=callback,
-                         cancel=cancel)
+                         cancel=cancel, schedule=model_sampling_for(model.config).schedule)
 
 
 def validate_conditioning_for(model: SDXLModel, conditioning: list, role: str = "positive") -> None:
@@ -84,15 +86,15 @@ def validate_conditioning_for(model: SDXLModel, conditioning: list, role: str = 
 
 
 def guided_denoiser(model: SDXLModel, positive: list, negative: list, cfg: float,
-                    latent_hw: tuple[int, int]) -> CFGDenoiser:
+                    latent_hw: tuple[int, int], rescale: float = 0.0) -> CFGDenoiser:
     """x -> guided x0 for this stage: the UNet as a denoiser of the model's prediction type, both conditionings
     (each side the strength-weighted mean of its entries), one batched call per step where the entries' token
-    lengths allow."""
+    lengths allow; `rescale` is RescaleCFG's multiplier (0: plain CFG)."""
     device, dtype = _unet_device_dtype(model)
     sampling = model_sampling_for(model.config)
     cond = _branch(model, positive, "positive", latent_hw, device)
     uncond = _branch(model, negative, "negative", latent_hw, device)
-    return CFGDenoiser(sampling.denoiser(_UNetCall(model.unet), dtype=dtype), cond, uncond, cfg)
+    return CFGDenoiser(sampling.denoiser(_UNetCall(model.unet), dtype=dtype), cond, uncond, cfg, rescale=rescale)
 
 
 def _branch(model: SDXLModel, conditioning: list, role: str, latent_hw: tuple[int, int],

@@ -7,13 +7,14 @@ samplers see only `denoiser(x, sigma) -> x0`, and this module decides how a netw
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-from ..config import NoiseScheduleConfig, SDXLConfig
-from .denoiser import EpsDenoiser, NetworkFn
+from ..config import PREDICTION_TYPES, NoiseScheduleConfig, SDXLConfig
+from .denoiser import EpsDenoiser, NetworkFn, VDenoiser
 from .schedules import DiscreteSchedule
 
 
@@ -27,6 +28,8 @@ class ModelSampling:
         network's compute dtype (inputs are cast to it, x0 comes back in float32)."""
         if self.prediction == "eps":
             return EpsDenoiser(network, self.schedule, dtype=dtype)
+        if self.prediction == "v_prediction":
+            return VDenoiser(network, self.schedule, dtype=dtype)
         raise ValueError(f"no denoiser for prediction type {self.prediction!r}")  # config.PREDICTION_TYPES guards
 
 
@@ -38,3 +41,17 @@ def model_sampling_for(config: SDXLConfig) -> ModelSampling:
 @lru_cache(maxsize=None)
 def _model_sampling(prediction: str, noise_schedule: NoiseScheduleConfig) -> ModelSampling:
     return ModelSampling(prediction, DiscreteSchedule(noise_schedule))
+
+
+def with_prediction(model, prediction: str | None = None, zsnr: bool | None = None):
+    """The same networks sampled as another prediction type and/or (no) zero terminal SNR: what ComfyUI's
+    ModelSamplingDiscrete node overrides, for files that lack the markers (`None` keeps the file's value). A new
+    model object; the weights are shared, not copied."""
+    config = model.config
+    if prediction is not None and prediction not in PREDICTION_TYPES:
+        raise ValueError(f"prediction must be one of {', '.join(PREDICTION_TYPES)}, got {prediction!r}")
+    config = dataclasses.replace(
+        config, prediction=config.prediction if prediction is None else prediction,
+        noise_schedule=config.noise_schedule if zsnr is None else
+        dataclasses.replace(config.noise_schedule, zsnr=bool(zsnr)))
+    return dataclasses.replace(model, config=config)

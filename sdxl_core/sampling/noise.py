@@ -89,17 +89,24 @@ class GaussianNoiseSampler:
 
 class BrownianTreeNoiseSampler:
     """Normalized Brownian increments (W(sigma_next) - W(sigma)) / sqrt|sigma_next - sigma| over [sigma_min,
-    sigma_max], ComfyUI's numbers: k-diffusion `BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed, cpu=True)`
-    as ComfyUI's dpmpp_sde / dpmpp_2m_sde build it, over torchsde 0.2.6's BrownianTree (see `brownian_tree`).
+    sigma_max], ComfyUI's numbers: k-diffusion `BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed, cpu=...)`
+    over torchsde 0.2.6's BrownianTree (see `brownian_tree`).
+
+    `on_device=False` is ComfyUI's `cpu=True` (dpmpp_sde, dpmpp_2m_sde, ...): the tree lives on the CPU in x's dtype
+    and is queried at float32 times. `on_device=True` is its `cpu=False` (the `_gpu` samplers): the tree lives on
+    x's device, so on a GPU its normals come from that device's generator (other numbers than the CPU tree's, as in
+    ComfyUI), and it is queried at the sigmas' own precision. On a CPU the two agree whenever the sigmas are float32.
 
     An int seed drives one tree shaped like the whole batch (what ComfyUI's KSampler passes); a sequence of seeds,
-    one per batch item, drives one tree per item. The tree lives on the CPU in x's dtype; the noise comes back on
-    sigma's device in sigma's dtype, as ComfyUI returns it."""
+    one per batch item, drives one tree per item. The noise comes back on sigma's device in sigma's dtype, as
+    ComfyUI returns it."""
 
     def __init__(self, x: torch.Tensor, sigma_min: torch.Tensor | float, sigma_max: torch.Tensor | float,
-                 seed: int | Sequence[int]):
+                 seed: int | Sequence[int], *, on_device: bool = False):
         low, high, self._sign = _ordered(torch.as_tensor(sigma_min), torch.as_tensor(sigma_max))
         t0, t1 = float(low.detach().cpu()), float(high.detach().cpu())
+        self._on_device = on_device
+        device = x.device if on_device else torch.device("cpu")
         # Any whole number (a numpy seed too) is one seed for the batch; a sequence gives one per batch item.
         self._batched = not isinstance(seed, numbers.Integral)
         if not self._batched:
@@ -108,17 +115,21 @@ class BrownianTreeNoiseSampler:
             seeds = list(seed)
             if len(seeds) != x.shape[0]:
                 raise ValueError(f"one seed per batch item expected ({x.shape[0]}), got {len(seeds)} seeds")
-            self._trees = [BrownianTree(t0, t1, x.shape[1:], entropy=s, dtype=x.dtype) for s in seeds]
+            self._trees = [BrownianTree(t0, t1, x.shape[1:], entropy=s, dtype=x.dtype, device=device)
+                           for s in seeds]
         else:
-            self._trees = [BrownianTree(t0, t1, x.shape, entropy=seed, dtype=x.dtype)]
+            self._trees = [BrownianTree(t0, t1, x.shape, entropy=seed, dtype=x.dtype, device=device)]
 
     def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         sigma, sigma_next = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
         if bool(sigma == sigma_next):
             raise ValueError(f"a Brownian increment needs two different sigmas, got {float(sigma)} twice")
         low, high, sign = _ordered(sigma, sigma_next)
-        # ComfyUI queries the tree at float32 times.
-        ta, tb = float(low.detach().cpu().float()), float(high.detach().cpu().float())
+        if self._on_device:
+            ta, tb = float(low.detach()), float(high.detach())
+        else:
+            # ComfyUI queries its CPU tree at float32 times.
+            ta, tb = float(low.detach().cpu().float()), float(high.detach().cpu().float())
         increments = [tree.increment(ta, tb) for tree in self._trees]
         w = torch.stack(increments) if self._batched else increments[0]
         w = w.to(device=low.device, dtype=low.dtype)

@@ -32,6 +32,9 @@ class DiscreteSchedule:
         betas = torch.linspace(linear_start**0.5, linear_end**0.5, num_timesteps, dtype=torch.float64) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        if config.zsnr:
+            sigmas = zero_terminal_snr_sigmas(sigmas)
+            self.alphas_cumprod = 1 / ((sigmas * sigmas) + 1)
         self.sigmas = sigmas.float()
         # The log is taken in float64 before the cast, as ComfyUI does; log(sigmas.float()) differs in the last bit.
         self.log_sigmas = sigmas.log().float()
@@ -74,6 +77,23 @@ class DiscreteSchedule:
         if percent >= 1.0:
             return 0.0
         return self.sigma(torch.tensor((1.0 - percent) * 999.0)).item()
+
+
+# ComfyUI's stand-in for the last step's alpha_bar of a zero-terminal-SNR schedule: exactly 0 would make sigma
+# infinite; this gives sigma_max ~ 4519.
+ZSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
+
+
+def zero_terminal_snr_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2024), Algorithm 1 on the sigmas (float64): sqrt(alpha_bar) shifted so the last step's is 0 and
+    scaled so the first step's is unchanged, the last alpha_bar then set to ZSNR_LAST_ALPHA_BAR (ComfyUI
+    `rescale_zero_terminal_snr_sigmas`)."""
+    root = (1 / ((sigmas * sigmas) + 1)).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    alpha_bar = root**2
+    alpha_bar[-1] = ZSNR_LAST_ALPHA_BAR
+    return ((1 - alpha_bar) / alpha_bar) ** 0.5
 
 
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
@@ -233,9 +253,46 @@ def _beta_continued_fraction(x: float, a: float, b: float, max_terms: int = 500)
     raise ArithmeticError(f"incomplete beta continued fraction did not converge for x={x}, a={a}, b={b}")
 
 
+def linear_quadratic_sigmas(schedule: DiscreteSchedule, steps: int, threshold_noise: float = 0.025,
+                            linear_steps: int | None = None) -> torch.Tensor:
+    """Noise levels (as fractions of sigma_max) that rise linearly to `threshold_noise` over the first half of the
+    steps, then quadratically to 1 with a continuous slope (the Mochi/Genmo schedule; ComfyUI "linear_quadratic").
+    The levels are Python floats, reversed into sigmas and scaled by the float32 sigma_max as ComfyUI does."""
+    _check_steps(steps)
+    if steps == 1:
+        levels = [0.0, 1.0]
+    else:
+        ramp = steps // 2 if linear_steps is None else linear_steps
+        rest = steps - ramp
+        # The quadratic q(i) = a i^2 + b i + c meets the linear part's value at i = ramp and reaches 1 at steps.
+        gap = ramp - threshold_noise * steps
+        a = gap / (ramp * rest**2)
+        b = threshold_noise / ramp - 2 * gap / (rest**2)
+        c = a * (ramp**2)
+        levels = [i * threshold_noise / ramp for i in range(ramp)]
+        levels += [a * (i**2) + b * i + c for i in range(ramp, steps)]
+        levels += [1.0]
+    return torch.tensor([1.0 - level for level in levels], dtype=torch.float32) * schedule.sigma_max
+
+
+def kl_optimal_sigmas(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
+    """Sigmas evenly spaced in arctan(sigma), the schedule that minimises the KL bound of the DDIM discretisation
+    for Gaussian data (Sabour et al. 2024, "Align Your Steps", arXiv 2404.14507; AUTOMATIC1111 PR 15608; ComfyUI
+    "kl_optimal").
+
+    One step runs from sigma_max straight to 0; ComfyUI divides by steps - 1 there and produces NaN."""
+    _check_steps(steps)
+    sigma_min, sigma_max = float(schedule.sigma_min), float(schedule.sigma_max)
+    if steps == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=torch.float32)
+    fraction = torch.arange(steps, dtype=torch.float32).div_(steps - 1)
+    angles = fraction * math.atan(sigma_min) + (1 - fraction) * math.atan(sigma_max)
+    return _append_zero(angles.tan_())
+
+
 Scheduler = Callable[[DiscreteSchedule, int], torch.Tensor]
 
-# ComfyUI's scheduler names, in ComfyUI's menu order, restricted to the ones this core reproduces.
+# ComfyUI 0.3.64's scheduler names (`comfy/samplers.py SCHEDULER_HANDLERS`), all of them, in its menu order.
 SCHEDULERS: dict[str, Scheduler] = {
     "simple": simple_sigmas,
     "sgm_uniform": sgm_uniform_sigmas,
@@ -244,6 +301,8 @@ SCHEDULERS: dict[str, Scheduler] = {
     "ddim_uniform": ddim_uniform_sigmas,
     "beta": beta_sigmas,
     "normal": normal_sigmas,
+    "linear_quadratic": linear_quadratic_sigmas,
+    "kl_optimal": kl_optimal_sigmas,
 }
 
 

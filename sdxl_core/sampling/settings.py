@@ -34,6 +34,7 @@ class SamplingSettings:
     sampler: str = "euler"
     scheduler: str = "normal"
     denoise: float = 1.0  # KSampler's img2img strength: the share of the schedule run, [0, 1]
+    rescale_cfg: float = 0.0  # ComfyUI RescaleCFG's multiplier, [0, 1]; 0 is plain CFG (0.7 for v-pred models)
 
     def __post_init__(self) -> None:
         if not _whole_number(self.seed) or not 0 <= self.seed <= MAX_SEED:
@@ -49,6 +50,9 @@ class SamplingSettings:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; expected one of: {', '.join(SCHEDULERS)}")
         if not _finite_number(self.denoise) or not 0.0 <= self.denoise <= 1.0:
             raise ValueError(f"denoise must be a number in [0, 1] (1 for text-to-image), got {self.denoise!r}")
+        if not _finite_number(self.rescale_cfg) or not 0.0 <= self.rescale_cfg <= 1.0:
+            raise ValueError(f"rescale_cfg must be a number in [0, 1] (0 is plain CFG; v-prediction models usually "
+                             f"take 0.7), got {self.rescale_cfg!r}")
 
 
 def _whole_number(value) -> bool:

@@ -228,7 +228,7 @@ def test_schedule_and_schedulers_bit_equal_to_comfyui():
     k_sampling = load_modules().sampling
 
     functions = lift("comfy/samplers.py", "simple_scheduler", "ddim_scheduler", "normal_scheduler", "beta_scheduler",
-                     namespace={"scipy": scipy})
+                     "linear_quadratic_schedule", "kl_optimal_scheduler", namespace={"scipy": scipy})
     comfy_schedulers = {
         "simple": functions["simple_scheduler"],
         "ddim_uniform": functions["ddim_scheduler"],
@@ -237,10 +237,13 @@ def test_schedule_and_schedulers_bit_equal_to_comfyui():
         "beta": functions["beta_scheduler"],
         "karras": lambda ms, n: k_sampling.get_sigmas_karras(n, float(ms.sigma_min), float(ms.sigma_max)),
         "exponential": lambda ms, n: k_sampling.get_sigmas_exponential(n, float(ms.sigma_min), float(ms.sigma_max)),
+        "linear_quadratic": functions["linear_quadratic_schedule"],
+        "kl_optimal": lambda ms, n: functions["kl_optimal_scheduler"](n, float(ms.sigma_min), float(ms.sigma_max)),
     }
     assert set(comfy_schedulers) == set(SCHEDULERS)
     for name, comfy_scheduler in comfy_schedulers.items():
-        for steps in (1, 3, 10, 20, 25, 30, 50, 77):
+        # kl_optimal with one step divides by zero in ComfyUI (a NaN grid); ours is checked by hand below.
+        for steps in (1, 2, 3, 10, 20, 25, 30, 50, 77) if name != "kl_optimal" else (2, 3, 10, 20, 25, 30, 50, 77):
             assert torch.equal(comfy_scheduler(reference, steps), SCHEDULERS[name](SCHEDULE, steps)), (name, steps)
 
 
@@ -252,3 +255,22 @@ def test_timestep_lookup_stays_on_the_sigma_device():
     on_meta = schedule.timestep(torch.tensor([14.6, 0.03], device="meta"))
     assert on_meta.device.type == "meta" and on_meta.shape == (2,)
     assert schedule.timestep(torch.tensor([14.6146, 0.0292])).tolist() == [999, 0]
+
+
+def test_scheduler_menu_is_comfyuis():
+    assert list(SCHEDULERS) == ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                                "linear_quadratic", "kl_optimal"]
+
+
+def test_linear_quadratic_and_kl_optimal_shapes():
+    sigma_max, sigma_min = SCHEDULE.sigma_max.item(), SCHEDULE.sigma_min.item()
+    lq = scheduler_sigmas(SCHEDULE, "linear_quadratic", 10)
+    assert lq.shape == (11,) and lq[0].item() == pytest.approx(sigma_max) and lq[-1].item() == 0.0
+    # The first half falls linearly by threshold_noise / 5 of sigma_max per step.
+    assert torch.allclose(lq[:6], torch.tensor([sigma_max * (1 - i * 0.025 / 5) for i in range(6)]), rtol=1e-6)
+    assert torch.all(lq[1:] < lq[:-1])
+    kl = scheduler_sigmas(SCHEDULE, "kl_optimal", 4)
+    angles = torch.atan(kl[:-1].double())
+    assert kl[0].item() == pytest.approx(sigma_max, rel=1e-6) and kl[3].item() == pytest.approx(sigma_min, rel=1e-5)
+    assert torch.allclose(angles[1:] - angles[:-1], (angles[1] - angles[0]).expand(3), rtol=1e-5)
+    assert scheduler_sigmas(SCHEDULE, "kl_optimal", 1).tolist() == [pytest.approx(sigma_max), 0.0]

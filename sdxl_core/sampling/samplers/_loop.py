@@ -15,7 +15,9 @@ class SamplingCancelled(Exception):
     """Raised between steps when the caller's `cancel()` returned true."""
 
     def __init__(self, step: int, total: int):
-        super().__init__(f"sampling cancelled before step {step + 1} of {total}")
+        # A sampler that chooses its own steps (dpm_adaptive) knows no total in advance.
+        of = f" of {total}" if total > step else ""
+        super().__init__(f"sampling cancelled before step {step + 1}{of}")
         self.step = step
         self.total = total
 
@@ -33,11 +35,20 @@ class StepLoop:
     def steps(self, sigmas: torch.Tensor) -> Iterator[int]:
         if sigmas.ndim != 1:
             raise ValueError(f"expected a 1-D sigma grid, got shape {tuple(sigmas.shape)}")
-        self.total = max(len(sigmas) - 1, 0)
+        return self.count(len(sigmas) - 1)
+
+    def count(self, total: int) -> Iterator[int]:
+        """Step indices 0..total-1, for samplers whose steps are not the grid's (dpm_fast)."""
+        self.total = max(total, 0)
         for i in range(self.total):
-            if self.cancel is not None and self.cancel():
-                raise SamplingCancelled(i, self.total)
+            self.check(i)
             yield i
+
+    def check(self, i: int) -> None:
+        """Raise SamplingCancelled before step i if asked to; for loops of unknown length (dpm_adaptive), which
+        set `total` as they go."""
+        if self.cancel is not None and self.cancel():
+            raise SamplingCancelled(i, self.total)
 
     def report(self, i: int, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor,
                sigma_hat: torch.Tensor | None = None) -> None:
