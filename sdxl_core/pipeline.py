@@ -30,6 +30,7 @@ from .conditioning import (
 )
 from .config import VAE_DOWNSCALE
 from .sampling.denoiser import EpsDenoiser
+from .sampling.control import CONTROL_OPTION, control_schedule
 from .sampling.guidance import CFGDenoiser, WeightedConditioning
 from .models.bundle import SDXLModel
 from .sampling.noise import prepare_noise
@@ -154,6 +155,8 @@ def _branch(model: SDXLModel, conditioning: list, role: str, latent_hw: tuple[in
             gating["sigma_start"] = eps_schedule().percent_to_sigma(options["start_percent"])
         if "end_percent" in options:
             gating["sigma_end"] = eps_schedule().percent_to_sigma(options["end_percent"])
+        if CONTROL_OPTION in options:
+            gating["control"] = control_schedule(options[CONTROL_OPTION], eps_schedule(), model.config.unet, which)
         entries.append(WeightedConditioning({"context": context.to(device), "y": y.to(device)},
                                             strength=float(options.get("strength", 1.0)), **gating))
     return entries
@@ -236,8 +239,13 @@ class _UNetEps:
     def __init__(self, unet: torch.nn.Module):
         self.unet = unet
 
-    def __call__(self, x_in: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, y: torch.Tensor):
-        return self.unet(x_in, t, context, y)
+    def __call__(self, x_in: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, y: torch.Tensor,
+                 control=None):
+        # `control` (sampling/control.py ControlAtStep) runs the ControlNets on this call's own inputs.
+        residuals = None if control is None else control(x_in, t, context, y)
+        if residuals is None:
+            return self.unet(x_in, t, context, y)
+        return self.unet(x_in, t, context, y, control=residuals)
 
 
 def _check_latent(latent: dict, model: SDXLModel) -> torch.Tensor:

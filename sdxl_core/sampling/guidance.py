@@ -38,6 +38,10 @@ class WeightedConditioning:
     strength: float = 1.0
     sigma_start: float = math.inf  # the entry sits out while sigma is above this ...
     sigma_end: float = 0.0  # ... or below this
+    # Model input that is not a tensor: `control.at(sigma, chunks)` gives the denoiser's `control=` argument for one
+    # call of `chunks` batched entries, or None (sampling/control.py `ControlSchedule`). Entries batch together only
+    # when they share the same control object, as in ComfyUI.
+    control: object | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.strength) and self.strength >= 0.0):
@@ -96,12 +100,16 @@ class CFGDenoiser:
         runs = [(index, entry, expand_to_batch(entry.cond, batch)) for index, side in enumerate(active)
                 for entry in side]
         x0s: list[torch.Tensor | None] = [None] * len(runs)
-        for group in _batchable_groups([cond for _, _, cond in runs]):
+        for group in _batchable_groups([cond for _, _, cond in runs], [entry.control for _, entry, _ in runs]):
+            control = runs[group[0]][1].control
+            extra = {}
+            if control is not None and (bound := control.at(float(sigma[0]), len(group))) is not None:
+                extra["control"] = bound
             if len(group) == 1:
-                x0s[group[0]] = self.denoiser(x, sigma, **runs[group[0]][2])
+                x0s[group[0]] = self.denoiser(x, sigma, **runs[group[0]][2], **extra)
                 continue
             x0 = self.denoiser(torch.cat([x] * len(group)), torch.cat([sigma] * len(group)),
-                               **concat_conditioning(*(runs[i][2] for i in group)))
+                               **concat_conditioning(*(runs[i][2] for i in group)), **extra)
             for i, chunk in zip(group, x0.split(batch)):
                 x0s[i] = chunk
         predictions = []
@@ -135,16 +143,20 @@ def _weighted_mean(pairs: list[tuple[float, torch.Tensor]], x: torch.Tensor) -> 
     return out / total
 
 
-def _batchable_groups(conds: list[dict[str, torch.Tensor]]) -> list[list[int]]:
+def _batchable_groups(conds: list[dict[str, torch.Tensor]], controls: list[object | None] | None = None
+                      ) -> list[list[int]]:
     """Indices of the conditionings that share a call: the first one left, with every later one that still fits
     (ComfyUI `_calc_cond_batch` with `can_concat`), until none is left. Token lengths may differ as long as their
-    common multiple is within MAX_TOKEN_REPEAT repeats of the shortest."""
+    common multiple is within MAX_TOKEN_REPEAT repeats of the shortest; controls must be the same object."""
+    controls = controls if controls is not None else [None] * len(conds)
     left = list(range(len(conds)))
     groups = []
     while left:
         group = [left.pop(0)]
         for i in list(left):
             members = [conds[j] for j in group]
+            if controls[i] is not controls[group[0]]:
+                continue
             if all(can_batch(member, conds[i]) for member in members) and _fits_one_call(members + [conds[i]]):
                 group.append(i)
                 left.remove(i)
