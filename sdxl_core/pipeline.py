@@ -32,6 +32,7 @@ from .config import VAE_DOWNSCALE
 from .sampling.denoiser import EpsDenoiser
 from .sampling.control import CONTROL_OPTION, control_schedule
 from .sampling.guidance import CFGDenoiser, WeightedConditioning
+from .sampling.inpaint import NOISE_MASK, InpaintingDenoiser, prepare_denoise_mask
 from .models.bundle import SDXLModel
 from .sampling.noise import prepare_noise
 from .text.embeddings import EmbeddingLibrary
@@ -176,8 +177,10 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
     (`add_noise`, `return_with_leftover_noise`) and KSampler's `denoise` strength for img2img.
 
     `sigmas` replaces the scheduler's grid (ComfyUI SamplerCustom's SIGMAS input); the step range still applies.
+    A `noise_mask` on the latent inpaints as KSampler does (sampling/inpaint.py) and stays on the returned latent.
     """
     samples = _check_latent(latent, model)
+    mask = prepare_denoise_mask(latent[NOISE_MASK], samples.shape) if NOISE_MASK in latent else None
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive whole number, got {steps!r}")
     if end_step is not None and start_step >= end_step:
@@ -198,8 +201,11 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
     noise = prepare_noise(samples, seed, latent.get("batch_index")) if add_noise else torch.zeros_like(samples)
     scale = model.config.vae.scale_factor
     denoiser = _guided_denoiser(model, positive, negative, cfg, tuple(samples.shape[-2:]))
+    start = samples.to(device) * scale
+    if mask is not None:  # inpainting: only the masked region is sampled (sampling/inpaint.py)
+        denoiser = InpaintingDenoiser(denoiser, start, noise.to(device), mask.to(device))
     with torch.inference_mode():
-        x = run_sampler(sampler, denoiser, samples.to(device) * scale, noise.to(device), sigmas,
+        x = run_sampler(sampler, denoiser, start, noise.to(device), sigmas,
                         sigma_max=schedule.sigma_max, seed=seed, callback=callback, cancel=cancel)
     out = (x / scale).float().cpu()
     if not torch.isfinite(out).all():
@@ -251,9 +257,6 @@ class _UNetEps:
 def _check_latent(latent: dict, model: SDXLModel) -> torch.Tensor:
     if not isinstance(latent, dict) or "samples" not in latent:
         raise ValueError("expected a LATENT dict with a 'samples' tensor")
-    if "noise_mask" in latent:
-        raise ValueError("this latent carries an inpainting noise_mask, which the SDXL two-stage sampler does not "
-                         "apply; use ComfyUI's KSampler for inpainting")
     samples = latent["samples"]
     channels = model.config.unet.in_channels
     if samples.ndim != 4 or samples.shape[1] != channels:
