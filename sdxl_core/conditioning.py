@@ -25,13 +25,14 @@ from .models.timestep_embedding import timestep_embedding
 DEFAULT_POSITIVE_AESTHETIC_SCORE = 6.0
 DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
-# Conditioning options this core understands. Anything else (areas, masks, GLIGEN, ...) is refused
+# Conditioning options this core understands. Anything else (GLIGEN, hooks, ...) is refused
 # rather than silently ignored. `strength` weighs an entry in its side's mean and `start_percent`/`end_percent`
 # limit it to part of the schedule, as in ComfyUI's sampler (see guidance.WeightedConditioning).
 _KNOWN_OPTIONS = frozenset({
     "pooled_output", "width", "height", "crop_w", "crop_h", "target_width", "target_height", "aesthetic_score",
     "strength", "start_percent", "end_percent", "prompt_type",
     "control",  # a ControlNet chain (sampling/control.py), checked by the sampler
+    "area", "mask", "mask_strength", "set_area_to_bounds",  # regional conditioning (sampling/regions.py)
 })
 
 

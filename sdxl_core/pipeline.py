@@ -33,6 +33,7 @@ from .sampling.denoiser import EpsDenoiser
 from .sampling.control import CONTROL_OPTION, control_schedule
 from .sampling.guidance import CFGDenoiser, WeightedConditioning
 from .sampling.inpaint import NOISE_MASK, InpaintingDenoiser, prepare_denoise_mask
+from .sampling.regions import resolve_region
 from .models.bundle import SDXLModel
 from .sampling.noise import prepare_noise
 from .text.embeddings import EmbeddingLibrary
@@ -158,6 +159,8 @@ def _branch(model: SDXLModel, conditioning: list, role: str, latent_hw: tuple[in
             gating["sigma_end"] = eps_schedule().percent_to_sigma(options["end_percent"])
         if CONTROL_OPTION in options:
             gating["control"] = control_schedule(options[CONTROL_OPTION], eps_schedule(), model.config.unet, which)
+        if (region := resolve_region(options, latent_hw, which)) is not None:
+            gating["region"] = region  # an area and/or mask (sampling/regions.py)
         entries.append(WeightedConditioning({"context": context.to(device), "y": y.to(device)},
                                             strength=float(options.get("strength", 1.0)), **gating))
     return entries

@@ -127,8 +127,8 @@ def test_unsupported_options_and_missing_pooled_are_refused():
     context = torch.randn(1, 77, 96)
     with pytest.raises(ConditioningMismatch, match="pooled_output"):
         check_conditioning_for(TINY_BASE, [[context, {}]])
-    with pytest.raises(ConditioningMismatch, match="area"):
-        check_conditioning_for(TINY_BASE, [[context, {"pooled_output": torch.zeros(1, 1280), "area": (8, 8, 0, 0)}]])
+    with pytest.raises(ConditioningMismatch, match="gligen"):
+        check_conditioning_for(TINY_BASE, [[context, {"pooled_output": torch.zeros(1, 1280), "gligen": ("position",)}]])
     with pytest.raises(ConditioningMismatch, match="empty"):
         check_conditioning_for(TINY_BASE, [])
 
