@@ -10,7 +10,7 @@ workflow's numbers mean the same here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -30,9 +30,9 @@ from .conditioning import (
 )
 from .config import VAE_DOWNSCALE
 from .sampling.denoiser import EpsDenoiser
-from .sampling.control import CONTROL_OPTION, control_schedule
+from .sampling.control import CONTROL_OPTION, ControlNetUse, apply_controlnets, control_schedule
 from .sampling.guidance import CFGDenoiser, WeightedConditioning
-from .sampling.inpaint import NOISE_MASK, InpaintingDenoiser, prepare_denoise_mask
+from .sampling.inpaint import NOISE_MASK, InpaintingDenoiser, noise_mask_for_image, prepare_denoise_mask
 from .sampling.regions import resolve_region
 from .models.bundle import SDXLModel
 from .sampling.noise import prepare_noise
@@ -395,11 +395,12 @@ DEFAULTS = _Defaults()
 def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequest, *,
              on_step: Callable[[str], None] | None = None, cancel: Cancel | None = None,
              empty_prompt: str = "encode", residency: ResidencyPlan | None = None,
-             embeddings=None) -> GenerationResult:
+             embeddings=None, controls: Sequence[ControlNetUse] = ()) -> GenerationResult:
     """Text to image: the base runs steps [0, K) and hands its latent, noise left in, to the refiner for [K, N)
     (ComfyUI's KSamplerAdvanced pair; diffusers `denoising_end`/`denoising_start`); without a refiner the base runs
     all N steps. `residency` moves only each step's weights onto the GPU (sdxl_core/residency.py: 8 GB cards).
-    `embeddings`: where the prompts' `embedding:name` references are looked up (sdxl_core/embeddings.py)."""
+    `embeddings`: where the prompts' `embedding:name` references are looked up (sdxl_core/embeddings.py).
+    `controls`: ControlNets applied to the base's conditioning (SDXL ControlNets steer the base only)."""
     embeddings = EmbeddingLibrary.from_source(embeddings)  # one library: each file is read once
     stage = residency.stage if residency is not None else no_residency
     _require_stage(base, "base", "generate")
@@ -418,6 +419,7 @@ def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequ
                                             crop_top=crop_top, crop_left=crop_left, target_width=target[1],
                                             target_height=target[0], empty_prompt=empty_prompt,
                                             embeddings=embeddings)
+    positive, negative = apply_controlnets(positive, negative, controls)
     latent = empty_latent(width, height, request.batch_size)
     base_end = request.refiner_start if refiner is not None and request.refiner_start < request.steps else None
 
@@ -448,10 +450,13 @@ def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequ
 def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImageRequest, *,
                    on_step: Callable[[str], None] | None = None, cancel: Cancel | None = None,
                    empty_prompt: str = "encode", residency: ResidencyPlan | None = None,
-                   embeddings=None) -> GenerationResult:
+                   embeddings=None, mask: torch.Tensor | None = None,
+                   controls: Sequence[ControlNetUse] = ()) -> GenerationResult:
     """IMAGE → IMAGE with one stage: VAE encode (posterior mean, as ComfyUI's VAEEncode), KSampler with
     `denoise=strength`, VAE decode: the nodes' VAE Encode → sampler (start 0, denoise) → VAE Decode chain. The
-    conditioning describes the image's own size with crop (0, 0); the refiner's carries the aesthetic scores."""
+    conditioning describes the image's own size with crop (0, 0); the refiner's carries the aesthetic scores.
+    `mask` (a MASK of the image's size, 1 repaints) inpaints as VAE Encode → SetLatentNoiseMask → KSampler;
+    `controls` are ControlNets applied to the conditioning."""
     embeddings = EmbeddingLibrary.from_source(embeddings)
     stage = residency.stage if residency is not None else no_residency
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
@@ -460,8 +465,11 @@ def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImage
     height, width = images.shape[1:3]
     check_image_size(width, height)
     _refuse_settings_for_the_other_stage(model, request)
+    noise_mask = None if mask is None else noise_mask_for_image(mask, (height, width))  # refused before encoding
     with stage(model, "vae"):
         latent = encode(model, images)
+    if noise_mask is not None:
+        latent[NOISE_MASK] = noise_mask
     with stage(model, "text"):
         if model.kind == "refiner":
             positive, negative = _refiner_pair(model, request, width, height, empty_prompt, embeddings)
@@ -470,6 +478,7 @@ def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImage
                 encode_base_conditioning(model, text_g, text_l, width=width, height=height,
                                          empty_prompt=empty_prompt, embeddings=embeddings)
                 for text_g, text_l in ((request.prompt, request.prompt_l), (request.negative, None)))
+    positive, negative = apply_controlnets(positive, negative, controls)
     with stage(model, "unet"):
         latent = sample_latent(model, latent, positive, negative, seed=request.seed, steps=request.steps,
                                cfg=request.cfg, sampler=request.sampler, scheduler=request.scheduler,

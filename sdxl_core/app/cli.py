@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..buckets import bucket_for_ratio
+from .control_args import add_control_arguments, add_mask_argument, control_options
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -149,6 +150,8 @@ def _add_img2img_arguments(parser: argparse.ArgumentParser) -> None:
     _add_prompt_arguments(parser, prompt_default=None)
     _add_sampling_arguments(parser, steps_help="steps actually run (default 20)")
     _add_runtime_arguments(parser)
+    add_mask_argument(parser)
+    add_control_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="text to image with the SDXL base and (optionally) refiner")
     _add_generation_arguments(generate, with_models=True)
+    add_control_arguments(generate)
     img2img = commands.add_parser("img2img", help="rework an image with the SDXL refiner (or base): encode, "
                                                   "partial denoise, decode")
     _add_img2img_arguments(img2img)
@@ -234,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..pipeline import DEFAULTS
     from .runner import run_demo, run_generate, run_img2img
 
+    if args.command in ("generate", "img2img"):
+        args.controls = control_options(args, parser)
     if args.command == "img2img":
         return run_img2img(_img2img_request_from_args(args, parser), args)
     if args.command == "demo":

@@ -11,8 +11,9 @@ vector, scales the result by its strength, and the chain's results are summed (`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -181,3 +182,20 @@ def control_schedule(control: object, schedule, unet_config, where: str) -> Cont
     if cached is None or cached[0] is not schedule:
         control._schedule = (schedule, ControlSchedule(control, schedule.percent_to_sigma))
     return control._schedule[1]
+
+
+class ControlNetUse(NamedTuple):
+    """One Apply ControlNet (Advanced) to make: what `apply_controlnets` takes (the command line's --controlnet)."""
+
+    network: ControlNetModel
+    image: torch.Tensor  # IMAGE [B, H, W, 3] in 0..1
+    strength: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+
+
+def apply_controlnets(positive: list, negative: list, uses: Sequence[ControlNetUse]) -> tuple[list, list]:
+    """`apply_controlnet` for each use in order (the first applied is the first of the chain)."""
+    for use in uses:
+        positive, negative = apply_controlnet(positive, negative, *use)
+    return positive, negative

@@ -41,6 +41,18 @@ def prepare_denoise_mask(noise_mask: torch.Tensor, latent_shape: torch.Size | tu
     return mask.expand(batch, channels, height, width).contiguous()
 
 
+def noise_mask_for_image(mask: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    """A MASK for an image of `image_hw` pixels as a LATENT's noise_mask [B, 1, H, W] (ComfyUI SetLatentNoiseMask);
+    a mask of another size is refused rather than stretched."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"the inpainting mask must be a MASK [height, width] or [batch, height, width], got {shape}")
+    if tuple(mask.shape[-2:]) != tuple(image_hw):
+        raise ValueError(f"the inpainting mask is {mask.shape[-1]}x{mask.shape[-2]} pixels but the image is "
+                         f"{image_hw[1]}x{image_hw[0]}; give a mask of the image's size (white repaints, black keeps)")
+    return mask.float().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+
+
 class InpaintingDenoiser:
     """Wraps a denoiser `(x, sigma, **kw) -> x0` so that only the masked region is denoised (ComfyUI
     `KSamplerX0Inpaint` without a `denoise_mask_function`).
