@@ -175,8 +175,8 @@ def control_schedule(control: object, schedule, unet_config, where: str) -> Cont
     still batch together."""
     if not isinstance(control, ControlNetApplication):
         raise ValueError(f"{where} carries a {type(control).__name__} under 'control', which the sdxl_core sampler "
-                         "does not run; apply the ControlNet with sdxl_core's apply_controlnet (in ComfyUI, the "
-                         "pack's sampler hands ComfyUI's own ControlNets to ComfyUI)")
+                         "cannot run (ComfyUI's own ControlNet objects are not supported by these samplers yet); "
+                         "apply the ControlNet with sdxl_core's apply_controlnet, or sample with ComfyUI's KSampler")
     check_control_fits(control, unet_config, where)
     cached = control._schedule
     if cached is None or cached[0] is not schedule:
