@@ -34,6 +34,9 @@ _KNOWN_OPTIONS = frozenset({
     "control",  # a ControlNet chain (sampling/control.py), checked by the sampler
     "control_apply_to_uncond",  # ComfyUI's flag beside "control"; only its False (Advanced node) value is run
     "area", "mask", "mask_strength", "set_area_to_bounds",  # regional conditioning (sampling/regions.py)
+    # InpaintModelConditioning's fields: read by inpainting UNets, unused by the others (as in ComfyUI, which adds
+    # them for any model; its noise_mask on the latent is what a regular UNet inpaints with).
+    "concat_latent_image", "concat_mask",
 })
 
 

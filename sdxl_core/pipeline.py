@@ -32,7 +32,8 @@ from .config import VAE_DOWNSCALE
 from .sampling.denoiser import EpsDenoiser
 from .sampling.control import CONTROL_OPTION, ControlNetUse, apply_controlnets, control_schedule
 from .sampling.guidance import CFGDenoiser, WeightedConditioning
-from .sampling.inpaint import NOISE_MASK, InpaintingDenoiser, noise_mask_for_image, prepare_denoise_mask
+from .sampling.inpaint import (INPAINT_UNET_CHANNELS, NOISE_MASK, InpaintConcat, InpaintingDenoiser,
+                               noise_mask_for_image, prepare_denoise_mask)
 from .sampling.regions import resolve_region
 from .models.bundle import SDXLModel
 from .sampling.noise import prepare_noise
@@ -138,7 +139,7 @@ def _require_stage(model: SDXLModel, kind: str, action: str) -> None:
 
 
 def _branch(model: SDXLModel, conditioning: list, role: str, latent_hw: tuple[int, int],
-            device: torch.device) -> list[WeightedConditioning]:
+            device: torch.device, concat: InpaintConcat | None = None) -> list[WeightedConditioning]:
     """The UNet inputs (context, y) of each entry of one side of guidance, with its strength and sigma range
     (ComfyUI `samplers.calculate_start_end_timesteps`: percentages of the model's schedule, not of the steps)."""
     check_conditioning_for(model.config, conditioning, role)
@@ -161,8 +162,13 @@ def _branch(model: SDXLModel, conditioning: list, role: str, latent_hw: tuple[in
             gating["control"] = control_schedule(options[CONTROL_OPTION], eps_schedule(), model.config.unet, which)
         if (region := resolve_region(options, latent_hw, which)) is not None:
             gating["region"] = region  # an area and/or mask (sampling/regions.py)
-        entries.append(WeightedConditioning({"context": context.to(device), "y": y.to(device)},
-                                            strength=float(options.get("strength", 1.0)), **gating))
+        inputs = {"context": context.to(device), "y": y.to(device)}
+        if concat is not None:  # an inpainting UNet's mask and masked-image channels (sampling/inpaint.py)
+            if region is not None:
+                raise ValueError(f"{which} has an area or mask, which these samplers do not combine with an "
+                                 "inpainting (9-channel) UNet; use a regular SDXL base for regional prompts")
+            inputs["c_concat"] = concat.for_options(options, which).to(device)
+        entries.append(WeightedConditioning(inputs, strength=float(options.get("strength", 1.0)), **gating))
     return entries
 
 
@@ -203,8 +209,11 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
     device, _ = _unet_device_dtype(model)
     noise = prepare_noise(samples, seed, latent.get("batch_index")) if add_noise else torch.zeros_like(samples)
     scale = model.config.vae.scale_factor
-    denoiser = _guided_denoiser(model, positive, negative, cfg, tuple(samples.shape[-2:]))
     start = samples.to(device) * scale
+    concat = None
+    if model.config.unet.in_channels == INPAINT_UNET_CHANNELS:
+        concat = InpaintConcat(start, None if mask is None else mask.to(device), scale)
+    denoiser = _guided_denoiser(model, positive, negative, cfg, tuple(samples.shape[-2:]), concat)
     if mask is not None:  # inpainting: only the masked region is sampled (sampling/inpaint.py)
         denoiser = InpaintingDenoiser(denoiser, start, noise.to(device), mask.to(device))
     with torch.inference_mode():
@@ -233,12 +242,12 @@ def denoise_from(model: SDXLModel, x: torch.Tensor, sigmas: torch.Tensor, positi
 
 
 def _guided_denoiser(model: SDXLModel, positive: list, negative: list, cfg: float,
-                     latent_hw: tuple[int, int]) -> CFGDenoiser:
+                     latent_hw: tuple[int, int], concat: InpaintConcat | None = None) -> CFGDenoiser:
     """x -> guided x0 for this stage: UNet as an eps denoiser, both conditionings (each side the strength-weighted
     mean of its entries), one batched call per step where the entries' token lengths allow."""
     device, dtype = _unet_device_dtype(model)
-    cond = _branch(model, positive, "positive", latent_hw, device)
-    uncond = _branch(model, negative, "negative", latent_hw, device)
+    cond = _branch(model, positive, "positive", latent_hw, device, concat)
+    uncond = _branch(model, negative, "negative", latent_hw, device, concat)
     return CFGDenoiser(EpsDenoiser(_UNetEps(model.unet), eps_schedule(), dtype=dtype), cond, uncond, cfg)
 
 
@@ -249,9 +258,12 @@ class _UNetEps:
         self.unet = unet
 
     def __call__(self, x_in: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, y: torch.Tensor,
-                 control=None):
-        # `control` (sampling/control.py ControlAtStep) runs the ControlNets on this call's own inputs.
+                 control=None, c_concat: torch.Tensor | None = None):
+        # `control` (sampling/control.py ControlAtStep) runs the ControlNets on this call's own inputs; they see
+        # the 4 latent channels, the UNet also an inpainting model's extra ones (ComfyUI `_apply_model`).
         residuals = None if control is None else control(x_in, t, context, y)
+        if c_concat is not None:
+            x_in = torch.cat([x_in, c_concat.to(x_in.dtype)], dim=1)
         if residuals is None:
             return self.unet(x_in, t, context, y)
         return self.unet(x_in, t, context, y, control=residuals)
@@ -261,7 +273,7 @@ def _check_latent(latent: dict, model: SDXLModel) -> torch.Tensor:
     if not isinstance(latent, dict) or "samples" not in latent:
         raise ValueError("expected a LATENT dict with a 'samples' tensor")
     samples = latent["samples"]
-    channels = model.config.unet.in_channels
+    channels = model.config.vae.latent_channels
     if samples.ndim != 4 or samples.shape[1] != channels:
         raise ValueError(f"expected SDXL latents of shape [batch, {channels}, height/8, width/8], "
                          f"got {tuple(samples.shape)}")

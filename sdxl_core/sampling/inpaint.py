@@ -76,3 +76,68 @@ class InpaintingDenoiser:
         x = x * self.mask + noised_original * self.keep
         x0 = self.denoiser(x, sigma, **kwargs)
         return x0 * self.mask + self.latent * self.keep
+
+
+# Inpainting UNets (the diffusers "SDXL inpainting 0.1" layout) read 9 channels: the noisy latent, then the mask and
+# the latent of the masked image (ComfyUI `BaseModel.set_inpaint`: concat keys "mask", "masked_image").
+INPAINT_UNET_CHANNELS = 9
+CONCAT_OPTIONS = frozenset({"concat_latent_image", "concat_mask"})  # from InpaintModelConditioning
+# The SDXL latent of a mid-grey picture (pixels 0.5, which is "zero" in the VAE's [-1, 1] space), per channel,
+# scaled: what an inpainting UNet sees as the masked image when no mask is given at all (ComfyUI's values).
+BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
+
+
+def _to_latent_grid(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear resize after a centre crop to the latent's aspect ratio (ComfyUI `common_upscale(..., "center")`)."""
+    if tuple(tensor.shape[-2:]) == (height, width):
+        return tensor
+    old_h, old_w = tensor.shape[-2:]
+    old_aspect, new_aspect = old_w / old_h, width / height
+    top = left = 0
+    if old_aspect > new_aspect:
+        left = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        top = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    return F.interpolate(tensor[..., top:old_h - top, left:old_w - left], size=(height, width), mode="bilinear")
+
+
+def _to_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    if tensor.shape[0] == batch:
+        return tensor
+    if tensor.shape[0] == 1:
+        return tensor.expand(batch, *tensor.shape[1:])
+    raise ValueError(f"the {what} has a batch of {tensor.shape[0]} for a latent batch of {batch}; give one, or one "
+                     "per latent")
+
+
+class InpaintConcat:
+    """The extra input channels of an inpainting UNet, per conditioning entry (ComfyUI `BaseModel.concat_cond`):
+    [mask (rounded), masked-image latent], from the entry's InpaintModelConditioning fields when it has them, else
+    from the sampled latent and its noise mask; an all-ones mask and a blank image without either."""
+
+    def __init__(self, latent: torch.Tensor, denoise_mask: torch.Tensor | None, latent_scale: float):
+        self.latent = latent  # model scale, [B, 4, h, w]
+        self.denoise_mask = denoise_mask  # prepare_denoise_mask's [B, 4, h, w], or None
+        self.latent_scale = latent_scale
+
+    def for_options(self, options: dict, where: str) -> torch.Tensor:
+        batch, _, height, width = self.latent.shape
+        image = options.get("concat_latent_image")
+        if image is None:
+            image = self.latent
+        else:
+            if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != self.latent.shape[1]:
+                raise ValueError(f"{where}'s concat_latent_image must be a [batch, 4, h, w] latent")
+            image = _to_latent_grid(image.to(self.latent) * self.latent_scale, height, width)
+        image = _to_batch(image, batch, f"{where}'s inpainting image")
+        mask = options.get("concat_mask", self.denoise_mask)
+        if mask is None:
+            blank = torch.tensor(BLANK_INPAINT_LATENT, dtype=self.latent.dtype, device=self.latent.device)
+            return torch.cat([torch.ones_like(self.latent[:, :1]), blank.view(1, -1, 1, 1).expand_as(self.latent)],
+                             dim=1)
+        mask = mask.to(self.latent)
+        if mask.ndim == 4:
+            mask = mask[:, :1]
+        mask = mask.reshape(-1, 1, *mask.shape[-2:])
+        mask = _to_batch(_to_latent_grid(mask, height, width).round(), batch, f"{where}'s inpainting mask")
+        return torch.cat([mask, image], dim=1)

@@ -1,6 +1,7 @@
 """Inpainting with a LATENT's noise_mask: equal to ComfyUI's KSamplerX0Inpaint + sampler on a toy denoiser and on
 the tiny model's guided denoiser, and the properties the mask promises."""
 
+import math
 import types
 
 import pytest
@@ -46,7 +47,9 @@ def comfy_inpaint(denoiser, latent, noise, noise_mask, sigmas, sampler, seed=42)
         model_sampling.noise_scaling(sigma.reshape([sigma.shape[0]] + [1] * (noise.ndim - 1)), noise, latent_image)
     model_k = inpaint(wrap, sigmas)
     model_k.latent_image, model_k.noise = latent, noise
-    max_denoise = bool(sigmas[0] >= model_sampling.sigma_max)  # KSAMPLER.max_denoise for the discrete schedule
+    # KSAMPLER.max_denoise: the grid starts at the schedule's top, within float32 rounding.
+    max_sigma, first = float(model_sampling.sigma_max), float(sigmas[0])
+    max_denoise = math.isclose(max_sigma, first, rel_tol=1e-05) or first > max_sigma
     x = model_sampling.noise_scaling(sigmas[0], noise, latent, max_denoise)
     sample = getattr(reference.sampling, f"sample_{sampler}")
     return sample(model_k, x, sigmas, extra_args={"denoise_mask": mask, "seed": seed}, disable=True)
