@@ -6,7 +6,8 @@ at a fixed sigma. Conditioning per branch is a dict of tensors (`context`, `y`) 
 
 A side of guidance may hold several weighted entries (ComfyUI's ConditioningCombine): each is evaluated and the
 side's prediction is their strength-weighted mean, entries gated by a sigma range taking part only inside it
-(ComfyUI `samplers._calc_cond_batch` / `get_area_and_mult` without areas or masks).
+(ComfyUI `samplers._calc_cond_batch` / `get_area_and_mult`). Entries with an area or mask weigh their prediction
+only over their window (sampling/regions.py); entries with a ControlNet hand it to the model (sampling/control.py).
 """
 
 from __future__ import annotations
