@@ -25,12 +25,18 @@ from .models.timestep_embedding import timestep_embedding
 DEFAULT_POSITIVE_AESTHETIC_SCORE = 6.0
 DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
-# Conditioning options this core understands. Anything else (areas, masks, ControlNet, GLIGEN, ...) is refused
+# Conditioning options this core understands. Anything else (GLIGEN, hooks, ...) is refused
 # rather than silently ignored. `strength` weighs an entry in its side's mean and `start_percent`/`end_percent`
 # limit it to part of the schedule, as in ComfyUI's sampler (see guidance.WeightedConditioning).
 _KNOWN_OPTIONS = frozenset({
     "pooled_output", "width", "height", "crop_w", "crop_h", "target_width", "target_height", "aesthetic_score",
     "strength", "start_percent", "end_percent", "prompt_type",
+    "control",  # a ControlNet chain (sampling/control.py), checked by the sampler
+    "control_apply_to_uncond",  # ComfyUI's flag beside "control"; only its False (Advanced node) value is run
+    "area", "mask", "mask_strength", "set_area_to_bounds",  # regional conditioning (sampling/regions.py)
+    # InpaintModelConditioning's fields: read by inpainting UNets, unused by the others (as in ComfyUI, which adds
+    # them for any model; its noise_mask on the latent is what a regular UNet inpaints with).
+    "concat_latent_image", "concat_mask",
 })
 
 
@@ -110,6 +116,10 @@ def check_conditioning_for(config: SDXLConfig, conditioning: list, role: str = "
             raise ConditioningMismatch(
                 f"the {role} conditioning uses {sorted(unknown)}, which the SDXL two-stage sampler does not support "
                 f"(supported options: {sorted(_KNOWN_OPTIONS)})")
+        if options.get("control_apply_to_uncond", False):
+            raise ConditioningMismatch(
+                f"{role} conditioning entry {index} comes from ComfyUI's legacy Apply ControlNet node, which "
+                "copies the control onto the negative side at sampling time; use Apply ControlNet (Advanced)")
         start, end = options.get("start_percent", 0.0), options.get("end_percent", 1.0)
         if not (0.0 <= start <= end <= 1.0):
             # ComfyUI's ConditioningSetTimestepRange offers only 0 <= start, end <= 1; start > end never applies.

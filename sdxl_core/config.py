@@ -200,3 +200,23 @@ TINY_BASE = SDXLConfig(kind="base", unet=TINY_BASE_UNET, vae=TINY_VAE, clip_g=TI
                        adm_scalars=BASE_ADM_SCALARS)
 TINY_REFINER = SDXLConfig(kind="refiner", unet=TINY_REFINER_UNET, vae=TINY_VAE, clip_g=TINY_CLIP_G,
                           adm_scalars=REFINER_ADM_SCALARS)
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """An SDXL ControlNet (Zhang et al. 2023): a trainable copy of the UNet's encoder half plus a hint encoder
+    (sgm/ComfyUI `cldm.ControlNet`, diffusers `ControlNetModel`)."""
+
+    unet: UNetConfig  # the copied encoder: widths, depths, context and ADM; its out_channels are not used
+    hint_channels: int = 3  # RGB control image
+    # Widths of the hint encoder's stages; each step to the next halves the resolution, so 4 stages give the
+    # VAE's 8x (the published value in sgm's cldm.py and diffusers' `conditioning_embedding_out_channels`).
+    hint_block_channels: tuple[int, ...] = (16, 32, 96, 256)
+
+    @property
+    def hint_downscale(self) -> int:
+        return 2 ** (len(self.hint_block_channels) - 1)
+
+
+SDXL_CONTROLNET = ControlNetConfig(unet=SDXL_BASE_UNET)
+TINY_CONTROLNET = ControlNetConfig(unet=TINY_BASE_UNET)

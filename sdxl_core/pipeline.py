@@ -8,7 +8,7 @@ Latents cross every function boundary in ComfyUI's LATENT form (see `sampling.ks
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +27,8 @@ from .models.bundle import SDXLModel
 from .models.vae import AutoencoderKL
 from .runtime.residency import ResidencyPlan, no_residency
 from .runtime.vae_decoding import comfy_to_images, decode_latents, encode_images, images_to_comfy
+from .sampling.control import ControlNetUse, apply_controlnets
+from .sampling.inpaint import NOISE_MASK, noise_mask_for_image
 from .sampling.ksampler import sample_latent
 from .sampling.settings import TWO_STAGE_HANDOFF, TWO_STAGE_STEPS, SamplingSettings
 from .text.embeddings import EmbeddingLibrary
@@ -199,11 +201,12 @@ class GenerationResult:
 def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequest, *,
              on_step: Callable[[str], None] | None = None, cancel: Cancel | None = None,
              empty_prompt: str = "encode", residency: ResidencyPlan | None = None,
-             embeddings=None) -> GenerationResult:
+             embeddings=None, controls: Sequence[ControlNetUse] = ()) -> GenerationResult:
     """Text to image: the base runs steps [0, K) and hands its latent, noise left in, to the refiner for [K, N)
     (ComfyUI's KSamplerAdvanced pair; diffusers `denoising_end`/`denoising_start`); without a refiner the base runs
     all N steps. `residency` moves only each step's weights onto the GPU (sdxl_core/runtime/residency.py: 8 GB
-    cards). `embeddings`: where the prompts' `embedding:name` references are looked up (text/embeddings.py)."""
+    cards). `embeddings`: where the prompts' `embedding:name` references are looked up (text/embeddings.py).
+    `controls`: ControlNets applied to the base's conditioning (SDXL ControlNets steer the base only)."""
     embeddings = EmbeddingLibrary.from_source(embeddings)  # one library: each file is read once
     stage = residency.stage if residency is not None else no_residency
     require_stage(base, "base", "generate's base")
@@ -214,6 +217,7 @@ def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequ
         positive, negative = (encode_base_conditioning(base, text_g, text_l, micro=micro, empty_prompt=empty_prompt,
                                                        embeddings=embeddings)
                               for text_g, text_l in ((request.prompt, request.prompt_l), (request.negative, None)))
+    positive, negative = apply_controlnets(positive, negative, controls)
     latent = empty_latent(request.width, request.height, request.batch_size)
     base_end = request.refiner_start if refiner is not None and request.refiner_start < request.steps else None
 
@@ -243,10 +247,13 @@ def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequ
 def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImageRequest, *,
                    on_step: Callable[[str], None] | None = None, cancel: Cancel | None = None,
                    empty_prompt: str = "encode", residency: ResidencyPlan | None = None,
-                   embeddings=None) -> GenerationResult:
+                   embeddings=None, mask: torch.Tensor | None = None,
+                   controls: Sequence[ControlNetUse] = ()) -> GenerationResult:
     """IMAGE → IMAGE with one stage: VAE encode (posterior mean, as ComfyUI's VAEEncode), KSampler with
     `denoise=strength`, VAE decode: the nodes' VAE Encode → sampler (start 0, denoise) → VAE Decode chain. The
-    conditioning describes the image's own size with crop (0, 0); the refiner's carries the aesthetic scores."""
+    conditioning describes the image's own size with crop (0, 0); the refiner's carries the aesthetic scores.
+    `mask` (a MASK of the image's size, 1 repaints) inpaints as VAE Encode → SetLatentNoiseMask → KSampler;
+    `controls` are ControlNets applied to the conditioning."""
     embeddings = EmbeddingLibrary.from_source(embeddings)
     stage = residency.stage if residency is not None else no_residency
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
@@ -255,8 +262,11 @@ def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImage
     height, width = images.shape[1:3]
     check_image_size(width, height)
     _refuse_settings_for_the_other_stage(model, request)
+    noise_mask = None if mask is None else noise_mask_for_image(mask, (height, width))  # refused before encoding
     with stage(model, "vae"):
         latent = encode(model, images)
+    if noise_mask is not None:
+        latent[NOISE_MASK] = noise_mask
     with stage(model, "text"):
         if model.kind == "refiner":
             positive, negative = _refiner_pair(model, request, width, height, empty_prompt, embeddings)
@@ -266,6 +276,7 @@ def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImage
                 encode_base_conditioning(model, text_g, text_l, micro=micro, empty_prompt=empty_prompt,
                                          embeddings=embeddings)
                 for text_g, text_l in ((request.prompt, request.prompt_l), (request.negative, None)))
+    positive, negative = apply_controlnets(positive, negative, controls)
     with stage(model, "unet"):
         latent = sample_latent(model, latent, positive, negative, request.sampling, cancel=cancel,
                                callback=None if on_step is None else (lambda _info: on_step(model.kind)))

@@ -101,3 +101,37 @@ def diffusers_vae(vae: AutoencoderKL, dtype: torch.dtype | None = None, *, share
         twin = DiffusersAutoencoderKL(**config).to(vae.dtype)
         twin.load_state_dict(converted, strict=True)
     return (twin.to(dtype) if dtype is not None and dtype != vae.dtype else twin).eval()
+
+
+# diffusers' ControlNet converter maps the ADM embedding only for its SD-era keys; SDXL's label_emb is renamed here.
+_CONTROLNET_ADM_NAMES = {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
+
+
+def diffusers_controlnet(controlnet):
+    """diffusers' ControlNetModel holding `controlnet`'s weights (an sdxl_core ControlNetModel), converted by
+    diffusers' single-file code (`create_controlnet_diffusers_config_from_ldm`, `convert_controlnet_checkpoint`)."""
+    single_file = _import("diffusers.loaders.single_file_utils")
+    DiffusersControlNetModel = _import("diffusers").ControlNetModel
+
+    cfg = controlnet.config
+    original = sgm_network_config(cfg.unet)
+    original["model"]["params"]["control_stage_config"] = {"params": {"hint_channels": cfg.hint_channels}}
+    checkpoint = {"control_model." + k: v for k, v in controlnet.state_dict().items()}
+    # `create_controlnet_diffusers_config_from_ldm` does this selection, but in diffusers 0.42 it calls the UNet
+    # helper without its checkpoint argument and fails; the same fields are taken from the UNet config here.
+    unet_config = single_file.create_unet_diffusers_config_from_ldm(original, checkpoint)
+    config = {key: unet_config[key] for key in (
+        "in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+        "attention_head_dim", "use_linear_projection", "transformer_layers_per_block",
+        "projection_class_embeddings_input_dim")}
+    config["conditioning_channels"] = cfg.hint_channels
+    config.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=ADM_SCALAR_EMBED_DIM,
+                  conditioning_embedding_out_channels=list(cfg.hint_block_channels),
+                  norm_num_groups=cfg.unet.norm_groups)
+    converted = single_file.convert_controlnet_checkpoint(checkpoint, config)
+    for ours, theirs in _CONTROLNET_ADM_NAMES.items():
+        for leaf in ("weight", "bias"):
+            converted[f"{theirs}.{leaf}"] = checkpoint[f"control_model.{ours}.{leaf}"]
+    twin = DiffusersControlNetModel(**config)
+    twin.load_state_dict(converted, strict=True)
+    return twin.eval()

@@ -127,8 +127,8 @@ def test_unsupported_options_and_missing_pooled_are_refused():
     context = torch.randn(1, 77, 96)
     with pytest.raises(ConditioningMismatch, match="pooled_output"):
         check_conditioning_for(TINY_BASE, [[context, {}]])
-    with pytest.raises(ConditioningMismatch, match="area"):
-        check_conditioning_for(TINY_BASE, [[context, {"pooled_output": torch.zeros(1, 1280), "area": (8, 8, 0, 0)}]])
+    with pytest.raises(ConditioningMismatch, match="gligen"):
+        check_conditioning_for(TINY_BASE, [[context, {"pooled_output": torch.zeros(1, 1280), "gligen": ("position",)}]])
     with pytest.raises(ConditioningMismatch, match="empty"):
         check_conditioning_for(TINY_BASE, [])
 
@@ -159,3 +159,11 @@ def test_an_explicit_prompt_type_decides_the_default_aesthetic_score():
     marked_positive = {"pooled_output": pooled, "prompt_type": "positive"}
     assert micro_conditioning_scalars(TINY_REFINER, marked_positive, (8, 8), negative=True)[-1] == 6.0
     assert micro_conditioning_scalars(TINY_REFINER, {"pooled_output": pooled}, (8, 8), negative=True)[-1] == 2.5
+
+
+def test_legacy_apply_controlnet_flag_is_refused_with_a_sentence():
+    context = torch.randn(1, 77, 96)
+    options = {"pooled_output": torch.zeros(1, 1280), "control_apply_to_uncond": True}
+    with pytest.raises(ConditioningMismatch, match=r"legacy Apply ControlNet.*Apply ControlNet \(Advanced\)"):
+        check_conditioning_for(TINY_BASE, [[context, options]])
+    check_conditioning_for(TINY_BASE, [[context, {**options, "control_apply_to_uncond": False}]])

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..buckets import bucket_for_ratio
 from ..dtypes import DTYPES_BY_NAME
 from . import arguments
+from .control_args import add_control_arguments, add_mask_argument, control_options
 
 
 def _directory(text: str) -> Path:
@@ -145,6 +146,8 @@ def _add_img2img_arguments(parser: argparse.ArgumentParser) -> None:
     _add_prompt_arguments(parser, prompt_default=None)
     _add_sampling_arguments(parser, steps_help="steps actually run (default 20)")
     _add_runtime_arguments(parser)
+    add_mask_argument(parser)
+    add_control_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="text to image with the SDXL base and (optionally) refiner")
     _add_generation_arguments(generate, with_models=True)
+    add_control_arguments(generate)
     img2img = commands.add_parser("img2img", help="rework an image with the SDXL refiner (or base): encode, "
                                                   "partial denoise, decode")
     _add_img2img_arguments(img2img)
@@ -264,6 +268,8 @@ def _run_command(argv: Sequence[str] | None) -> int:
 
     _resolve_seed(args)
     _note_unusual_settings(args)
+    if args.command in ("generate", "img2img"):
+        args.controls = control_options(args, command_parser)
     if args.command == "img2img":
         return run_img2img(_img2img_request_from_args(args, command_parser), args)
     if args.command == "demo":

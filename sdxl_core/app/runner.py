@@ -19,6 +19,7 @@ from ..conditioning import ConditioningMismatch
 from ..dtypes import DTYPES_BY_NAME
 from ..checkpoints.lora import apply_lora, check_lora_file
 from ..pipeline import GenerationRequest, GenerationResult, ImageToImageRequest, generate, image_to_image
+from .control_args import load_controls, read_mask
 from .progress import ProgressBar
 from ..runtime.atomic_write import atomic_write, check_writable, describe_os_error
 from ..runtime.residency import ResidencyError, ResidencyPlan
@@ -166,6 +167,16 @@ def _check_lora_files(args: argparse.Namespace) -> None:
         check_lora_file(path)
 
 
+def _control_sources(args: argparse.Namespace) -> dict:
+    """The --mask and --controlnet settings for the PNG's parameters (present only when given)."""
+    sources = {}
+    if getattr(args, "mask", None) is not None:
+        sources["mask"] = str(args.mask)
+    if getattr(args, "controls", None):
+        sources["controlnets"] = [option.record() for option in args.controls]
+    return sources
+
+
 def _embedding_sources(args: argparse.Namespace) -> list[str] | None:
     return [str(d) for d in args.embeddings] if args.embeddings else None
 
@@ -178,6 +189,7 @@ def _run_text_to_image(request: GenerationRequest, base_path: Path, refiner_path
         if refiner_path is not None:
             check_checkpoint(refiner_path, expect="refiner", vae_path=vae_path)
         _check_lora_files(args)
+        controls = load_controls(getattr(args, "controls", []), setup.dtype, setup.load_device)
         with bar.loading(f"base {base_path.name}"):
             base = setup.load(base_path, vae_path, "base", args.lora or ())
         refiner = None
@@ -185,10 +197,10 @@ def _run_text_to_image(request: GenerationRequest, base_path: Path, refiner_path
             with bar.loading(f"refiner {refiner_path.name}"):
                 refiner = setup.load(refiner_path, vae_path, "refiner")
         result = generate(base, refiner, request, on_step=bar.advance, residency=setup.residency,
-                          embeddings=args.embeddings)
+                          embeddings=args.embeddings, controls=controls)
         sources = {"base": str(base_path), "refiner": str(refiner_path) if refiner_path else None,
                    "vae": str(vae_path) if vae_path else None, "embeddings": _embedding_sources(args),
-                   "loras": _lora_sources(args)}
+                   "loras": _lora_sources(args), **_control_sources(args)}
         details = f"Size: {request.width}x{request.height}, Refiner start: {request.refiner_start}"
         return result, _png_text(request, details, sources)
 
@@ -218,14 +230,18 @@ def run_img2img(request: ImageToImageRequest, args: argparse.Namespace) -> int:
         images = read_image(args.image)
         check_checkpoint(args.model, vae_path=args.vae)
         _check_lora_files(args)
+        mask = read_mask(args.mask) if args.mask is not None else None
+        controls = load_controls(args.controls, setup.dtype, setup.load_device)
         with bar.loading(args.model.name):
             model = setup.load(args.model, args.vae, None, args.lora or ())
         result = image_to_image(model, images, request, on_step=bar.advance, residency=setup.residency,
-                                embeddings=args.embeddings)
+                                embeddings=args.embeddings, mask=mask, controls=controls)
         sources = {"model": str(args.model), "model_kind": model.kind, "image": str(args.image),
                    "vae": str(args.vae) if args.vae else None, "embeddings": _embedding_sources(args),
-                   "loras": _lora_sources(args)}
+                   "loras": _lora_sources(args), **_control_sources(args)}
         details = f"Denoising strength: {request.strength}, Model: SDXL {model.kind}"
+        if mask is not None:
+            details += f", Mask: {args.mask.name}"
         return result, _png_text(request, details, sources)
 
     return _run(args, request.steps, produce)

@@ -45,6 +45,7 @@ __all__ = ["CheckpointError", "check_checkpoint", "load_checkpoint", "load_vae",
 _OPENCLIP_LOGIT_SCALE = math.log(1 / 0.07)
 _MODELSPEC = {"base": "stable-diffusion-xl-v1-base", "refiner": "stable-diffusion-xl-v1-refiner"}
 _SDXL_LATENT_CHANNELS = 4
+_INPAINT_UNET_CHANNELS = 9
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -176,11 +177,13 @@ def _plan(source: CheckpointSource, expect: str | None, vae_config: VAEConfig | 
     except StateDictMismatchError as error:
         raise StateDictMismatchError(f"{source.path.name}: {error}. The file is incomplete or damaged (download it "
                                      "again) or a modified SDXL variant this project cannot run") from None
-    if config.unet.in_channels != _SDXL_LATENT_CHANNELS or config.vae.latent_channels != _SDXL_LATENT_CHANNELS:
+    # A 9-channel base is an inpainting UNet (latent + mask + masked image), which the sampler feeds; nothing else.
+    unet_inputs = (_SDXL_LATENT_CHANNELS, _INPAINT_UNET_CHANNELS) if kind == "base" else (_SDXL_LATENT_CHANNELS,)
+    if config.unet.in_channels not in unet_inputs or config.vae.latent_channels != _SDXL_LATENT_CHANNELS:
         raise WrongArchitectureError(
-            f"{source.path.name} is an SDXL variant with a {config.unet.in_channels}-channel UNet input and a "
-            f"{config.vae.latent_channels}-channel VAE (e.g. an inpainting model); this project runs the "
-            "4-channel text-to-image base and refiner")
+            f"{source.path.name} is an SDXL {kind} variant with a {config.unet.in_channels}-channel UNet input and a "
+            f"{config.vae.latent_channels}-channel VAE; this project run the 4-channel base and refiner and the "
+            "9-channel inpainting base")
     prefixes = component_prefixes(kind)
     if vae_config is not None:  # the separate VAE replaces the checkpoint's: those keys are neither needed nor read
         prefixes = {name: prefix for name, prefix in prefixes.items() if name != "vae"}

@@ -23,7 +23,8 @@ Numerical choices (docs/architecture.md#numerical-choices):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +223,108 @@ def _mlp(in_dim: int, out_dim: int, **factory) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, out_dim, **factory), nn.SiLU(), nn.Linear(out_dim, out_dim, **factory))
 
 
+@dataclass(frozen=True)
+class ControlResiduals:
+    """Additions to the UNet's activations from a ControlNet or an adapter, in the original (sgm) layout.
+
+    Indices are input-block indices (0 = the input convolution), in forward order:
+    - `skips[i]` is added to input block i's output where the up path takes it as a skip connection (a ControlNet's
+      zero-convolution outputs: ComfyUI's `control["output"]`, diffusers' `down_block_additional_residuals`);
+    - `middle` is added to the middle block's output (`control["middle"]`, `mid_block_additional_residual`);
+    - `inputs[i]` is added to input block i's output before it flows on (T2I adapters: `control["input"]`).
+    An empty tuple or a None entry adds nothing there. ComfyUI pops its lists from the end; these are in order.
+    """
+
+    skips: tuple[torch.Tensor | None, ...] = ()
+    middle: torch.Tensor | None = None
+    inputs: tuple[torch.Tensor | None, ...] = ()
+
+    def check_for(self, num_input_blocks: int) -> None:
+        for name, values in (("skips", self.skips), ("inputs", self.inputs)):
+            if values and len(values) != num_input_blocks:
+                raise ValueError(f"control residuals {name!r} has {len(values)} entries but the UNet has "
+                                 f"{num_input_blocks} input blocks; a ControlNet made for another UNet layout?")
+
+    def scaled(self, factor: float) -> ControlResiduals:
+        """Every residual times `factor` (a ControlNet's strength)."""
+        def times(t):
+            return None if t is None else t * factor
+        return ControlResiduals(tuple(times(t) for t in self.skips), times(self.middle),
+                                tuple(times(t) for t in self.inputs))
+
+    @staticmethod
+    def summed(parts: Sequence[ControlResiduals]) -> ControlResiduals:
+        """Several ControlNets' residuals added place by place (ComfyUI `control_merge` over a chain)."""
+        def add(values):
+            present = [v for v in values if v is not None]
+            if not present:
+                return None
+            total = present[0]
+            for value in present[1:]:
+                total = total + value
+            return total
+
+        def add_lists(lists):
+            lists = [values for values in lists if values]
+            if not lists:
+                return ()
+            if len({len(values) for values in lists}) > 1:
+                raise ValueError(f"cannot add control residuals of {sorted({len(v) for v in lists})} entries")
+            return tuple(add(column) for column in zip(*lists))
+
+        return ControlResiduals(add_lists([p.skips for p in parts]), add([p.middle for p in parts]),
+                                add_lists([p.inputs for p in parts]))
+
+
+def _add_residual(h: torch.Tensor, residual: torch.Tensor | None, where: tuple[str, int]) -> torch.Tensor:
+    """h + residual, kept in h's dtype (ComfyUI adds in place, so the sum is rounded to the activation's dtype)."""
+    if residual is None:
+        return h
+    if residual.shape[1:] != h.shape[1:] or residual.shape[0] not in (1, h.shape[0]):
+        raise ValueError(f"a control residual of shape {tuple(residual.shape)} cannot be added at the {where[0]} "
+                         f"{where[1]}, whose activation is {tuple(h.shape)}; the ControlNet does not fit this UNet "
+                         "or this latent size")
+    return (h + residual).to(h.dtype)
+
+
+def build_encoder(config: UNetConfig, **factory) -> tuple[nn.Sequential, nn.Sequential, nn.ModuleList, UNetBlock,
+                                                          list[int]]:
+    """The UNet's embeddings, down path and middle block, which a ControlNet copies module for module.
+
+    Returns (time_embed, label_emb, input_blocks, middle_block, skip_channels), where `skip_channels` is the
+    width of every input block's output, in order.
+    """
+    groups = config.norm_groups
+    emb_dim = config.time_embed_dim
+
+    def res(cin: int, cout: int) -> ResBlock:
+        return ResBlock(cin, cout, emb_dim, groups, **factory)
+
+    def attn(ch: int, depth: int) -> SpatialTransformer:
+        return SpatialTransformer(ch, depth, config.context_dim, config.num_head_channels, groups, **factory)
+
+    time_embed = _mlp(config.model_channels, emb_dim, **factory)
+    label_emb = nn.Sequential(_mlp(config.adm_in_channels, emb_dim, **factory))
+    input_blocks = nn.ModuleList([
+        UNetBlock([nn.Conv2d(config.in_channels, config.model_channels, 3, padding=1, **factory)])
+    ])
+    skip_channels = [config.model_channels]
+    ch = config.model_channels
+    for level, (level_ch, depth) in enumerate(zip(config.level_channels, config.transformer_depth)):
+        for _ in range(config.num_res_blocks):
+            layers = [res(ch, level_ch)]
+            ch = level_ch
+            if depth:
+                layers.append(attn(ch, depth))
+            input_blocks.append(UNetBlock(layers))
+            skip_channels.append(ch)
+        if level != config.num_levels - 1:
+            input_blocks.append(UNetBlock([Downsample(ch, **factory)]))
+            skip_channels.append(ch)
+    middle_block = UNetBlock([res(ch, ch), attn(ch, config.transformer_depth_middle), res(ch, ch)])
+    return time_embed, label_emb, input_blocks, middle_block, skip_channels
+
+
 class UNetModel(nn.Module):
     """SDXL eps-prediction UNet (Podell et al. 2023; sgm `openaimodel.UNetModel` with `num_classes="sequential"`)."""
 
@@ -240,28 +343,9 @@ class UNetModel(nn.Module):
         def attn(ch: int, depth: int) -> SpatialTransformer:
             return SpatialTransformer(ch, depth, config.context_dim, config.num_head_channels, groups, **factory)
 
-        self.time_embed = _mlp(config.model_channels, emb_dim, **factory)
-        self.label_emb = nn.Sequential(_mlp(config.adm_in_channels, emb_dim, **factory))
-
-        # Down path. `skip_channels` records the width of every tensor pushed on the skip stack, in order.
-        self.input_blocks = nn.ModuleList([
-            UNetBlock([nn.Conv2d(config.in_channels, config.model_channels, 3, padding=1, **factory)])
-        ])
-        skip_channels = [config.model_channels]
-        ch = config.model_channels
-        for level, (level_ch, depth) in enumerate(zip(levels, config.transformer_depth)):
-            for _ in range(config.num_res_blocks):
-                layers = [res(ch, level_ch)]
-                ch = level_ch
-                if depth:
-                    layers.append(attn(ch, depth))
-                self.input_blocks.append(UNetBlock(layers))
-                skip_channels.append(ch)
-            if level != config.num_levels - 1:
-                self.input_blocks.append(UNetBlock([Downsample(ch, **factory)]))
-                skip_channels.append(ch)
-
-        self.middle_block = UNetBlock([res(ch, ch), attn(ch, config.transformer_depth_middle), res(ch, ch)])
+        self.time_embed, self.label_emb, self.input_blocks, self.middle_block, skip_channels = \
+            build_encoder(config, **factory)
+        ch = skip_channels[-1]
 
         # Up path: one more block per level than on the way down, each eating one skip tensor.
         self.output_blocks = nn.ModuleList()
@@ -312,9 +396,11 @@ class UNetModel(nn.Module):
                              f"got shape {tuple(y.shape)}")
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor) -> torch.Tensor:
+                y: torch.Tensor, control: ControlResiduals | None = None) -> torch.Tensor:
         """Predict the noise eps of latents `x` at `timesteps` (0..999, float or int) given text `context` and ADM `y`.
 
+        `control` adds ControlNet (or adapter) residuals where sgm's `ControlledUnetModel` and ComfyUI's
+        `apply_control` add them; without it the forward pass is the plain UNet's, with no extra work.
         Inputs are cast to the model's dtype; eps is returned in `x`'s dtype.
         """
         if self.out[2].weight.is_meta:
@@ -329,17 +415,25 @@ class UNetModel(nn.Module):
         emb = self.time_embed(t_emb) + self.label_emb(y.to(dtype))
 
         # Down: every block's output is a skip tensor for the matching up block (last in, first out).
+        if control is not None:
+            control.check_for(len(self.input_blocks))
         h = x.to(dtype)
         skips: list[torch.Tensor] = []
-        for block in self.input_blocks:
+        for index, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
+            if control is not None:
+                h = _add_residual(h, control.inputs[index] if control.inputs else None, ("input block", index))
             skips.append(h)
 
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            h = _add_residual(h, control.middle, ("middle block", 0))
 
         # Up: concatenate the matching skip; a level's last block upsamples to the next skip tensor's size.
         for block in self.output_blocks:
             skip = skips.pop()
+            if control is not None and control.skips:
+                skip = _add_residual(skip, control.skips[len(skips)], ("skip of input block", len(skips)))
             next_size = tuple(skips[-1].shape[-2:]) if skips else None
             h = block(torch.cat([h, skip], dim=1), emb, context, upsample_size=next_size)
 

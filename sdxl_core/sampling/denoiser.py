@@ -36,7 +36,9 @@ class EpsDenoiser:
         t = self.schedule.timestep(sigma).float()  # integer-valued float timesteps, one per batch item
         if self.dtype is not None:
             x_in = x_in.to(self.dtype)
-            cond = {k: v.to(self.dtype) if torch.is_floating_point(v) else v for k, v in cond.items()}
+            # Non-tensor inputs (a ControlNet's `control` callable) pass through untouched.
+            cond = {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                    for k, v in cond.items()}
         output = self.model(x_in, t, **cond)
         if output.shape != x.shape:
             raise ValueError(f"the model returned {self.output_name} of shape {tuple(output.shape)} for an input of "

@@ -6,7 +6,8 @@ at a fixed sigma. Conditioning per branch is a dict of tensors (`context`, `y`) 
 
 A side of guidance may hold several weighted entries (ComfyUI's ConditioningCombine): each is evaluated and the
 side's prediction is their strength-weighted mean, entries gated by a sigma range taking part only inside it
-(ComfyUI `samplers._calc_cond_batch` / `get_area_and_mult` without areas or masks).
+(ComfyUI `samplers._calc_cond_batch` / `get_area_and_mult`). Entries with an area or mask weigh their prediction
+only over their window (sampling/regions.py); entries with a ControlNet hand it to the model (sampling/control.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .denoiser import per_item_sigma
+from .regions import Region, combine_regions, mirror_areas
 
 Denoiser = Callable[..., torch.Tensor]
 Conditioning = Mapping[str, torch.Tensor]
@@ -38,6 +40,12 @@ class WeightedConditioning:
     strength: float = 1.0
     sigma_start: float = math.inf  # the entry sits out while sigma is above this ...
     sigma_end: float = 0.0  # ... or below this
+    # Model input that is not a tensor: `control.at(sigma, chunks)` gives the denoiser's `control=` argument for one
+    # call of `chunks` batched entries, or None (sampling/control.py `ControlSchedule`). Entries batch together only
+    # when they share the same control object, as in ComfyUI.
+    control: object | None = None
+    # Where the entry applies (sampling/regions.py Region: an area and/or mask); None = the whole latent.
+    region: Region | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.strength) and self.strength >= 0.0):
@@ -75,6 +83,9 @@ class CFGDenoiser:
         self.skips_uncond = math.isclose(self.cfg, 1.0)
         if self.uncond is None and not self.skips_uncond:
             raise ValueError(f"cfg={self.cfg} needs an unconditional (negative) conditioning; only cfg=1 runs without")
+        if self.uncond is not None:
+            # Both sides predict the same windows: each area gets a twin on the other side (ComfyUI process_conds).
+            self.cond, self.uncond = mirror_areas([self.cond, self.uncond])
         keys = {frozenset(entry.cond) for entry in self.cond + (self.uncond or [])}
         if len(keys) > 1:
             raise ValueError(f"cond and uncond must carry the same keys, got {sorted(sorted(k) for k in keys)}")
@@ -118,19 +129,32 @@ class CFGDenoiser:
             active = [[entry for entry in side if entry.active_at(now)] for side in sides]
         runs = [(index, entry, expand_to_batch(entry.cond, batch)) for index, side in enumerate(active)
                 for entry in side]
+        # An entry with an area or mask sees only its window of x and weighs its x0 there (sampling/regions.py).
+        views = [None if entry.region is None else entry.region.view(x, entry.strength) for _, entry, _ in runs]
+        inputs = [x if view is None else view.input_x for view in views]
+        # Entries share a call only with the same control object and the same input size, as in ComfyUI.
+        keys = [(id(entry.control) if entry.control is not None else None, tuple(inputs[i].shape))
+                for i, (_, entry, _) in enumerate(runs)]
         x0s: list[torch.Tensor | None] = [None] * len(runs)
-        for group in _batchable_groups([cond for _, _, cond in runs]):
+        for group in _batchable_groups([cond for _, _, cond in runs], keys):
+            control = runs[group[0]][1].control
+            extra = {}
+            if control is not None and (bound := control.at(float(sigma[0]), len(group))) is not None:
+                extra["control"] = bound
             if len(group) == 1:
-                x0s[group[0]] = self.denoiser(x, sigma, **runs[group[0]][2])
+                x0s[group[0]] = self.denoiser(inputs[group[0]], sigma, **runs[group[0]][2], **extra)
                 continue
-            x0 = self.denoiser(torch.cat([x] * len(group)), torch.cat([sigma] * len(group)),
-                               **concat_conditioning(*(runs[i][2] for i in group)))
+            x0 = self.denoiser(torch.cat([inputs[i] for i in group]), torch.cat([sigma] * len(group)),
+                               **concat_conditioning(*(runs[i][2] for i in group)), **extra)
             for i, chunk in zip(group, x0.split(batch)):
                 x0s[i] = chunk
         predictions = []
         for index, side in enumerate(active):
-            pairs = [(entry.strength, x0) for (i, entry, _), x0 in zip(runs, x0s) if i == index]
-            predictions.append(_weighted_mean(pairs, x))
+            members = [(entry.strength, x0, view) for (i, entry, _), x0, view in zip(runs, x0s, views) if i == index]
+            if any(view is not None for _, _, view in members):
+                predictions.append(combine_regions(x, members))
+            else:
+                predictions.append(_weighted_mean([(strength, x0) for strength, x0, _ in members], x))
         return predictions
 
 
@@ -175,16 +199,21 @@ def _weighted_mean(pairs: list[tuple[float, torch.Tensor]], x: torch.Tensor) -> 
     return out / total
 
 
-def _batchable_groups(conds: list[dict[str, torch.Tensor]]) -> list[list[int]]:
+def _batchable_groups(conds: list[dict[str, torch.Tensor]], keys: list[object] | None = None
+                      ) -> list[list[int]]:
     """Indices of the conditionings that share a call: the first one left, with every later one that still fits
     (ComfyUI `_calc_cond_batch` with `can_concat`), until none is left. Token lengths may differ as long as their
-    common multiple is within MAX_TOKEN_REPEAT repeats of the shortest."""
+    common multiple is within MAX_TOKEN_REPEAT repeats of the shortest; `keys` (what else must match: control
+    object, input size) must be equal."""
+    keys = keys if keys is not None else [None] * len(conds)
     left = list(range(len(conds)))
     groups = []
     while left:
         group = [left.pop(0)]
         for i in list(left):
             members = [conds[j] for j in group]
+            if keys[i] != keys[group[0]]:
+                continue
             if all(can_batch(member, conds[i]) for member in members) and _fits_one_call(members + [conds[i]]):
                 group.append(i)
                 left.remove(i)

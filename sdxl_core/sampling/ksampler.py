@@ -15,9 +15,12 @@ import torch
 
 from ..conditioning import ConditioningMismatch, adm_vector, check_conditioning_for, micro_conditioning_scalars
 from ..models.bundle import SDXLModel
+from .control import CONTROL_OPTION, control_schedule
 from .guidance import CFGDenoiser, WeightedConditioning
+from .inpaint import INPAINT_UNET_CHANNELS, NOISE_MASK, InpaintConcat, InpaintingDenoiser, prepare_denoise_mask
 from .model_sampling import model_sampling_for
 from .noise import prepare_noise
+from .regions import resolve_region
 from .samplers import integrate, run_sampler
 from .schedules import ksampler_sigmas, sigmas_for_range
 from .settings import SamplingSettings
@@ -34,8 +37,10 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
     KSamplerAdvanced semantics (`add_noise`, `return_with_leftover_noise`) and KSampler's `denoise` for img2img.
 
     `sigmas` replaces the scheduler's grid (ComfyUI SamplerCustom's SIGMAS input); the step range still applies.
+    A `noise_mask` on the latent inpaints as KSampler does (sampling/inpaint.py) and stays on the returned latent.
     """
     samples = _check_latent(latent, model)
+    mask = prepare_denoise_mask(latent[NOISE_MASK], samples.shape) if NOISE_MASK in latent else None
     if end_step is not None and start_step >= end_step:
         raise ValueError(f"start step {start_step} must come before end step {end_step} (of {settings.steps} steps)")
     schedule = model_sampling_for(model.config).schedule
@@ -52,10 +57,16 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
     seed = settings.seed
     noise = prepare_noise(samples, seed, latent.get("batch_index")) if add_noise else torch.zeros_like(samples)
     scale = model.config.vae.scale_factor
+    start = samples.to(device) * scale
+    concat = None
+    if model.config.unet.in_channels == INPAINT_UNET_CHANNELS:
+        concat = InpaintConcat(start, None if mask is None else mask.to(device), scale)
     denoiser = guided_denoiser(model, positive, negative, settings.cfg, tuple(samples.shape[-2:]),
-                               rescale=settings.rescale_cfg)
+                               rescale=settings.rescale_cfg, concat=concat)
+    if mask is not None:  # inpainting: only the masked region is sampled (sampling/inpaint.py)
+        denoiser = InpaintingDenoiser(denoiser, start, noise.to(device), mask.to(device))
     with torch.inference_mode():
-        x = run_sampler(settings.sampler, denoiser, samples.to(device) * scale, noise.to(device), sigmas,
+        x = run_sampler(settings.sampler, denoiser, start, noise.to(device), sigmas,
                         sigma_max=schedule.sigma_max, seed=seed, callback=callback, cancel=cancel,
                         schedule=schedule)
     out = (x / scale).float().cpu()
@@ -86,19 +97,20 @@ def validate_conditioning_for(model: SDXLModel, conditioning: list, role: str = 
 
 
 def guided_denoiser(model: SDXLModel, positive: list, negative: list, cfg: float,
-                    latent_hw: tuple[int, int], rescale: float = 0.0) -> CFGDenoiser:
+                    latent_hw: tuple[int, int], rescale: float = 0.0,
+                    concat: InpaintConcat | None = None) -> CFGDenoiser:
     """x -> guided x0 for this stage: the UNet as a denoiser of the model's prediction type, both conditionings
     (each side the strength-weighted mean of its entries), one batched call per step where the entries' token
     lengths allow; `rescale` is RescaleCFG's multiplier (0: plain CFG)."""
     device, dtype = _unet_device_dtype(model)
     sampling = model_sampling_for(model.config)
-    cond = _branch(model, positive, "positive", latent_hw, device)
-    uncond = _branch(model, negative, "negative", latent_hw, device)
+    cond = _branch(model, positive, "positive", latent_hw, device, concat)
+    uncond = _branch(model, negative, "negative", latent_hw, device, concat)
     return CFGDenoiser(sampling.denoiser(_UNetCall(model.unet), dtype=dtype), cond, uncond, cfg, rescale=rescale)
 
 
 def _branch(model: SDXLModel, conditioning: list, role: str, latent_hw: tuple[int, int],
-            device: torch.device) -> list[WeightedConditioning]:
+            device: torch.device, concat: InpaintConcat | None = None) -> list[WeightedConditioning]:
     """The UNet inputs (context, y) of each entry of one side of guidance, with its strength and sigma range
     (ComfyUI `samplers.calculate_start_end_timesteps`: percentages of the model's schedule, not of the steps)."""
     check_conditioning_for(model.config, conditioning, role)
@@ -118,8 +130,17 @@ def _branch(model: SDXLModel, conditioning: list, role: str, latent_hw: tuple[in
             gating["sigma_start"] = schedule.percent_to_sigma(options["start_percent"])
         if "end_percent" in options:
             gating["sigma_end"] = schedule.percent_to_sigma(options["end_percent"])
-        entries.append(WeightedConditioning({"context": context.to(device), "y": y.to(device)},
-                                            strength=float(options.get("strength", 1.0)), **gating))
+        if CONTROL_OPTION in options:
+            gating["control"] = control_schedule(options[CONTROL_OPTION], schedule, model.config.unet, which)
+        if (region := resolve_region(options, latent_hw, which)) is not None:
+            gating["region"] = region  # an area and/or mask (sampling/regions.py)
+        inputs = {"context": context.to(device), "y": y.to(device)}
+        if concat is not None:  # an inpainting UNet's mask and masked-image channels (sampling/inpaint.py)
+            if region is not None:
+                raise ValueError(f"{which} has an area or mask, which these samplers do not combine with an "
+                                 "inpainting (9-channel) UNet; use a regular SDXL base for regional prompts")
+            inputs["c_concat"] = concat.for_options(options, which).to(device)
+        entries.append(WeightedConditioning(inputs, strength=float(options.get("strength", 1.0)), **gating))
     return entries
 
 
@@ -134,18 +155,23 @@ class _UNetCall:
     def __init__(self, unet: torch.nn.Module):
         self.unet = unet
 
-    def __call__(self, x_in: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, y: torch.Tensor):
-        return self.unet(x_in, t, context, y)
+    def __call__(self, x_in: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, y: torch.Tensor,
+                 control=None, c_concat: torch.Tensor | None = None):
+        # `control` (sampling/control.py ControlAtStep) runs the ControlNets on this call's own inputs; they see
+        # the 4 latent channels, the UNet also an inpainting model's extra ones (ComfyUI `_apply_model`).
+        residuals = None if control is None else control(x_in, t, context, y)
+        if c_concat is not None:
+            x_in = torch.cat([x_in, c_concat.to(x_in.dtype)], dim=1)
+        if residuals is None:
+            return self.unet(x_in, t, context, y)
+        return self.unet(x_in, t, context, y, control=residuals)
 
 
 def _check_latent(latent: dict, model: SDXLModel) -> torch.Tensor:
     if not isinstance(latent, dict) or "samples" not in latent:
         raise ValueError("expected a LATENT dict with a 'samples' tensor")
-    if "noise_mask" in latent:
-        raise ValueError("this latent carries an inpainting noise_mask, which the SDXL two-stage sampler does not "
-                         "apply; use ComfyUI's KSampler for inpainting")
     samples = latent["samples"]
-    channels = model.config.unet.in_channels
+    channels = model.config.vae.latent_channels
     if samples.ndim != 4 or samples.shape[1] != channels:
         raise ValueError(f"expected SDXL latents of shape [batch, {channels}, height/8, width/8], "
                          f"got {tuple(samples.shape)}")

@@ -229,9 +229,10 @@ def test_bad_arguments(files):
         load_checkpoint(files["base"], dtype=torch.int8)
 
 
-def test_inpainting_variant(tmp_path):
+def test_unknown_input_channel_variants(tmp_path):
     from dataclasses import replace
 
-    config = replace(TINY_BASE, unet=replace(TINY_BASE.unet, in_channels=9))
-    path = write_checkpoint(tiny_model(config), tmp_path / "inpaint.safetensors")
-    _refused(WrongArchitectureError, "9-channel UNet input", path)
+    # 9 channels is the inpainting base (tests/sampling/test_inpaint_model.py); 8 is nothing these nodes run.
+    config = replace(TINY_BASE, unet=replace(TINY_BASE.unet, in_channels=8))
+    path = write_checkpoint(tiny_model(config), tmp_path / "variant.safetensors")
+    _refused(WrongArchitectureError, "8-channel UNet input", path)
