@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+import functools
+import os
 from functools import lru_cache
 
 import torch
@@ -35,7 +37,8 @@ from .models.bundle import SDXLModel
 from .sampling.noise import prepare_noise
 from .text.embeddings import EmbeddingLibrary
 from .text.prompt_encoding import encode_base_prompt, encode_refiner_prompt
-from .runtime.residency import ResidencyPlan, no_residency
+from .runtime.residency import ResidencyPlan
+from .runtime.stages import pipeline_stage
 from .sampling.samplers import get_sampler, run_sampler
 from .sampling.schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range
 from .models.vae import AutoencoderKL
@@ -378,16 +381,23 @@ class _Defaults:
 DEFAULTS = _Defaults()
 
 
-def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequest, *,
+def generate(base: SDXLModel | str | os.PathLike, refiner: SDXLModel | str | os.PathLike | None,
+             request: GenerationRequest, *,
              on_step: Callable[[str], None] | None = None, cancel: Cancel | None = None,
              empty_prompt: str = "encode", residency: ResidencyPlan | None = None,
              embeddings=None) -> GenerationResult:
     """Text to image: the base runs steps [0, K) and hands its latent, noise left in, to the refiner for [K, N)
     (ComfyUI's KSamplerAdvanced pair; diffusers `denoising_end`/`denoising_start`); without a refiner the base runs
     all N steps. `residency` moves only each step's weights onto the GPU (sdxl_core/residency.py: 8 GB cards).
-    `embeddings`: where the prompts' `embedding:name` references are looked up (sdxl_core/embeddings.py)."""
+    `embeddings`: where the prompts' `embedding:name` references are looked up (sdxl_core/embeddings.py).
+
+    Memory: each step reads the networks it needs when it starts and releases them when it ends, for models opened
+    with `open_checkpoint` (or given as checkpoint paths, which are opened so): the text encoders are gone before
+    the UNet is read, the base UNet before the refiner's. Networks already in memory (`load_checkpoint`, LoRA
+    merges) stay as they are (sdxl_core/runtime/stages.py)."""
+    base, refiner = _opened(base, "base"), _opened(refiner, "refiner")
     embeddings = EmbeddingLibrary.from_source(embeddings)  # one library: each file is read once
-    stage = residency.stage if residency is not None else no_residency
+    stage = functools.partial(pipeline_stage, residency=residency)
     _require_stage(base, "base", "generate")
     if refiner is not None:
         _require_stage(refiner, "refiner", "refine")
@@ -431,6 +441,17 @@ def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequ
     return GenerationResult(images=images, latent=latent, parameters=request.parameters())
 
 
+def _opened(model: SDXLModel | str | os.PathLike | None, kind: str) -> SDXLModel | None:
+    """A model given as a checkpoint path, opened at the default precision for this machine (read stage by stage)."""
+    if model is None or isinstance(model, SDXLModel):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        from .checkpoints.loading import open_checkpoint
+
+        return open_checkpoint(model, expect=kind)
+    raise TypeError(f"the {kind} must be an SDXLModel or the path of its checkpoint, got {type(model).__name__}")
+
+
 def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImageRequest, *,
                    on_step: Callable[[str], None] | None = None, cancel: Cancel | None = None,
                    empty_prompt: str = "encode", residency: ResidencyPlan | None = None,
@@ -439,7 +460,7 @@ def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImage
     `denoise=strength`, VAE decode: the nodes' VAE Encode → sampler (start 0, denoise) → VAE Decode chain. The
     conditioning describes the image's own size with crop (0, 0); the refiner's carries the aesthetic scores."""
     embeddings = EmbeddingLibrary.from_source(embeddings)
-    stage = residency.stage if residency is not None else no_residency
+    stage = functools.partial(pipeline_stage, residency=residency)
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
         found = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"expected images as a [batch, height, width, 3] tensor in 0..1, got {found}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoints.loading import default_dtype, default_vae_dtype, load_checkpoint
+from ..checkpoints.loading import default_dtype, default_vae_dtype, open_checkpoint
 from ..checkpoints.errors import CheckpointError
 from ..conditioning import ConditioningMismatch
 from ..checkpoints.lora import apply_lora
@@ -80,9 +80,11 @@ class _Setup:
         return torch.device("cpu") if self.residency is not None else self.device
 
     def load(self, path: Path, vae_path: Path | None, expect: str | None, loras=()):
-        """A checkpoint, with the LoRAs of --lora merged in order (each merge drops the previous copy's patched
-        weights, so the peak is the model plus one LoRA's worth of weights)."""
-        model = load_checkpoint(path, dtype=self.dtype, device=self.load_device, vae_path=vae_path,
+        """A checkpoint, opened so that each network is read when its step starts and released when it ends
+        (sdxl_core/runtime/stages.py), with the LoRAs of --lora merged in order (each merge drops the previous
+        copy's patched weights, so the peak is the model plus one LoRA's worth of weights; patched networks stay
+        in memory, as the file cannot give them back)."""
+        model = open_checkpoint(path, dtype=self.dtype, device=self.load_device, vae_path=vae_path,
                                 vae_dtype=default_vae_dtype(self.device), expect=expect)
         for lora_path, strength_model, strength_clip in loras:
             model = apply_lora(model, lora_path, strength_model, strength_clip)

@@ -37,7 +37,7 @@ from ..config import CLIP_CONTEXT_LENGTH, SDXLConfig, VAEConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_vae", "save_checkpoint", "inspect_checkpoint", "inspect_vae",
+__all__ = ["CheckpointError", "load_checkpoint", "open_checkpoint", "load_vae", "save_checkpoint", "inspect_checkpoint", "inspect_vae",
            "default_dtype", "default_vae_dtype"]
 
 # open_clip's initial contrastive temperature, ln(1/0.07). SDXL files carry a `logit_scale` that text encoding never
@@ -200,14 +200,30 @@ def inspect_checkpoint(path: Path | str | CheckpointSource, *, expect: str | Non
 def load_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                     vae_path: Path | str | None = None, vae_dtype: torch.dtype | None = None,
                     expect: str | None = None):
-    """Load an SDXL base or refiner (single file or diffusers folder) as an `SDXLModel`, strictly validated.
+    """Load an SDXL base or refiner (single file or diffusers folder) as an `SDXLModel`, strictly validated, with
+    every network read now (as diffusers' `from_pretrained`): any problem with the file surfaces here.
 
     `vae_path` replaces the checkpoint's VAE with a separate VAE file; `expect` ("base"/"refiner") refuses the other
     kind. Both files are validated from their headers before any tensor data is read. Raises a `CheckpointError`
-    subclass with a self-explanatory message for anything it cannot load.
+    subclass with a self-explanatory message for anything it cannot load. `open_checkpoint` reads each network
+    only when it is used instead.
+    """
+    model = open_checkpoint(path, dtype=dtype, device=device, vae_path=vae_path, vae_dtype=vae_dtype, expect=expect)
+    model.modules()  # read every network now
+    return model
+
+
+def open_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                    vae_path: Path | str | None = None, vae_dtype: torch.dtype | None = None,
+                    expect: str | None = None):
+    """An `SDXLModel` backed by its checkpoint: validated now from the header(s), like `load_checkpoint`, but each
+    network is read from the file the first time it is used and can be released again (`model.release(name)`).
+
+    This is what a two-stage run wants: `generate` reads each stage's networks when the stage starts and releases
+    them when it ends, so base and refiner never sit in memory whole at the same time. Broken tensor data (NaN/Inf
+    weights, a file truncated since it was opened) is reported when the network is read.
     """
     from ..models.bundle import SDXLModel
-    from ..text.tokenizer import SDXLTokenizer
 
     device = torch.device(device)
     dtype = _check_dtype(dtype if dtype is not None else default_dtype(device), "dtype")
@@ -218,22 +234,42 @@ def load_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, devic
     _raise_if_invalid(report, source.path.name, f"SDXL {config.kind} checkpoint")
     if vae_plan is not None:
         _raise_if_invalid(vae_plan[2], vae_plan[0].path.name, "SDXL VAE")
-        modules["vae"] = build_component("vae", vae_plan[1])
-    prefixes = component_prefixes(config.kind)
-    for name, module in modules.items():
-        tensors, prefix = (vae_plan[0].tensors, VAE_PREFIX) if name == "vae" and vae_plan else (source.tensors,
-                                                                                                prefixes[name])
-        bookkeeping = {prefix + key for key in BOOKKEEPING_KEYS.get(name, ())}
-        keys = [key for key in tensors if key.startswith(prefix) and key not in bookkeeping]
-        _load_component(module, tensors, prefix, keys, dtype=vae_dtype if name == "vae" else dtype, device=device)
-        if name.startswith("clip"):
-            _note_position_ids(source, prefix, report)
     for note in report.notes:
         logger.warning("%s: %s", source.path.name, note)
-    logger.info("loaded %s: SDXL %s (%s, %s) as %s on %s%s", source.path.name, config.kind, source.format,
+    reader = _ComponentReader(source, config, vae_plan[0] if vae_plan else None, dtype=dtype, vae_dtype=vae_dtype,
+                              device=device)
+    logger.info("opened %s: SDXL %s (%s, %s) as %s on %s%s", source.path.name, config.kind, source.format,
                 source.layout, dtype, device, f", VAE from {vae_plan[0].path.name}" if vae_plan else "")
-    return SDXLModel(config=config, unet=modules["unet"], vae=modules["vae"], clip_g=modules["clip_g"],
-                     clip_l=modules.get("clip_l"), tokenizer=SDXLTokenizer(), source=source.path, dtype=dtype)
+    return SDXLModel(config, source=source.path, dtype=dtype, reader=reader)
+
+
+class _ComponentReader:
+    """Builds one network of a validated checkpoint on the meta device and streams its tensors in (the reader an
+    `open_checkpoint` model calls); holds only the headers, so keeping it costs no tensor memory."""
+
+    def __init__(self, source: CheckpointSource, config: SDXLConfig, vae_source: CheckpointSource | None, *,
+                 dtype: torch.dtype, vae_dtype: torch.dtype, device: torch.device):
+        self.source, self.config, self.vae_source = source, config, vae_source
+        self.dtype, self.vae_dtype, self.device = dtype, vae_dtype, device
+
+    def __call__(self, name: str) -> nn.Module:
+        separate_vae = name == "vae" and self.vae_source is not None
+        if separate_vae:
+            module = build_component("vae", self.config.vae)
+            tensors, prefix = self.vae_source.tensors, VAE_PREFIX
+        else:
+            module = build_component(name, self.config)
+            tensors, prefix = self.source.tensors, component_prefixes(self.config.kind)[name]
+        bookkeeping = {prefix + key for key in BOOKKEEPING_KEYS.get(name, ())}
+        keys = [key for key in tensors if key.startswith(prefix) and key not in bookkeeping]
+        _load_component(module, tensors, prefix, keys, dtype=self.vae_dtype if name == "vae" else self.dtype,
+                        device=self.device)
+        if name.startswith("clip"):
+            notes = ValidationReport()
+            _note_position_ids(self.source, prefix, notes)
+            for note in notes.notes:
+                logger.warning("%s: %s", self.source.path.name, note)
+        return module
 
 
 def inspect_vae(path: Path | str | CheckpointSource) -> tuple[CheckpointSource, VAEConfig, ValidationReport]:

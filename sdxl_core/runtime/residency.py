@@ -218,8 +218,9 @@ class ResidencyPlan:
         """Make `part` ("text", "unet" or "vae") of an SDXLModel resident for the duration of the block."""
         if part not in STAGE_PARTS:
             raise ValueError(f"unknown stage part {part!r}; expected one of {sorted(STAGE_PARTS)}")
-        components = model.modules()
-        wanted = {f"{model.kind}.{name}": components[name] for name in STAGE_PARTS[part] if name in components}
+        # Only this part's networks: a checkpoint-backed model reads nothing else (sdxl_core/runtime/stages.py).
+        wanted = {f"{model.kind}.{name}": model.component(name) for name in STAGE_PARTS[part]
+                  if name in model.component_names}
         return self.use(wanted)
 
     @contextlib.contextmanager
