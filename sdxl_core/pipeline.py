@@ -34,6 +34,7 @@ from .config import VAE_DOWNSCALE
 from .sampling.denoiser import EpsDenoiser
 from .sampling.guidance import CFGDenoiser, WeightedConditioning
 from .models.bundle import SDXLModel
+from .models.operations import compute_dtype_of
 from .sampling.noise import prepare_noise
 from .text.embeddings import EmbeddingLibrary
 from .text.prompt_encoding import encode_base_prompt, encode_refiner_prompt
@@ -163,8 +164,8 @@ def _branch(model: SDXLModel, conditioning: list, role: str, latent_hw: tuple[in
 
 
 def _unet_device_dtype(model: SDXLModel) -> tuple[torch.device, torch.dtype]:
-    parameter = next(model.unet.parameters())
-    return parameter.device, parameter.dtype
+    """Where the UNet runs and what it computes in (not necessarily its weights' storage dtype)."""
+    return next(model.unet.parameters()).device, compute_dtype_of(model.unet)
 
 
 def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list, *, seed: int, steps: int,

@@ -73,6 +73,7 @@ class _Setup:
     device: torch.device
     dtype: torch.dtype
     residency: ResidencyPlan | None
+    storage_dtype: torch.dtype | None = None  # None: the file's precision where it converts exactly (--storage-dtype)
 
     @property
     def load_device(self) -> torch.device:
@@ -85,7 +86,8 @@ class _Setup:
         copy's patched weights, so the peak is the model plus one LoRA's worth of weights; patched networks stay
         in memory, as the file cannot give them back)."""
         model = open_checkpoint(path, dtype=self.dtype, device=self.load_device, vae_path=vae_path,
-                                vae_dtype=default_vae_dtype(self.device), expect=expect)
+                                vae_dtype=default_vae_dtype(self.device), expect=expect,
+                                storage_dtype=self.storage_dtype)
         for lora_path, strength_model, strength_clip in loras:
             model = apply_lora(model, lora_path, strength_model, strength_clip)
         return model
@@ -103,7 +105,8 @@ def _setup(args: argparse.Namespace) -> _Setup:
             raise ValueError("--low-vram manages GPU memory; it needs a CUDA device")
         residency = ResidencyPlan.for_card(device)
     dtype = _DTYPES[args.dtype] if args.dtype else default_dtype(device)
-    return _Setup(device, dtype, residency)
+    storage = getattr(args, "storage_dtype", "auto")
+    return _Setup(device, dtype, residency, None if storage == "auto" else _DTYPES[storage])
 
 
 def _run(args: argparse.Namespace, total_steps: int,

@@ -32,6 +32,7 @@ from .files import LazyTensor, write_safetensors
 from .source import CheckpointSource, open_source
 from .validation import (BOOKKEEPING_KEYS, ValidationReport, build_component,
                                     expected_shapes, validate)
+from ..models.operations import manual_cast
 from ..runtime.vae_decoding import default_vae_dtype  # one rule for the VAE's dtype, shared with decoding
 from ..config import CLIP_CONTEXT_LENGTH, SDXLConfig, VAEConfig
 
@@ -126,9 +127,12 @@ def _read_checked(lazy: LazyTensor, key: str, dtype: torch.dtype, device: torch.
 
 
 def _load_component(module: nn.Module, tensors: Mapping[str, LazyTensor], prefix: str, keys: list[str], *,
-                    dtype: torch.dtype, device: torch.device) -> None:
-    """Stream the given single-file keys into `module` (built on meta) and check nothing is left unloaded."""
-    state = {key[len(prefix):]: _read_checked(tensors[key], key, dtype, device) for key in keys}
+                    dtype: torch.dtype, device: torch.device, storage: Mapping[str, torch.dtype] | None = None
+                    ) -> None:
+    """Stream the given single-file keys into `module` (built on meta) and check nothing is left unloaded; each
+    floating tensor is held in `dtype`, or in `storage[key]` where given."""
+    storage = storage or {}
+    state = {key[len(prefix):]: _read_checked(tensors[key], key, storage.get(key, dtype), device) for key in keys}
     result = module.load_state_dict(state, strict=True, assign=True)
     del state
     if result.missing_keys or result.unexpected_keys:  # validate() already guarantees this; never load half a model
@@ -199,29 +203,38 @@ def inspect_checkpoint(path: Path | str | CheckpointSource, *, expect: str | Non
 
 def load_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                     vae_path: Path | str | None = None, vae_dtype: torch.dtype | None = None,
-                    expect: str | None = None):
+                    expect: str | None = None, storage_dtype: torch.dtype | None = None, operations=None):
     """Load an SDXL base or refiner (single file or diffusers folder) as an `SDXLModel`, strictly validated, with
     every network read now (as diffusers' `from_pretrained`): any problem with the file surfaces here.
 
     `vae_path` replaces the checkpoint's VAE with a separate VAE file; `expect` ("base"/"refiner") refuses the other
     kind. Both files are validated from their headers before any tensor data is read. Raises a `CheckpointError`
     subclass with a self-explanatory message for anything it cannot load. `open_checkpoint` reads each network
-    only when it is used instead.
+    only when it is used instead; it also describes `storage_dtype` and `operations`.
     """
-    model = open_checkpoint(path, dtype=dtype, device=device, vae_path=vae_path, vae_dtype=vae_dtype, expect=expect)
+    model = open_checkpoint(path, dtype=dtype, device=device, vae_path=vae_path, vae_dtype=vae_dtype, expect=expect,
+                            storage_dtype=storage_dtype, operations=operations)
     model.modules()  # read every network now
     return model
 
 
 def open_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                     vae_path: Path | str | None = None, vae_dtype: torch.dtype | None = None,
-                    expect: str | None = None):
+                    expect: str | None = None, storage_dtype: torch.dtype | None = None, operations=None):
     """An `SDXLModel` backed by its checkpoint: validated now from the header(s), like `load_checkpoint`, but each
     network is read from the file the first time it is used and can be released again (`model.release(name)`).
 
     This is what a two-stage run wants: `generate` reads each stage's networks when the stage starts and releases
     them when it ends, so base and refiner never sit in memory whole at the same time. Broken tensor data (NaN/Inf
     weights, a file truncated since it was opened) is reported when the network is read.
+
+    Precision: `dtype` (and `vae_dtype` for the VAE) is what the networks compute in; `storage_dtype` what their
+    weights are held in. By default (None) a tensor stays in the file's precision wherever that converts exactly to
+    the compute dtype (an fp16 or bf16 file computed in fp32, as on the CPU): the layers then cast their weights
+    as they run (sdxl_core/models/operations.py), holding half the bytes for the same bits as fp32 weights. An
+    explicit `storage_dtype` holds every weight in it (fp16/bf16 storage of an fp32 file rounds the weights).
+    `operations` replaces the layer classes (e.g. ComfyUI's `comfy.ops.manual_cast`); by default plain torch.nn,
+    or this package's manual casting where storage and compute differ.
     """
     from ..models.bundle import SDXLModel
 
@@ -236,11 +249,24 @@ def open_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, devic
         _raise_if_invalid(vae_plan[2], vae_plan[0].path.name, "SDXL VAE")
     for note in report.notes:
         logger.warning("%s: %s", source.path.name, note)
+    if storage_dtype is not None:
+        _check_dtype(storage_dtype, "storage_dtype")
     reader = _ComponentReader(source, config, vae_plan[0] if vae_plan else None, dtype=dtype, vae_dtype=vae_dtype,
-                              device=device)
+                              device=device, storage_dtype=storage_dtype, operations=operations)
     logger.info("opened %s: SDXL %s (%s, %s) as %s on %s%s", source.path.name, config.kind, source.format,
                 source.layout, dtype, device, f", VAE from {vae_plan[0].path.name}" if vae_plan else "")
     return SDXLModel(config, source=source.path, dtype=dtype, reader=reader)
+
+
+def storage_dtype_for(file_dtype: torch.dtype, compute: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    """The dtype one weight is held in: `requested` when given; else the file's own where it converts exactly to
+    `compute` and takes fewer bytes (fp16/bf16/fp8 for fp32 compute, fp8 for fp16/bf16), else `compute`."""
+    if requested is not None:
+        return requested
+    smaller = torch.empty((), dtype=file_dtype).element_size() < torch.empty((), dtype=compute).element_size()
+    fp8 = file_dtype.itemsize == 1 and file_dtype.is_floating_point
+    exact = compute == torch.float32 or fp8  # fp32 holds every fp16/bf16 value; fp16 and bf16 every fp8 value
+    return file_dtype if smaller and exact else compute
 
 
 class _ComponentReader:
@@ -248,22 +274,42 @@ class _ComponentReader:
     `open_checkpoint` model calls); holds only the headers, so keeping it costs no tensor memory."""
 
     def __init__(self, source: CheckpointSource, config: SDXLConfig, vae_source: CheckpointSource | None, *,
-                 dtype: torch.dtype, vae_dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, vae_dtype: torch.dtype, device: torch.device,
+                 storage_dtype: torch.dtype | None = None, operations=None):
         self.source, self.config, self.vae_source = source, config, vae_source
         self.dtype, self.vae_dtype, self.device = dtype, vae_dtype, device
+        self.storage_dtype, self.operations = storage_dtype, operations
 
-    def __call__(self, name: str) -> nn.Module:
-        separate_vae = name == "vae" and self.vae_source is not None
-        if separate_vae:
-            module = build_component("vae", self.config.vae)
-            tensors, prefix = self.vae_source.tensors, VAE_PREFIX
+    def _plan(self, name: str):
+        """(tensors, prefix, config, the keys to read, compute dtype, storage dtype of each floating key)."""
+        if name == "vae" and self.vae_source is not None:
+            tensors, prefix, config = self.vae_source.tensors, VAE_PREFIX, self.config.vae
         else:
-            module = build_component(name, self.config)
-            tensors, prefix = self.source.tensors, component_prefixes(self.config.kind)[name]
+            tensors, prefix, config = self.source.tensors, component_prefixes(self.config.kind)[name], self.config
         bookkeeping = {prefix + key for key in BOOKKEEPING_KEYS.get(name, ())}
         keys = [key for key in tensors if key.startswith(prefix) and key not in bookkeeping]
-        _load_component(module, tensors, prefix, keys, dtype=self.vae_dtype if name == "vae" else self.dtype,
-                        device=self.device)
+        compute = self.vae_dtype if name == "vae" else self.dtype
+        storage = {key: storage_dtype_for(tensors[key].dtype, compute, self.storage_dtype) for key in keys
+                   if tensors[key].dtype.is_floating_point}
+        return tensors, prefix, config, keys, compute, storage
+
+    def weight_bytes(self, name: str) -> int:
+        """What the network `name` will hold once read, from the header alone (for memory estimates)."""
+        tensors, _, _, keys, _, storage = self._plan(name)
+        return sum(tensors[key].numel * (storage[key] if key in storage else tensors[key].dtype).itemsize
+                   for key in keys)
+
+    def weight_elements(self, name: str) -> int:
+        tensors, _, _, keys, _, _ = self._plan(name)
+        return sum(tensors[key].numel for key in keys)
+
+    def __call__(self, name: str) -> nn.Module:
+        tensors, prefix, config, keys, compute, storage = self._plan(name)
+        cast = any(held != compute for held in storage.values())
+        operations = self.operations if self.operations is not None else (manual_cast if cast else None)
+        module = build_component(name, config, operations=operations,
+                                 compute_dtype=compute if operations is not None else None)
+        _load_component(module, tensors, prefix, keys, dtype=compute, device=self.device, storage=storage)
         if name.startswith("clip"):
             notes = ValidationReport()
             _note_position_ids(self.source, prefix, notes)

@@ -406,10 +406,11 @@ def _rebuilt(network: nn.Module, weights: Mapping[str, torch.Tensor], storage: t
     Built on the meta device (nothing allocated, nothing initialised); new Parameter objects wrap the shared
     storages, so moving or casting one network in place (`.to`) leaves the other as it was. With `storage`, every
     tensor of the copy lives there: shared where the original's already does, copied where it does not."""
+    layers = {"operations": network.operations, "compute_dtype": network.compute_dtype}  # storage apart from compute
     if isinstance(network, UNetModel):
-        copy = UNetModel(network.config, device="meta")
+        copy = UNetModel(network.config, device="meta", **layers)
     elif isinstance(network, TextEncoder):
-        copy = TextEncoder(network.config, device="meta")
+        copy = TextEncoder(network.config, device="meta", **layers)
     else:
         raise TypeError(f"LoRA patches UNetModel and TextEncoder networks, got {type(network).__name__}")
     originals = dict(network.named_parameters())

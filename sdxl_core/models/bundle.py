@@ -9,8 +9,8 @@ released again, so a two-stage run holds one stage's networks at a time instead 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -25,8 +25,20 @@ logger = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "vae", "clip_g", "clip_l")
 
-# Builds and fills one network from the checkpoint, by component name; what `open_checkpoint` hands a model.
-ComponentReader = Callable[[str], nn.Module]
+
+
+class ComponentReader(Protocol):
+    """What `open_checkpoint` hands a model: builds and fills one network from the checkpoint by component name,
+    and says, from the header alone, what it will weigh and where and in what it will compute."""
+
+    device: torch.device  # where the networks it reads live
+    vae_dtype: torch.dtype  # what the VAE it reads computes in
+
+    def __call__(self, name: str) -> nn.Module: ...
+
+    def weight_bytes(self, name: str) -> int: ...
+
+    def weight_elements(self, name: str) -> int: ...
 
 
 class SDXLModel:
@@ -104,6 +116,34 @@ class SDXLModel:
     def resident_components(self) -> tuple[str, ...]:
         return tuple(name for name in self.component_names if self._parts[name] is not None)
 
+    def weight_bytes(self, name: str) -> int:
+        """Bytes the network `name` holds in memory, or will hold once read (from the checkpoint's header)."""
+        module = self._parts.get(name)
+        if module is not None:
+            return sum(t.numel() * t.element_size() for t in _tensors(module))
+        return self._reader.weight_bytes(name) if self._reader is not None else 0
+
+    def weight_elements(self, name: str) -> int:
+        """Elements of the network `name`'s tensors, in memory or in the checkpoint."""
+        module = self._parts.get(name)
+        if module is not None:
+            return sum(t.numel() for t in _tensors(module))
+        return self._reader.weight_elements(name) if self._reader is not None else 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet is, or will be once read."""
+        if self.is_resident("unet"):
+            return next(self.unet.parameters()).device
+        return self._reader.device if self._reader is not None else torch.device("cpu")
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """What the VAE computes in, or will once read."""
+        if self.is_resident("vae") or self._reader is None:
+            return self.vae.dtype
+        return self._reader.vae_dtype
+
     def can_release(self, name: str) -> bool:
         """True when `name` can be dropped and read back unchanged from the checkpoint later."""
         return self._reader is not None and name in self._rereadable
@@ -139,3 +179,8 @@ class SDXLModel:
 
     def parameter_count(self) -> int:
         return sum(p.numel() for module in self.modules().values() for p in module.parameters())
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer once (tied weights counted once)."""
+    return list({id(t): t for t in (*module.parameters(), *module.buffers())}.values())
