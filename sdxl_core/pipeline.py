@@ -39,6 +39,7 @@ from .sampling.noise import prepare_noise
 from .text.embeddings import EmbeddingLibrary
 from .text.prompt_encoding import encode_base_prompt, encode_refiner_prompt
 from .runtime.residency import ResidencyPlan
+from .runtime.memory_estimate import check_generation_fits
 from .runtime.stages import pipeline_stage
 from .sampling.samplers import get_sampler, run_sampler
 from .sampling.schedules import DiscreteEpsSchedule, ksampler_sigmas, sigmas_for_range
@@ -402,6 +403,7 @@ def generate(base: SDXLModel | str | os.PathLike, refiner: SDXLModel | str | os.
     _require_stage(base, "base", "generate")
     if refiner is not None:
         _require_stage(refiner, "refiner", "refine")
+    check_generation_fits(base, refiner, request, residency=residency)  # before any weight is read
     height, width = request.height, request.width
     original = request.original_size or (height, width)
     target = request.target_size or (height, width)

@@ -182,5 +182,11 @@ class SDXLModel:
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:
-    """Every parameter and buffer once (tied weights counted once)."""
-    return list({id(t): t for t in (*module.parameters(), *module.buffers())}.values())
+    """Every parameter and persistent buffer once (tied weights counted once): what a checkpoint holds, without
+    the small buffers a network builds for itself (e.g. CLIP's position ids)."""
+    found = {id(p): p for p in module.parameters()}
+    for owner in module.modules():
+        for name, buffer in owner.named_buffers(recurse=False):
+            if buffer is not None and name not in owner._non_persistent_buffers_set:
+                found[id(buffer)] = buffer
+    return list(found.values())
