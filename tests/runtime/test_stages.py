@@ -18,6 +18,19 @@ REQUEST = GenerationRequest(prompt="a lighthouse", negative="blurry", width=64, 
                             refiner_start=3, cfg=5.0, seed=7)
 
 
+class _Spy:
+    """A reader that reports each read and otherwise is the real one (sizes, device, dtypes)."""
+
+    def __init__(self, on_read, reader):
+        self._on_read, self._reader = on_read, reader
+
+    def __call__(self, name):
+        return self._on_read(name)
+
+    def __getattr__(self, attribute):
+        return getattr(self._reader, attribute)
+
+
 class Journal:
     """Every read and release of the models it watches, with what each model held at that moment."""
 
@@ -37,7 +50,7 @@ class Journal:
                 self.alive[f"{model.kind}.{name}"] = weakref.ref(module)
                 return module
 
-            monkeypatch.setattr(model, "_reader", spy)
+            monkeypatch.setattr(model, "_reader", _Spy(spy, read))
         real_release = SDXLModel.release
 
         def release(model, name):
