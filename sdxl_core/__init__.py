@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # checkpoints
     "load_checkpoint": "checkpoints.loading",
+    "open_checkpoint": "checkpoints.loading",
     "load_vae": "checkpoints.loading",
     "save_checkpoint": "checkpoints.loading",
     "inspect_checkpoint": "checkpoints.loading",
@@ -70,7 +71,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve lazily above
     from .buckets import SDXL_BUCKETS, bucket_for_ratio
     from .checkpoints.errors import CheckpointError
-    from .checkpoints.loading import inspect_checkpoint, load_checkpoint, load_vae, save_checkpoint
+    from .checkpoints.loading import inspect_checkpoint, load_checkpoint, load_vae, open_checkpoint, save_checkpoint
     from .checkpoints.lora import apply_lora
     from .conditioning import BaseMicroConditioning, RefinerMicroConditioning
     from .config import SDXL_BASE, SDXL_REFINER, SDXLConfig

@@ -8,6 +8,8 @@ Latents cross every function boundary in ComfyUI's LATENT form (see `sampling.ks
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,7 +27,9 @@ from .conditioning import (
 from .config import VAE_DOWNSCALE, require_stage
 from .models.bundle import SDXLModel
 from .models.vae import AutoencoderKL
-from .runtime.residency import ResidencyPlan, no_residency
+from .runtime.memory_estimate import check_generation_fits
+from .runtime.residency import ResidencyPlan
+from .runtime.stages import pipeline_stage
 from .runtime.vae_decoding import comfy_to_images, decode_latents, encode_images, images_to_comfy
 from .sampling.control import ControlNetUse, apply_controlnets
 from .sampling.inpaint import NOISE_MASK, noise_mask_for_image
@@ -198,7 +202,8 @@ class GenerationResult:
     parameters: dict = field(default_factory=dict)
 
 
-def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequest, *,
+def generate(base: SDXLModel | str | os.PathLike, refiner: SDXLModel | str | os.PathLike | None,
+             request: GenerationRequest, *,
              on_step: Callable[[str], None] | None = None, cancel: Cancel | None = None,
              empty_prompt: str = "encode", residency: ResidencyPlan | None = None,
              embeddings=None, controls: Sequence[ControlNetUse] = ()) -> GenerationResult:
@@ -206,12 +211,19 @@ def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequ
     (ComfyUI's KSamplerAdvanced pair; diffusers `denoising_end`/`denoising_start`); without a refiner the base runs
     all N steps. `residency` moves only each step's weights onto the GPU (sdxl_core/runtime/residency.py: 8 GB
     cards). `embeddings`: where the prompts' `embedding:name` references are looked up (text/embeddings.py).
-    `controls`: ControlNets applied to the base's conditioning (SDXL ControlNets steer the base only)."""
+    `controls`: ControlNets applied to the base's conditioning (SDXL ControlNets steer the base only).
+
+    Memory: each step reads the networks it needs when it starts and releases them when it ends, for models opened
+    with `open_checkpoint` (or given as checkpoint paths, which are opened so): the text encoders are gone before
+    the UNet is read, the base UNet before the refiner's. Networks already in memory (`load_checkpoint`, LoRA
+    merges) stay as they are (sdxl_core/runtime/stages.py)."""
+    base, refiner = _opened(base, "base"), _opened(refiner, "refiner")
     embeddings = EmbeddingLibrary.from_source(embeddings)  # one library: each file is read once
-    stage = residency.stage if residency is not None else no_residency
+    stage = functools.partial(pipeline_stage, residency=residency)
     require_stage(base, "base", "generate's base")
     if refiner is not None:
         require_stage(refiner, "refiner", "generate's refiner")
+    check_generation_fits(base, refiner, request, residency=residency)  # before any weight is read
     micro = request.base_micro_conditioning()
     with stage(base, "text"):
         positive, negative = (encode_base_conditioning(base, text_g, text_l, micro=micro, empty_prompt=empty_prompt,
@@ -244,6 +256,17 @@ def generate(base: SDXLModel, refiner: SDXLModel | None, request: GenerationRequ
     return GenerationResult(images=images, latent=latent, parameters=request.parameters())
 
 
+def _opened(model: SDXLModel | str | os.PathLike | None, kind: str) -> SDXLModel | None:
+    """A model given as a checkpoint path, opened at the default precision for this machine (read stage by stage)."""
+    if model is None or isinstance(model, SDXLModel):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        from .checkpoints.loading import open_checkpoint
+
+        return open_checkpoint(model, expect=kind)
+    raise TypeError(f"the {kind} must be an SDXLModel or the path of its checkpoint, got {type(model).__name__}")
+
+
 def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImageRequest, *,
                    on_step: Callable[[str], None] | None = None, cancel: Cancel | None = None,
                    empty_prompt: str = "encode", residency: ResidencyPlan | None = None,
@@ -255,7 +278,7 @@ def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImage
     `mask` (a MASK of the image's size, 1 repaints) inpaints as VAE Encode → SetLatentNoiseMask → KSampler;
     `controls` are ControlNets applied to the conditioning."""
     embeddings = EmbeddingLibrary.from_source(embeddings)
-    stage = residency.stage if residency is not None else no_residency
+    stage = functools.partial(pipeline_stage, residency=residency)
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
         found = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"expected images as a [batch, height, width, 3] tensor in 0..1, got {found}")

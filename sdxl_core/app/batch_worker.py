@@ -62,7 +62,7 @@ class JobRunner:
         key = (role, path, models.vae, models.loras if role == "base" else ())
         if key not in self._loaded:
             try:
-                self._loaded[key] = self._setup.load(path, models.vae, role, key[3])
+                self._loaded[key] = self._setup.load(path, models.vae, role, key[3], keep=True)
             except Exception as error:  # remembered, so the group's other jobs fail with it too
                 self._loaded[key] = error
         found = self._loaded[key]

@@ -94,6 +94,10 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, *, steps_help: str)
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=list(DTYPES_BY_NAME), help="UNet and text-encoder precision")
+    parser.add_argument("--storage-dtype", choices=["auto", *DTYPES_BY_NAME], default="auto",
+                        help="precision the weights are held in while the networks compute in --dtype, each layer "
+                             "casting its own as it runs; auto (default) keeps a file's fp16/bf16 where the compute "
+                             "is fp32 (the CPU): half the memory, the same image")
     parser.add_argument("--low-vram", action="store_true",
                         help="keep weights in system RAM and move one network at a time onto the GPU (8 GB cards)")
     parser.add_argument("--out", required=True, type=Path,

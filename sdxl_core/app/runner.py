@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoints.loading import check_checkpoint, default_dtype, default_vae_dtype, load_checkpoint
+from ..checkpoints.loading import (check_checkpoint, default_dtype, default_vae_dtype, load_checkpoint,
+                                   open_checkpoint)
 from ..checkpoints.errors import CheckpointError
 from ..conditioning import ConditioningMismatch
 from ..dtypes import DTYPES_BY_NAME
@@ -94,17 +95,22 @@ class _Setup:
     device: torch.device
     dtype: torch.dtype
     residency: ResidencyPlan | None
+    storage_dtype: torch.dtype | None = None  # None: the file's precision where it converts exactly (--storage-dtype)
 
     @property
     def load_device(self) -> torch.device:
         # Under a residency plan the weights wait in system RAM and the plan moves each network in when it runs.
         return torch.device("cpu") if self.residency is not None else self.device
 
-    def load(self, path: Path, vae_path: Path | None, expect: str | None, loras=()):
-        """A checkpoint, with the LoRAs of --lora merged in order (each merge drops the previous copy's patched
-        weights, so the peak is the model plus one LoRA's worth of weights)."""
-        model = load_checkpoint(path, dtype=self.dtype, device=self.load_device, vae_path=vae_path,
-                                vae_dtype=default_vae_dtype(self.device), expect=expect)
+    def load(self, path: Path, vae_path: Path | None, expect: str | None, loras=(), *, keep: bool = False):
+        """A checkpoint, opened so that each network is read when its step starts and released when it ends
+        (sdxl_core/runtime/stages.py), with the LoRAs of --lora merged in order (each merge drops the previous
+        copy's patched weights, so the peak is the model plus one LoRA's worth of weights; patched networks stay
+        in memory, as the file cannot give them back). `keep` reads every network now and keeps it, for a batch
+        that reuses the weights over many jobs."""
+        read = load_checkpoint if keep else open_checkpoint
+        model = read(path, dtype=self.dtype, device=self.load_device, vae_path=vae_path,
+                     vae_dtype=default_vae_dtype(self.device), expect=expect, storage_dtype=self.storage_dtype)
         for lora_path, strength_model, strength_clip in loras:
             model = apply_lora(model, lora_path, strength_model, strength_clip)
         return model
@@ -122,7 +128,8 @@ def _setup(args: argparse.Namespace) -> _Setup:
             raise ValueError("--low-vram manages GPU memory; it needs a CUDA device")
         residency = ResidencyPlan.for_card(device)
     dtype = DTYPES_BY_NAME[args.dtype] if args.dtype else default_dtype(device)
-    return _Setup(device, dtype, residency)
+    storage = getattr(args, "storage_dtype", "auto")
+    return _Setup(device, dtype, residency, None if storage == "auto" else DTYPES_BY_NAME[storage])
 
 
 def _report(error: BaseException, args: argparse.Namespace) -> int:

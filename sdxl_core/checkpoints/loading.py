@@ -32,12 +32,13 @@ from .files import LazyTensor, write_safetensors
 from .source import CheckpointSource, open_source
 from .validation import (BOOKKEEPING_KEYS, ValidationReport, build_component,
                                     expected_shapes, validate)
+from ..models.operations import manual_cast
 from ..runtime.vae_decoding import default_vae_dtype  # one rule for the VAE's dtype, shared with decoding
 from ..config import CLIP_CONTEXT_LENGTH, SDXLConfig, VAEConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "check_checkpoint", "load_checkpoint", "load_vae", "save_checkpoint",
+__all__ = ["CheckpointError", "check_checkpoint", "load_checkpoint", "open_checkpoint", "load_vae", "save_checkpoint",
            "inspect_checkpoint", "inspect_vae", "default_dtype", "default_vae_dtype"]
 
 # open_clip's initial contrastive temperature, ln(1/0.07). SDXL files carry a `logit_scale` that text encoding never
@@ -128,9 +129,12 @@ def _read_checked(lazy: LazyTensor, key: str, dtype: torch.dtype, device: torch.
 
 
 def _load_component(module: nn.Module, tensors: Mapping[str, LazyTensor], prefix: str, keys: list[str], *,
-                    dtype: torch.dtype, device: torch.device) -> None:
-    """Stream the given single-file keys into `module` (built on meta) and check nothing is left unloaded."""
-    state = {key[len(prefix):]: _read_checked(tensors[key], key, dtype, device) for key in keys}
+                    dtype: torch.dtype, device: torch.device, storage: Mapping[str, torch.dtype] | None = None
+                    ) -> None:
+    """Stream the given single-file keys into `module` (built on meta) and check nothing is left unloaded; each
+    floating tensor is held in `dtype`, or in `storage[key]` where given."""
+    storage = storage or {}
+    state = {key[len(prefix):]: _read_checked(tensors[key], key, storage.get(key, dtype), device) for key in keys}
     result = module.load_state_dict(state, strict=True, assign=True)
     del state
     if result.missing_keys or result.unexpected_keys:  # validate() already guarantees this; never load half a model
@@ -215,15 +219,40 @@ def check_checkpoint(path: Path | str, *, expect: str | None = None, vae_path: P
 
 def load_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                     vae_path: Path | str | None = None, vae_dtype: torch.dtype | None = None,
-                    expect: str | None = None):
-    """Load an SDXL base or refiner (single file or diffusers folder) as an `SDXLModel`, strictly validated.
+                    expect: str | None = None, storage_dtype: torch.dtype | None = None, operations=None):
+    """Load an SDXL base or refiner (single file or diffusers folder) as an `SDXLModel`, strictly validated, with
+    every network read now (as diffusers' `from_pretrained`): any problem with the file surfaces here.
 
     `vae_path` replaces the checkpoint's VAE with a separate VAE file; `expect` ("base"/"refiner") refuses the other
     kind. Both files are validated from their headers before any tensor data is read. Raises a `CheckpointError`
-    subclass with a self-explanatory message for anything it cannot load.
+    subclass with a self-explanatory message for anything it cannot load. `open_checkpoint` reads each network
+    only when it is used instead; it also describes `storage_dtype` and `operations`.
+    """
+    model = open_checkpoint(path, dtype=dtype, device=device, vae_path=vae_path, vae_dtype=vae_dtype, expect=expect,
+                            storage_dtype=storage_dtype, operations=operations)
+    model.modules()  # read every network now
+    return model
+
+
+def open_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                    vae_path: Path | str | None = None, vae_dtype: torch.dtype | None = None,
+                    expect: str | None = None, storage_dtype: torch.dtype | None = None, operations=None):
+    """An `SDXLModel` backed by its checkpoint: validated now from the header(s), like `load_checkpoint`, but each
+    network is read from the file the first time it is used and can be released again (`model.release(name)`).
+
+    This is what a two-stage run wants: `generate` reads each stage's networks when the stage starts and releases
+    them when it ends, so base and refiner never sit in memory whole at the same time. Broken tensor data (NaN/Inf
+    weights, a file truncated since it was opened) is reported when the network is read.
+
+    Precision: `dtype` (and `vae_dtype` for the VAE) is what the networks compute in; `storage_dtype` what their
+    weights are held in. By default (None) a tensor stays in the file's precision wherever that converts exactly to
+    the compute dtype (an fp16 or bf16 file computed in fp32, as on the CPU): the layers then cast their weights
+    as they run (sdxl_core/models/operations.py), holding half the bytes for the same bits as fp32 weights. An
+    explicit `storage_dtype` holds every weight in it (fp16/bf16 storage of an fp32 file rounds the weights).
+    `operations` replaces the layer classes (e.g. ComfyUI's `comfy.ops.manual_cast`); by default plain torch.nn,
+    or this package's manual casting where storage and compute differ.
     """
     from ..models.bundle import SDXLModel
-    from ..text.tokenizer import SDXLTokenizer
 
     device = torch.device(device)
     dtype = _check_dtype(dtype if dtype is not None else default_dtype(device), "dtype")
@@ -234,22 +263,75 @@ def load_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, devic
     _raise_if_invalid(report, source.path.name, f"SDXL {config.kind} checkpoint")
     if vae_plan is not None:
         _raise_if_invalid(vae_plan[2], vae_plan[0].path.name, "SDXL VAE")
-        modules["vae"] = build_component("vae", vae_plan[1])
-    prefixes = component_prefixes(config.kind)
-    for name, module in modules.items():
-        tensors, prefix = (vae_plan[0].tensors, VAE_PREFIX) if name == "vae" and vae_plan else (source.tensors,
-                                                                                                prefixes[name])
-        bookkeeping = {prefix + key for key in BOOKKEEPING_KEYS.get(name, ())}
-        keys = [key for key in tensors if key.startswith(prefix) and key not in bookkeeping]
-        _load_component(module, tensors, prefix, keys, dtype=vae_dtype if name == "vae" else dtype, device=device)
-        if name.startswith("clip"):
-            _note_position_ids(source, prefix, report)
     for note in report.notes:
         logger.warning("%s: %s", source.path.name, note)
-    logger.info("loaded %s: SDXL %s (%s, %s) as %s on %s%s", source.path.name, config.kind, source.format,
+    if storage_dtype is not None:
+        _check_dtype(storage_dtype, "storage_dtype")
+    reader = _ComponentReader(source, config, vae_plan[0] if vae_plan else None, dtype=dtype, vae_dtype=vae_dtype,
+                              device=device, storage_dtype=storage_dtype, operations=operations)
+    logger.info("opened %s: SDXL %s (%s, %s) as %s on %s%s", source.path.name, config.kind, source.format,
                 source.layout, dtype, device, f", VAE from {vae_plan[0].path.name}" if vae_plan else "")
-    return SDXLModel(config=config, unet=modules["unet"], vae=modules["vae"], clip_g=modules["clip_g"],
-                     clip_l=modules.get("clip_l"), tokenizer=SDXLTokenizer(), source=source.path, dtype=dtype)
+    return SDXLModel(config, source=source.path, dtype=dtype, reader=reader)
+
+
+def storage_dtype_for(file_dtype: torch.dtype, compute: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    """The dtype one weight is held in: `requested` when given; else the file's own where it converts exactly to
+    `compute` and takes fewer bytes (fp16/bf16/fp8 for fp32 compute, fp8 for fp16/bf16), else `compute`."""
+    if requested is not None:
+        return requested
+    smaller = torch.empty((), dtype=file_dtype).element_size() < torch.empty((), dtype=compute).element_size()
+    fp8 = file_dtype.itemsize == 1 and file_dtype.is_floating_point
+    exact = compute == torch.float32 or fp8  # fp32 holds every fp16/bf16 value; fp16 and bf16 every fp8 value
+    return file_dtype if smaller and exact else compute
+
+
+class _ComponentReader:
+    """Builds one network of a validated checkpoint on the meta device and streams its tensors in (the reader an
+    `open_checkpoint` model calls); holds only the headers, so keeping it costs no tensor memory."""
+
+    def __init__(self, source: CheckpointSource, config: SDXLConfig, vae_source: CheckpointSource | None, *,
+                 dtype: torch.dtype, vae_dtype: torch.dtype, device: torch.device,
+                 storage_dtype: torch.dtype | None = None, operations=None):
+        self.source, self.config, self.vae_source = source, config, vae_source
+        self.dtype, self.vae_dtype, self.device = dtype, vae_dtype, device
+        self.storage_dtype, self.operations = storage_dtype, operations
+
+    def _plan(self, name: str):
+        """(tensors, prefix, config, the keys to read, compute dtype, storage dtype of each floating key)."""
+        if name == "vae" and self.vae_source is not None:
+            tensors, prefix, config = self.vae_source.tensors, VAE_PREFIX, self.config.vae
+        else:
+            tensors, prefix, config = self.source.tensors, component_prefixes(self.config.kind)[name], self.config
+        bookkeeping = {prefix + key for key in BOOKKEEPING_KEYS.get(name, ())}
+        keys = [key for key in tensors if key.startswith(prefix) and key not in bookkeeping]
+        compute = self.vae_dtype if name == "vae" else self.dtype
+        storage = {key: storage_dtype_for(tensors[key].dtype, compute, self.storage_dtype) for key in keys
+                   if tensors[key].dtype.is_floating_point}
+        return tensors, prefix, config, keys, compute, storage
+
+    def weight_bytes(self, name: str) -> int:
+        """What the network `name` will hold once read, from the header alone (for memory estimates)."""
+        tensors, _, _, keys, _, storage = self._plan(name)
+        return sum(tensors[key].numel * (storage[key] if key in storage else tensors[key].dtype).itemsize
+                   for key in keys)
+
+    def weight_elements(self, name: str) -> int:
+        tensors, _, _, keys, _, _ = self._plan(name)
+        return sum(tensors[key].numel for key in keys)
+
+    def __call__(self, name: str) -> nn.Module:
+        tensors, prefix, config, keys, compute, storage = self._plan(name)
+        cast = any(held != compute for held in storage.values())
+        operations = self.operations if self.operations is not None else (manual_cast if cast else None)
+        module = build_component(name, config, operations=operations,
+                                 compute_dtype=compute if operations is not None else None)
+        _load_component(module, tensors, prefix, keys, dtype=compute, device=self.device, storage=storage)
+        if name.startswith("clip"):
+            notes = ValidationReport()
+            _note_position_ids(self.source, prefix, notes)
+            for note in notes.notes:
+                logger.warning("%s: %s", self.source.path.name, note)
+        return module
 
 
 def inspect_vae(path: Path | str | CheckpointSource) -> tuple[CheckpointSource, VAEConfig, ValidationReport]:

@@ -39,7 +39,6 @@ the UNet for the typical LoRA above).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -360,10 +359,11 @@ def _rebuilt(network: nn.Module, weights: Mapping[str, torch.Tensor], storage: t
     Built on the meta device (nothing allocated, nothing initialised); new Parameter objects wrap the shared
     storages, so moving or casting one network in place (`.to`) leaves the other as it was. With `storage`, every
     tensor of the copy lives there: shared where the original's already does, copied where it does not."""
+    layers = {"operations": network.operations, "compute_dtype": network.compute_dtype}  # storage apart from compute
     if isinstance(network, UNetModel):
-        copy = UNetModel(network.config, device="meta")
+        copy = UNetModel(network.config, device="meta", **layers)
     elif isinstance(network, TextEncoder):
-        copy = TextEncoder(network.config, device="meta")
+        copy = TextEncoder(network.config, device="meta", **layers)
     else:
         raise TypeError(f"LoRA patches UNetModel and TextEncoder networks, got {type(network).__name__}")
     originals = dict(network.named_parameters())
@@ -403,6 +403,7 @@ def apply_lora(model: SDXLModel, lora: Mapping[str, torch.Tensor] | Path | str, 
     `storage` is where the new model's tensors live (e.g. the offload device of a host that moves networks itself:
     a copy built from weights that happen to sit on the GPU would otherwise hold GPU memory behind the host's
     back); by default each stays where the original's is."""
+    read_for_this = set(model.component_names) - set(model.resident_components())  # before anything reads one
     if isinstance(lora, (str, Path)):
         name = name or Path(lora).name
         lora = read_lora_file(lora)
@@ -418,7 +419,7 @@ def apply_lora(model: SDXLModel, lora: Mapping[str, torch.Tensor] | Path | str, 
                         "them: apply LoRAs to the model as loaded, then optimise it")
     matched = match_lora(parse_lora(lora, name), model, name)
     strengths = {"unet": float(strength_model), "clip_l": float(strength_clip), "clip_g": float(strength_clip)}
-    networks = model.modules()
+    networks = {name: model.component(name) for name in model.component_names if name != "vae"}  # not the VAE
     work = [(layer, target, networks[target.component].get_parameter(target.parameter))
             for layer, target in matched if strengths[target.component] != 0.0]
     patched: dict[str, dict[str, torch.Tensor]] = {}
@@ -438,8 +439,14 @@ def apply_lora(model: SDXLModel, lora: Mapping[str, torch.Tensor] | Path | str, 
             patched.setdefault(target.component, {})[target.parameter] = (
                 merged if storage is None else merged.to(storage))
     scratch.clear()
-    if not patched:
-        return model
     replaced = {component: _rebuilt(networks[component], weights, storage)
                 for component, weights in patched.items()}
-    return dataclasses.replace(model, **replaced)
+    merged = model.replace(**replaced) if replaced else model
+    # What was read from a checkpoint for this merge goes back where it is not the merged result: the given model
+    # keeps its networks unread, as it came, and the merged one reads its unpatched networks when their step comes
+    # (sdxl_core/runtime/stages.py) instead of holding them through every step before it.
+    for holder, keep in ((model, set()), (merged, set(replaced))):
+        for component in read_for_this - keep:
+            if holder.can_release(component) and holder.is_resident(component):
+                holder.release(component)
+    return merged

@@ -33,19 +33,23 @@ COMPONENT_NAMES = {"unet": "UNet", "vae": "VAE", "clip_l": "CLIP-L text encoder"
                    "clip_g": "OpenCLIP bigG text encoder"}
 
 
-def build_component(name: str, config: SDXLConfig | VAEConfig, *, device="meta", dtype=None) -> nn.Module:
-    """Build one component's module (on the meta device by default: no memory, no initialisation)."""
+def build_component(name: str, config: SDXLConfig | VAEConfig, *, device="meta", dtype=None, operations=None,
+                    compute_dtype=None) -> nn.Module:
+    """Build one component's module (on the meta device by default: no memory, no initialisation), with the layer
+    classes of `operations` computing in `compute_dtype` (sdxl_core/models/operations.py; default: plain torch)."""
+    layers = {"operations": operations, "compute_dtype": compute_dtype}
     if name == "vae":
         from ..models.vae import AutoencoderKL
 
-        return AutoencoderKL(config if isinstance(config, VAEConfig) else config.vae, dtype=dtype, device=device)
+        return AutoencoderKL(config if isinstance(config, VAEConfig) else config.vae, dtype=dtype, device=device,
+                             **layers)
     if name == "unet":
         from ..models.unet import UNetModel
 
-        return UNetModel(config.unet, dtype=dtype, device=device)
+        return UNetModel(config.unet, dtype=dtype, device=device, **layers)
     from ..text.encoders import TextEncoder
 
-    return TextEncoder(getattr(config, name), dtype=dtype, device=device)
+    return TextEncoder(getattr(config, name), dtype=dtype, device=device, **layers)
 
 
 def expected_shapes(modules: Mapping[str, nn.Module], prefixes: Mapping[str, str]) -> dict[str, tuple]:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import UNetConfig
+from .operations import use_operations
 from .timestep_embedding import timestep_embedding
 
 # Normalisation epsilons of sgm (docs/architecture.md#numerical-choices): ResBlocks and the output head, spatial
@@ -329,7 +330,10 @@ class UNetModel(nn.Module):
     """SDXL eps-prediction UNet (Podell et al. 2023; sgm `openaimodel.UNetModel` with `num_classes="sequential"`)."""
 
     def __init__(self, config: UNetConfig, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, *, operations=None,
+                 compute_dtype: torch.dtype | None = None):
+        """`operations`: the layer classes (default torch.nn; see sdxl_core/models/operations.py), `compute_dtype`:
+        what it computes in when that differs from the weights' `dtype` (manual casting)."""
         super().__init__()
         self.config = config
         factory = {"dtype": dtype, "device": device}
@@ -365,6 +369,7 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             nn.Conv2d(ch, config.out_channels, 3, padding=1, **factory),
         )
+        use_operations(self, operations, compute_dtype)
 
     @classmethod
     def from_state_dict(cls, config: UNetConfig, state_dict: Mapping[str, torch.Tensor],
@@ -407,7 +412,7 @@ class UNetModel(nn.Module):
             raise RuntimeError("the UNet was built on the meta device and has no weights yet: load a checkpoint with "
                                "load_state_dict(..., assign=True) or UNetModel.from_state_dict first")
         self._check_inputs(x, timesteps, context, y)
-        dtype = self.out[2].weight.dtype
+        dtype = self.compute_dtype or self.out[2].weight.dtype
         context = context.to(dtype)
 
         # Timesteps are often built on the CPU from a sigma schedule; the embedding is computed where x lives.

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
+from .operations import use_operations
 
 # sgm `Normalize`: GroupNorm(32, eps=1e-6, affine) in every block of the autoencoder.
 _NORM_EPS = 1e-6
@@ -245,7 +246,10 @@ class AutoencoderKL(nn.Module):
     """
 
     def __init__(self, config: VAEConfig, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, *, operations=None,
+                 compute_dtype: torch.dtype | None = None) -> None:
+        """`operations`: the layer classes (default torch.nn; sdxl_core/models/operations.py), `compute_dtype`:
+        what it computes in when that differs from the weights' `dtype` (manual casting)."""
         super().__init__()
         if config.base_channels % config.norm_groups:
             raise ValueError(f"base_channels ({config.base_channels}) must be a multiple of norm_groups "
@@ -257,10 +261,12 @@ class AutoencoderKL(nn.Module):
         z = config.latent_channels
         self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1, **factory)
         self.post_quant_conv = nn.Conv2d(z, z, 1, **factory)
+        use_operations(self, operations, compute_dtype)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.post_quant_conv.weight.dtype
+        """The dtype it computes in (inputs are cast to it): its weights' unless they are stored apart from it."""
+        return self.compute_dtype or self.post_quant_conv.weight.dtype
 
     @property
     def device(self) -> torch.device:

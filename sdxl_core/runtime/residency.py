@@ -59,7 +59,9 @@ UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL = 8192
 
 def unet_activation_bytes(unet: nn.Module, batch: int, latent_height: int, latent_width: int) -> int:
     """Device memory one UNet call on a [batch, 4, latent_height, latent_width] input needs next to its weights."""
-    itemsize = next(unet.parameters()).element_size()
+    from ..models.operations import compute_dtype_of
+
+    itemsize = compute_dtype_of(unet).itemsize  # activations are in the compute dtype, not the weights' storage
     return batch * latent_height * latent_width * UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL * itemsize
 
 # The pipeline steps a plan knows, and which components of an SDXLModel each one needs.
@@ -218,8 +220,9 @@ class ResidencyPlan:
         """Make `part` ("text", "unet" or "vae") of an SDXLModel resident for the duration of the block."""
         if part not in STAGE_PARTS:
             raise ValueError(f"unknown stage part {part!r}; expected one of {sorted(STAGE_PARTS)}")
-        components = model.modules()
-        wanted = {f"{model.kind}.{name}": components[name] for name in STAGE_PARTS[part] if name in components}
+        # Only this part's networks: a checkpoint-backed model reads nothing else (sdxl_core/runtime/stages.py).
+        wanted = {f"{model.kind}.{name}": model.component(name) for name in STAGE_PARTS[part]
+                  if name in model.component_names}
         return self.use(wanted)
 
     @contextlib.contextmanager

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..config import VAEConfig
 from ..models.vae import AutoencoderKL, sample_posterior
 
 logger = logging.getLogger(__name__)
@@ -81,9 +82,12 @@ def _vae_in_dtype(vae: AutoencoderKL, dtype: torch.dtype) -> AutoencoderKL:
 # Memory
 
 
-def estimate_decode_bytes(vae: AutoencoderKL, batch: int, height: int, width: int, dtype: torch.dtype) -> int:
-    """Device memory an untiled decode to `batch` images of height x width pixels needs (see the constants)."""
-    elements = _DECODE_ELEMENTS_PER_PIXEL_PER_CHANNEL * vae.config.base_channels * batch * height * width
+def estimate_decode_bytes(vae: AutoencoderKL | VAEConfig, batch: int, height: int, width: int,
+                          dtype: torch.dtype) -> int:
+    """Device memory an untiled decode to `batch` images of height x width pixels needs (see the constants); from
+    the VAE or, before it is read, its config."""
+    config = vae if isinstance(vae, VAEConfig) else vae.config
+    elements = _DECODE_ELEMENTS_PER_PIXEL_PER_CHANNEL * config.base_channels * batch * height * width
     return int(elements * torch.empty((), dtype=dtype).element_size() * _ALLOCATOR_HEADROOM)
 
 

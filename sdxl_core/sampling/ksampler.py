@@ -15,6 +15,7 @@ import torch
 
 from ..conditioning import ConditioningMismatch, adm_vector, check_conditioning_for, micro_conditioning_scalars
 from ..models.bundle import SDXLModel
+from ..models.operations import compute_dtype_of
 from .control import CONTROL_OPTION, control_schedule
 from .guidance import CFGDenoiser, WeightedConditioning
 from .inpaint import INPAINT_UNET_CHANNELS, NOISE_MASK, InpaintConcat, InpaintingDenoiser, prepare_denoise_mask
@@ -145,8 +146,8 @@ def _branch(model: SDXLModel, conditioning: list, role: str, latent_hw: tuple[in
 
 
 def _unet_device_dtype(model: SDXLModel) -> tuple[torch.device, torch.dtype]:
-    parameter = next(model.unet.parameters())
-    return parameter.device, parameter.dtype
+    """Where the UNet runs and what it computes in (not necessarily its weights' storage dtype)."""
+    return next(model.unet.parameters()).device, compute_dtype_of(model.unet)
 
 
 class _UNetCall:

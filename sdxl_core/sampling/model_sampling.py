@@ -54,4 +54,4 @@ def with_prediction(model, prediction: str | None = None, zsnr: bool | None = No
         config, prediction=config.prediction if prediction is None else prediction,
         noise_schedule=config.noise_schedule if zsnr is None else
         dataclasses.replace(config.noise_schedule, zsnr=bool(zsnr)))
-    return dataclasses.replace(model, config=config)
+    return model.with_config(config)

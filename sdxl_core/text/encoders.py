@@ -45,6 +45,7 @@ from .openclip_conversion import (
     transformers_key_to_openclip,
     transformers_to_openclip,
 )
+from ..models.operations import use_operations
 from .tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,10 @@ class TextEncoder(nn.Module):
     """A CLIP text transformer returning (penultimate hidden states, projected pooled EOS state or None)."""
 
     def __init__(self, config: TextEncoderConfig, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, *, operations=None,
+                 compute_dtype: torch.dtype | None = None) -> None:
+        """`operations`: the layer classes (default torch.nn; sdxl_core/models/operations.py), `compute_dtype`:
+        what it computes in when that differs from the weights' `dtype` (manual casting)."""
         super().__init__()
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -96,6 +100,7 @@ class TextEncoder(nn.Module):
         if dtype is not None:
             self.hf_model.to(dtype)
         self.hf_model.eval()
+        use_operations(self, operations, compute_dtype)
         # Where the installed transformers puts the text transformer's own weights ("" when flattened).
         self._hf_keys = frozenset(self.hf_model.state_dict().keys())
         self._hf_text_prefix = _TEXT_MODEL if any(k.startswith(_TEXT_MODEL) for k in self._hf_keys) else ""

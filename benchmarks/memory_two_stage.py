@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""Peak resident memory of the two-stage SDXL run, step by step, next to the weights it holds.
+
+Each path runs in a child process of its own, so one path's memory never counts towards another's and the
+operating system's numbers are the child's alone. The child samples its own resident set (/proc/self/status
+VmRSS, every few milliseconds) and attributes each sample to the step running at that moment; its overall peak is
+the kernel's high-water mark (VmHWM), which no sampling can miss (or the largest sample, where the kernel's lazily
+folded counters put VmHWM a few pages lower).
+
+    python benchmarks/memory_two_stage.py                        # tiny random checkpoints, 64x64: checks the path
+    python benchmarks/memory_two_stage.py --full-size /data/sdxl  # full-size random checkpoints (written once,
+                                                                  # ~13 GB of files), 256x256, 6 steps, refiner from 4
+    python benchmarks/memory_two_stage.py --full-size /data/sdxl --size 1024 --json memory.json
+    COMFYUI_PATH=~/ComfyUI COMFYUI_PYTHON=~/ComfyUI/venv/bin/python \\
+        python benchmarks/memory_two_stage.py --full-size /data/sdxl   # and ComfyUI's own nodes on the same graph
+    python benchmarks/memory_two_stage.py --full-size /data/sdxl --dry-run  # what would run; writes and runs nothing
+
+Paths:
+- cli: `python -m sdxl_core generate --base ... --refiner ...` at its defaults (checkpoints opened stage by stage,
+  weights held in the file's precision where that is exact: sdxl_core/runtime/stages.py, models/operations.py).
+- comfyui (with COMFYUI_PATH and COMFYUI_PYTHON): ComfyUI's CheckpointLoaderSimple x2, CLIPTextEncodeSDXL,
+  CLIPTextEncodeSDXLRefiner, EmptyLatentImage, KSamplerAdvanced x2 and VAEDecode, called in that order in one
+  process with ComfyUI's CPU/GPU choice. ComfyUI recognises models by their full-size shapes, so this path needs
+  --full-size.
+
+Full-size checkpoints are random weights in the original single-file layout with exactly the published keys,
+shapes and dtypes (tests/data/manifests), written by the tests' own helper `write_from_manifest`. Memory does not
+depend on the values. A benchmark, not a test: tests/test_bench.py-style CI runs only the tiny default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+RESULT_MARK = "MEMORY_TWO_STAGE_RESULT "
+SAMPLE_SECONDS = 0.005
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+NEGATIVE = "blurry"
+GB = 1e9
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GB:.2f} GB" if nbytes >= 0.1 * GB else f"{nbytes / 1e6:.1f} MB"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In the child: sample the resident set per step
+
+
+def _status_bytes(field: str) -> int:
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+class StepSampler:
+    """A thread sampling the process's resident memory, attributing each sample to the current step."""
+
+    def __init__(self):
+        self.step = "start-up"
+        self.order: list[str] = []
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> StepSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+
+    def enter(self, step: str) -> None:
+        self._sample()  # the moment before belongs to the step that is ending
+        self.step = step
+
+    def _sample(self) -> None:
+        rss = _status_bytes("VmRSS")
+        if self.step not in self.peaks:
+            self.order.append(self.step)
+        self.peaks[self.step] = max(self.peaks.get(self.step, 0), rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            self._sample()
+
+    def result(self) -> dict:
+        # The kernel's per-CPU RSS counters are folded into VmHWM lazily, so a sample may exceed it by a few pages.
+        return {"steps": [{"step": step, "peak_rss": self.peaks[step]} for step in self.order],
+                "peak_rss": max(_status_bytes("VmHWM"), *self.peaks.values())}
+
+
+def child_cli(argv: list[str]) -> dict:
+    """The command line in this process, each pipeline step labelled (`sdxl_core.pipeline.pipeline_stage`)."""
+    import contextlib
+
+    import sdxl_core.pipeline as pipeline
+    from sdxl_core.app.cli import main
+
+    with StepSampler() as sampler:
+        real_stage = pipeline.pipeline_stage
+
+        @contextlib.contextmanager
+        def labelled(model, part, residency=None):
+            sampler.enter(f"{model.kind} {part}")
+            with real_stage(model, part, residency):
+                yield
+            sampler.enter("between steps")
+
+        pipeline.pipeline_stage = labelled
+        sampler.enter("open checkpoints")
+        code = main(argv)
+        sampler.enter("write PNG")
+    if code != 0:
+        raise SystemExit(f"the command line failed with exit status {code}")
+    return sampler.result()
+
+
+def child_comfyui(comfyui: Path, base: Path, refiner: Path, size: int, steps: int, refiner_start: int,
+                  device: str) -> dict:
+    """ComfyUI's own nodes on the two-stage graph, in this process (ComfyUI's interpreter)."""
+    sys.path.insert(0, str(comfyui))
+    import comfy.cli_args
+
+    if device == "cpu":
+        comfy.cli_args.args.cpu = True  # before comfy.model_management reads it
+    import folder_paths
+    import nodes
+    from comfy_extras.nodes_clip_sdxl import CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner
+
+    for folder in {base.parent, refiner.parent}:
+        folder_paths.add_model_folder_path("checkpoints", str(folder))
+
+    def first(output):
+        values = getattr(output, "result", output)  # v3 nodes return a NodeOutput, v1 nodes a tuple
+        return values[0]
+
+    with StepSampler() as sampler:
+        sampler.enter("base load")
+        base_model, base_clip, base_vae = nodes.CheckpointLoaderSimple().load_checkpoint(base.name)[:3]
+        sampler.enter("refiner load")
+        refiner_model, refiner_clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(refiner.name)[:3]
+        sampler.enter("base text")
+        positive, negative = (first(CLIPTextEncodeSDXL.execute(base_clip, size, size, 0, 0, size, size, text, text))
+                              for text in (PROMPT, NEGATIVE))
+        sampler.enter("refiner text")
+        refiner_positive, refiner_negative = (
+            first(CLIPTextEncodeSDXLRefiner.execute(refiner_clip, score, size, size, text))
+            for text, score in ((PROMPT, 6.0), (NEGATIVE, 2.5)))
+        latent = first(nodes.EmptyLatentImage().generate(size, size, 1))
+        sampler.enter("base unet")
+        latent = first(nodes.KSamplerAdvanced().sample(base_model, "enable", 0, steps, 8.0, "euler", "normal",
+                                                       positive, negative, latent, 0, refiner_start, "enable"))
+        sampler.enter("refiner unet")
+        latent = first(nodes.KSamplerAdvanced().sample(refiner_model, "disable", 0, steps, 8.0, "euler", "normal",
+                                                       refiner_positive, refiner_negative, latent, refiner_start,
+                                                       10000, "disable"))
+        sampler.enter("base vae")
+        first(nodes.VAEDecode().decode(base_vae, latent))
+        sampler.enter("done")
+    return sampler.result()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In the parent: checkpoints, children, report
+
+
+def tiny_checkpoints(folder: Path) -> dict[str, Path]:
+    from sdxl_core.app.demo import demo_checkpoints
+
+    return demo_checkpoints(folder)
+
+
+def full_size_checkpoints(folder: Path, *, write: bool) -> dict[str, Path]:
+    """Full-size random checkpoints from the manifests, written once into `folder` (~6.9 GB + 6.1 GB)."""
+    from tests._checkpoints import write_from_manifest
+
+    manifests = ROOT / "tests" / "data" / "manifests"
+    paths = {}
+    for kind in ("base", "refiner"):
+        path = folder / f"sdxl_{kind}_random.safetensors"
+        manifest = manifests / f"sdxl_{kind}_manifest.json"
+        if not path.exists():
+            if not write:
+                print(f"would write {path} from {manifest.relative_to(ROOT)}", file=sys.stderr)
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                print(f"writing {path} from {manifest.relative_to(ROOT)} (once)", file=sys.stderr)
+                write_from_manifest(manifest, path, seed={"base": 1, "refiner": 2}[kind])
+        paths[kind] = path
+    return paths
+
+
+def weights_held(paths: dict[str, Path], device: str) -> dict:
+    """What each network weighs in the precision the CLI holds it in, from the headers alone, and the files."""
+    import torch
+
+    from sdxl_core.checkpoints.loading import open_checkpoint
+
+    report = {}
+    for kind, path in paths.items():
+        model = open_checkpoint(path, device=torch.device(device), expect=kind)
+        report[kind] = {"file_bytes": path.stat().st_size,
+                        "held_bytes": {name: model.weight_bytes(name) for name in model.component_names}}
+    return report
+
+
+def cli_argv(paths: dict[str, Path], size: int, steps: int, refiner_start: int, device: str, out: Path) -> list[str]:
+    return ["generate", "--base", str(paths["base"]), "--refiner", str(paths["refiner"]), "--prompt", PROMPT,
+            "--negative", NEGATIVE, "--width", str(size), "--height", str(size), "--steps", str(steps),
+            "--refiner-start", str(refiner_start), "--device", device, "--out", str(out)]
+
+
+def run_child(command: list[str], env: dict | None = None) -> dict:
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+    killed = " (killed by a signal: the out-of-memory killer?)" if done.returncode < 0 else ""
+    raise RuntimeError(f"the child exited with status {done.returncode}{killed} and no result:\n{tail}")
+
+
+def _stage_weights(step: str, held: dict) -> int | None:
+    """Weights the pipeline step `step` ("base unet", "refiner text", ...) reads, from `weights_held`."""
+    kind, _, part = step.partition(" ")
+    names = {"text": ("clip_l", "clip_g"), "unet": ("unet",), "vae": ("vae",)}.get(part)
+    if kind not in held or names is None:
+        return None
+    return sum(held[kind]["held_bytes"].get(name, 0) for name in names)
+
+
+def report(results: dict, held: dict) -> str:
+    total_held = sum(sum(entry["held_bytes"].values()) for entry in held.values())
+    total_files = sum(entry["file_bytes"] for entry in held.values())
+    lines = [f"weights: {_size(total_held)} as the CLI holds them (base + refiner), files {_size(total_files)}", ""]
+    for path, result in results.items():
+        lines.append(f"{path}: peak resident {_size(result['peak_rss'])} (VmHWM), {result.get('seconds', '?')} s")
+        lines.append(f"  {'step':<18} {'peak RSS':>10} {'its weights':>12}")
+        for entry in result["steps"]:
+            weights = _stage_weights(entry["step"], held)
+            shown = _size(weights) if weights is not None else ""
+            lines.append(f"  {entry['step']:<18} {_size(entry['peak_rss']):>10} {shown:>12}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full-size", type=Path, metavar="DIR",
+                        help="use (and write once, ~13 GB) full-size random checkpoints in DIR instead of tiny ones")
+    parser.add_argument("--size", type=int, help="image side in pixels (default 256 full-size, 64 tiny)")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--refiner-start", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="cpu (the issue's case) or cuda")
+    parser.add_argument("--json", type=Path, help="write the numbers here")
+    parser.add_argument("--dry-run", action="store_true", help="say what would run; write and run nothing")
+    parser.add_argument("--child", choices=["cli", "comfyui"], help=argparse.SUPPRESS)
+    parser.add_argument("child_args", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child == "cli":
+        print(RESULT_MARK + json.dumps(child_cli(args.child_args)))
+        return 0
+    if args.child == "comfyui":
+        comfyui, base, refiner = (Path(value) for value in args.child_args[:3])
+        print(RESULT_MARK + json.dumps(child_comfyui(comfyui, base, refiner, args.size, args.steps,
+                                                     args.refiner_start, args.device)))
+        return 0
+    if not Path("/proc/self/status").exists():
+        parser.error("this benchmark reads /proc/self/status (Linux) for per-step resident memory")
+
+    size = args.size or (256 if args.full_size else 64)
+    with tempfile.TemporaryDirectory(prefix="memory_two_stage_") as scratch:
+        scratch = Path(scratch)
+        if args.full_size:
+            paths = full_size_checkpoints(args.full_size.expanduser(), write=not args.dry_run)
+        else:
+            paths = tiny_checkpoints(scratch / "tiny")
+        me = [sys.executable, str(Path(__file__).resolve()), "--size", str(size), "--steps", str(args.steps),
+              "--refiner-start", str(args.refiner_start), "--device", args.device]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        children = {"cli": ([*me, "--child", "cli", "--",
+                             *cli_argv(paths, size, args.steps, args.refiner_start, args.device,
+                                       scratch / "cli.png")], env)}
+        comfyui, comfy_python = os.environ.get("COMFYUI_PATH"), os.environ.get("COMFYUI_PYTHON")
+        if comfyui and comfy_python:
+            if not args.full_size:
+                parser.error("ComfyUI recognises SDXL by its full-size shapes: add --full-size DIR for its path")
+            children["comfyui"] = ([comfy_python, str(Path(__file__).resolve()), "--size", str(size), "--steps",
+                                    str(args.steps), "--refiner-start", str(args.refiner_start), "--device",
+                                    args.device, "--child", "comfyui", "--", str(Path(comfyui).expanduser()),
+                                    str(paths["base"]), str(paths["refiner"])], None)
+        elif comfyui or comfy_python:
+            parser.error("give both COMFYUI_PATH (the checkout) and COMFYUI_PYTHON (its interpreter) for ComfyUI's path")
+        if args.dry_run:
+            for name, (command, _) in children.items():
+                print(f"{name}: {' '.join(command)}")
+            if all(path.exists() for path in paths.values()):
+                print(json.dumps(weights_held(paths, args.device), indent=2))
+            return 0
+        held = weights_held(paths, args.device)
+        results = {}
+        for name, (command, child_env) in children.items():
+            started = time.perf_counter()
+            results[name] = run_child(command, child_env)
+            results[name]["seconds"] = round(time.perf_counter() - started, 1)
+            print(f"{name}: done in {results[name]['seconds']} s", file=sys.stderr)
+    print(report(results, held))
+    if args.json:
+        args.json.write_text(json.dumps({"size": size, "steps": args.steps, "refiner_start": args.refiner_start,
+                                         "device": args.device, "weights": held, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
