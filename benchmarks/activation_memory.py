@@ -29,12 +29,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sdxl_core.dtypes import DTYPES_BY_NAME  # noqa: E402
 from sdxl_core.config import SDXL_BASE, SDXL_REFINER, UNetConfig, VAEConfig  # noqa: E402
-from sdxl_core.runtime.residency import (DEFAULT_ACTIVATION_RESERVE, GiB,  # noqa: E402
-                                 UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL, unet_activation_bytes)
+from sdxl_core.dtypes import DTYPES_BY_NAME  # noqa: E402
 from sdxl_core.models.unet import UNetModel  # noqa: E402
 from sdxl_core.models.vae import AutoencoderKL  # noqa: E402
+from sdxl_core.runtime.residency import (  # noqa: E402
+    DEFAULT_ACTIVATION_RESERVE,
+    UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL,
+    GiB,
+    unet_activation_bytes,
+)
 from sdxl_core.runtime.vae_decoding import estimate_decode_bytes, estimate_encode_bytes  # noqa: E402
 
 DTYPES = DTYPES_BY_NAME

@@ -36,26 +36,41 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sdxl_core.config import (ADM_SCALAR_EMBED_DIM, SDXL_BASE, SDXL_REFINER, TINY_BASE,  # noqa: E402
-                              TINY_REFINER, SDXLConfig, UNetConfig)
+from sdxl_core.config import (  # noqa: E402
+    ADM_SCALAR_EMBED_DIM,
+    SDXL_BASE,
+    SDXL_REFINER,
+    TINY_BASE,
+    TINY_REFINER,
+    SDXLConfig,
+    UNetConfig,
+)
 from sdxl_core.dtypes import DTYPES_BY_NAME  # noqa: E402
-from sdxl_core.sampling.denoiser import EpsDenoiser  # noqa: E402
-from tests._diffusers_twins import diffusers_unet, diffusers_vae  # noqa: E402
-from sdxl_core.sampling.guidance import CFGDenoiser  # noqa: E402
 from sdxl_core.models.bundle import SDXLModel  # noqa: E402
-from sdxl_core.sampling.noise import noise_scaling  # noqa: E402
-from sdxl_core.runtime.optimize import (OptimizedStep, UNetOptimizations, fuse_qkv, is_compiled,  # noqa: E402
-                                optimize_unet, to_channels_last, to_contiguous_format, uncompile,
-                                unfuse_qkv)
+from sdxl_core.models.timestep_embedding import timestep_embedding  # noqa: E402
+from sdxl_core.models.unet import UNetModel  # noqa: E402
+from sdxl_core.models.vae import AutoencoderKL  # noqa: E402
+from sdxl_core.runtime.optimize import (  # noqa: E402
+    OptimizedStep,
+    UNetOptimizations,
+    fuse_qkv,
+    is_compiled,
+    optimize_unet,
+    to_channels_last,
+    to_contiguous_format,
+    uncompile,
+    unfuse_qkv,
+)
 from sdxl_core.runtime.residency import DEFAULT_ACTIVATION_RESERVE, GiB, ResidencyPlan, no_residency  # noqa: E402
+from sdxl_core.runtime.vae_decoding import decode_latents, default_vae_dtype  # noqa: E402
+from sdxl_core.sampling.denoiser import EpsDenoiser  # noqa: E402
+from sdxl_core.sampling.guidance import CFGDenoiser  # noqa: E402
+from sdxl_core.sampling.noise import noise_scaling  # noqa: E402
 from sdxl_core.sampling.samplers import integrate  # noqa: E402
 from sdxl_core.sampling.schedules import DiscreteSchedule, ksampler_sigmas, sigmas_for_range  # noqa: E402
 from sdxl_core.text.encoders import TextEncoder  # noqa: E402
-from sdxl_core.models.timestep_embedding import timestep_embedding  # noqa: E402
 from sdxl_core.text.tokenizer import SDXLTokenizer  # noqa: E402
-from sdxl_core.models.unet import UNetModel  # noqa: E402
-from sdxl_core.models.vae import AutoencoderKL  # noqa: E402
-from sdxl_core.runtime.vae_decoding import decode_latents, default_vae_dtype  # noqa: E402
+from tests._diffusers_twins import diffusers_unet, diffusers_vae  # noqa: E402
 
 POOLED_DIM = 1280  # bigG projection width: the head of every SDXL ADM vector
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dusk, dramatic light", "blurry, low quality"
@@ -104,7 +119,7 @@ class Report:
             self.json_path.write_text(json.dumps(self.data, indent=2, default=str))
 
     def table(self) -> str:
-        lines = [f"| what | implementation | time (ms) | notes |", "|---|---|---:|---|"]
+        lines = ["| what | implementation | time (ms) | notes |", "|---|---|---:|---|"]
         for what, impl, ms, extra in self.rows:
             lines.append(f"| {what} | {impl} | {'-' if ms is None else f'{ms:.2f}'} | {extra} |")
         return "\n".join(lines)
@@ -640,10 +655,10 @@ def vae_section(args, report: Report, vae: AutoencoderKL, latent_side: int) -> C
             out = ours()
         results[f"ours {name}"] = timing.as_dict()
         extra = f"peak {timing.peak_bytes / GiB:.2f} GiB" if timing.peak_bytes else ""
-        twin = _try(report, f"diffusers VAE {name}", lambda: diffusers_vae(model, share_memory=True)) \
+        twin = _try(report, f"diffusers VAE {name}", lambda model=model: diffusers_vae(model, share_memory=True)) \
             if available and not args.no_reference else None
         if twin is not None:
-            ref_timing = measure(lambda: twin.decode(z.to(dtype)).sample, device, warmup, iters)
+            ref_timing = measure(lambda twin=twin, dtype=dtype: twin.decode(z.to(dtype)).sample, device, warmup, iters)
             with torch.inference_mode():
                 ref = twin.decode(z.to(dtype)).sample
             err = relative_error(out, ref)
@@ -817,7 +832,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="also torch.compile our UNets (cost reported)")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
     parser.add_argument("--compile-reference", action="store_true",
-                        help="also compile diffusers' base UNet (channels_last, like the anchor in docs/performance.md)")
+                        help="also compile diffusers' base UNet (channels_last, like the anchor in "
+                             "docs/performance.md)")
     parser.add_argument("--compile-reference-refiner", action="store_true",
                         help="with --compile-reference: compile diffusers' refiner too (another ~100 s)")
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",

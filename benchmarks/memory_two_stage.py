@@ -141,8 +141,9 @@ def child_comfyui(comfyui: Path, base: Path, refiner: Path, size: int, steps: in
     if device == "cpu":
         comfy.cli_args.args.cpu = True  # before comfy.model_management reads it
     import folder_paths
-    import nodes
     from comfy_extras.nodes_clip_sdxl import CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner
+
+    import nodes
 
     for folder in {base.parent, refiner.parent}:
         folder_paths.add_model_folder_path("checkpoints", str(folder))
@@ -308,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                                     args.device, "--child", "comfyui", "--", str(Path(comfyui).expanduser()),
                                     str(paths["base"]), str(paths["refiner"])], None)
         elif comfyui or comfy_python:
-            parser.error("give both COMFYUI_PATH (the checkout) and COMFYUI_PYTHON (its interpreter) for ComfyUI's path")
+            parser.error("give both COMFYUI_PATH (the checkout) and COMFYUI_PYTHON (its interpreter) for ComfyUI's "
+                         "path")
         if args.dry_run:
             for name, (command, _) in children.items():
                 print(f"{name}: {' '.join(command)}")

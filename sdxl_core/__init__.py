@@ -78,8 +78,18 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve l
     from .models.bundle import SDXLModel
     from .models.unet import UNetModel
     from .models.vae import AutoencoderKL
-    from .pipeline import (GenerationRequest, GenerationResult, ImageToImageRequest, decode, empty_latent, encode,
-                           encode_base_conditioning, encode_refiner_conditioning, generate, image_to_image)
+    from .pipeline import (
+        GenerationRequest,
+        GenerationResult,
+        ImageToImageRequest,
+        decode,
+        empty_latent,
+        encode,
+        encode_base_conditioning,
+        encode_refiner_conditioning,
+        generate,
+        image_to_image,
+    )
     from .sampling.ksampler import sample_latent
     from .sampling.samplers import SAMPLERS, SamplingCancelled
     from .sampling.schedules import SCHEDULERS

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sdxl_core.checkpoints.loading import save_checkpoint
 from sdxl_core.checkpoints.detect import component_prefixes
+from sdxl_core.checkpoints.loading import save_checkpoint
 from sdxl_core.checkpoints.validation import build_component
 from sdxl_core.config import SDXLConfig
 from sdxl_core.models.bundle import SDXLModel
@@ -206,11 +206,13 @@ def write_from_manifest(manifest: Path, path: Path, seed: int = 0) -> int:
         shape, dtype = tuple(entry["shape"]), getattr(torch, entry["dtype"])
         numel = int(torch.Size(shape).numel())
         if key.endswith("position_ids"):
-            loader = (lambda: torch.arange(77, dtype=torch.int64).reshape(1, 77))
+            def loader():
+                return torch.arange(77, dtype=torch.int64).reshape(1, 77)
         else:
             start = offset % (block.numel() - numel)
             offset += 7919  # vary where each tensor starts in the block
-            loader = (lambda s=start, n=numel, sh=shape, dt=dtype: block[s:s + n].reshape(sh).to(dt))
+            def loader(s=start, n=numel, sh=shape, dt=dtype):
+                return block[s:s + n].reshape(sh).to(dt)
         tensors[key] = LazyTensor(shape=shape, dtype=dtype, origin=key, loader=loader)
         total += numel * torch.empty((), dtype=dtype).element_size()
     write_safetensors(path, tensors)

@@ -103,9 +103,9 @@ def load_modules() -> types.SimpleNamespace:
         sys.modules.update({k: v for k, v in stubs.items() if k not in sys.modules})
         try:
             with comfyui_imports_or_skip("ComfyUI's sampling code"):
+                import comfy.extra_samplers.uni_pc as uni_pc  # noqa: PLC0415
                 import comfy.k_diffusion.sampling as sampling  # noqa: PLC0415 (only with a configured checkout)
                 import comfy.model_sampling as model_sampling  # noqa: PLC0415
-                import comfy.extra_samplers.uni_pc as uni_pc  # noqa: PLC0415
                 # A stand-in placed in sys.modules is not set as an attribute of its package, which the samplers
                 # reach it through (`comfy.model_patcher....`).
                 sampling.comfy.model_patcher = stubs["comfy.model_patcher"]

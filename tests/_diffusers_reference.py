@@ -1,8 +1,8 @@
 """diffusers twins of our SDXL stages: the same weights in StableDiffusionXL(Img2Img)Pipeline form, for parity tests.
 
 The per-component conversions are tests._diffusers_twins, which the component tests already check (UNet:
-tests/models/test_unet.py, VAE: tests/models/test_vae.py, text encoders: our TextEncoder wraps the transformers model diffusers
-runs).
+tests/models/test_unet.py, VAE: tests/models/test_vae.py, text encoders: our TextEncoder wraps the transformers model
+diffusers runs).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from tests._diffusers_twins import diffusers_unet, diffusers_vae
 from sdxl_core.models.bundle import SDXLModel
 from sdxl_core.text.tokenizer import clip_vocabulary
+from tests._diffusers_twins import diffusers_unet, diffusers_vae
 
 # The scheduler config shipped with stabilityai/stable-diffusion-xl-base-1.0 (scheduler/scheduler_config.json),
 # less the keys EulerDiscreteScheduler ignores.

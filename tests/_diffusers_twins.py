@@ -13,9 +13,9 @@ from types import ModuleType
 import torch
 
 from sdxl_core.config import ADM_SCALAR_EMBED_DIM, UNetConfig
-from sdxl_core.runtime.optimize import is_qkv_fused
 from sdxl_core.models.unet import UNetModel
 from sdxl_core.models.vae import AutoencoderKL
+from sdxl_core.runtime.optimize import is_qkv_fused
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -1,5 +1,6 @@
 """LoRA files for the tests, in kohya's layout, named from the references' module paths (diffusers'
-UNet2DConditionModel, transformers' CLIP read from the single-file state dicts), never from sdxl_core.checkpoints.lora's mapping."""
+UNet2DConditionModel, transformers' CLIP read from the single-file state dicts), never from
+sdxl_core.checkpoints.lora's mapping."""
 
 import torch
 from torch import nn

@@ -29,8 +29,8 @@ def _deterministic():
 @pytest.fixture(scope="session")
 def tiny_base():
     """A tiny SDXL base with deterministic random weights, built in memory (no file)."""
-    from sdxl_core.config import TINY_BASE
     from sdxl_core.app.demo import build_random_model
+    from sdxl_core.config import TINY_BASE
 
     return build_random_model(TINY_BASE, seed=1)
 
@@ -38,8 +38,8 @@ def tiny_base():
 @pytest.fixture(scope="session")
 def tiny_refiner():
     """A tiny SDXL refiner with deterministic random weights, built in memory (no file)."""
-    from sdxl_core.config import TINY_REFINER
     from sdxl_core.app.demo import build_random_model
+    from sdxl_core.config import TINY_REFINER
 
     return build_random_model(TINY_REFINER, seed=2)
 

@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sdxl_core.config import TINY_BASE, TINY_REFINER, SDXL_BASE, SDXL_REFINER
 from sdxl_core.conditioning import (
     BaseMicroConditioning,
     ConditioningMismatch,
@@ -18,6 +17,7 @@ from sdxl_core.conditioning import (
     micro_conditioning_scalars,
     with_micro_conditioning,
 )
+from sdxl_core.config import SDXL_BASE, SDXL_REFINER, TINY_BASE, TINY_REFINER
 
 
 def _embed_by_hand(value: float) -> list[float]:

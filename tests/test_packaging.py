@@ -4,9 +4,9 @@ publish workflow."""
 
 import fnmatch
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,11 +13,11 @@ from sdxl_core.pipeline import (
     encode_refiner_conditioning,
     generate,
 )
+from sdxl_core.runtime.residency import ResidencyPlan
 from sdxl_core.sampling.ksampler import guided_denoiser, sample_latent
 from sdxl_core.sampling.model_sampling import model_sampling_for
-from sdxl_core.sampling.settings import SamplingSettings
-from sdxl_core.runtime.residency import ResidencyPlan
 from sdxl_core.sampling.samplers import SamplingCancelled
+from sdxl_core.sampling.settings import SamplingSettings
 from tests._host_reads import HostReads
 
 SIZE = 64  # pixels: an 8x8 latent keeps every UNet call in milliseconds
@@ -235,7 +235,8 @@ def test_combined_conditioning_is_the_strength_weighted_mean_in_one_unet_call(ti
     """ComfyUI ConditioningCombine with strengths 1 and 3: each side's x0 is (1·x0_a + 3·x0_b) / 4, so the guided
     x0 is the same mean of the two single-entry guided x0s; both entries and the negative share one UNet call."""
     positive, negative = base_conds
-    other = encode_base_conditioning(tiny_base, "a blue sphere, studio light", micro=BaseMicroConditioning((SIZE, SIZE // 2)))
+    other = encode_base_conditioning(tiny_base, "a blue sphere, studio light",
+                                     micro=BaseMicroConditioning((SIZE, SIZE // 2)))
     (context_a, options_a), (context_b, options_b) = positive[0], other[0]
     combined = [[context_a, options_a], [context_b, {**options_b, "strength": 3.0}]]
     x, sigma = torch.randn(1, 4, 8, 8) * 3.0, torch.tensor([3.0])

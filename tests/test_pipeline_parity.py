@@ -24,12 +24,17 @@ from sdxl_core.pipeline import encode_base_conditioning, encode_refiner_conditio
 from sdxl_core.sampling.ksampler import denoise_from, sample_latent
 from sdxl_core.sampling.model_sampling import model_sampling_for
 from sdxl_core.sampling.settings import SamplingSettings
-from tests._diffusers_twins import diffusers_unet, diffusers_vae
-
-from tests._diffusers_reference import (SCHEDULERS, UNetCalls, compare_calls, diffusers_clip_tokenizers, euler_scheduler,
-                                  relative_error)
+from tests._diffusers_reference import (
+    SCHEDULERS,
+    UNetCalls,
+    compare_calls,
+    diffusers_clip_tokenizers,
+    euler_scheduler,
+    relative_error,
+)
 from tests._diffusers_reference import base_pipeline as _base_pipeline
 from tests._diffusers_reference import refiner_pipeline as _refiner_pipeline
+from tests._diffusers_twins import diffusers_unet, diffusers_vae
 
 SCHEDULE = model_sampling_for(TINY_BASE).schedule
 

@@ -13,7 +13,9 @@ import re
 import secrets
 from collections.abc import Callable, Sequence
 
-from ..sampling.settings import MAX_SEED, MAX_STEPS  # the core's ranges, checked here before anything loads
+from ..sampling.settings import MAX_SEED, MAX_STEPS  # the core ranges, checked here before anything loads
+
+__all__ = ["MAX_SEED", "MAX_STEPS"]  # re-exported: the command line reads both ranges from here
 
 # The largest side this command line accepts. SDXL is trained around one megapixel (1024x1024); far beyond 4096 it
 # composes badly, and 8192 x 8192 is already 64 megapixels of activations. Whether a size fits the machine's memory

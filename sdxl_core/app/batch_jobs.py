@@ -3,8 +3,8 @@
 A line's keys are the `generate` options with underscores (`base`, `prompt`, `batch_size`, `refiner_start`, ...).
 Each line goes through the very argument parser and request builder of `python -m sdxl_core generate` (its values
 are turned back into option tokens), so a job means exactly what the same options mean on the command line and is
-refused with the same sentences. Command-line options of `batch` are defaults that a line overrides key by key; a null value gives generate's own
-default (`"refiner": null`: the base alone).
+refused with the same sentences. Command-line options of `batch` are defaults that a line overrides key by key;
+a null value gives generate's own default (`"refiner": null`: the base alone).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..pipeline import GenerationRequest
-from .defaults import FULL as GENERATE_DEFAULTS
 from .cli import _add_generation_arguments, _request_from_args
+from .defaults import FULL as GENERATE_DEFAULTS
 
 # Settings of the whole run (where and in what precision it computes, where it writes): the command line sets them.
 RUN_WIDE = {"out": "--out DIR", "device": "--device", "dtype": "--dtype", "low_vram": "--low-vram"}

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.loading import save_checkpoint
-from ..runtime.atomic_write import describe_os_error
 from ..config import TINY_BASE, TINY_REFINER, SDXLConfig
 from ..models.bundle import SDXLModel
-from ..text.encoders import TextEncoder
-from ..text.tokenizer import SDXLTokenizer
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL
+from ..runtime.atomic_write import describe_os_error
+from ..text.encoders import TextEncoder
+from ..text.tokenizer import SDXLTokenizer
 
 # Bump when the tiny configs or the weight recipe change, so stale cached files are not reused.
 DEMO_VERSION = 1

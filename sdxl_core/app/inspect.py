@@ -9,16 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
-from ..checkpoints.loading import inspect_checkpoint, inspect_vae, refuse_unless_sdxl
 from ..checkpoints.detect import VAE_PREFIX, component_prefixes
 from ..checkpoints.errors import CheckpointError
 from ..checkpoints.files import LazyTensor, dtype_code, file_size_of
+from ..checkpoints.loading import inspect_checkpoint, inspect_vae, refuse_unless_sdxl
 from ..checkpoints.source import CheckpointSource, open_source
 from ..checkpoints.validation import BOOKKEEPING_KEYS, COMPONENT_NAMES
 from ..config import SDXLConfig, VAEConfig

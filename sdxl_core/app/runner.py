@@ -13,19 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoints.loading import (check_checkpoint, default_dtype, default_vae_dtype, load_checkpoint,
-                                   open_checkpoint)
 from ..checkpoints.errors import CheckpointError
+from ..checkpoints.loading import check_checkpoint, default_dtype, default_vae_dtype, load_checkpoint, open_checkpoint
+from ..checkpoints.lora import apply_lora, check_lora_file
 from ..conditioning import ConditioningMismatch
 from ..dtypes import DTYPES_BY_NAME
-from ..checkpoints.lora import apply_lora, check_lora_file
 from ..pipeline import GenerationRequest, GenerationResult, ImageToImageRequest, generate, image_to_image
-from .control_args import load_controls, read_mask
-from .progress import ProgressBar
 from ..runtime.atomic_write import atomic_write, check_writable, describe_os_error
 from ..runtime.residency import ResidencyError, ResidencyPlan
 from ..sampling.samplers import SamplingCancelled
-
+from .control_args import load_controls, read_mask
+from .progress import ProgressBar
 
 
 def _device(name: str | None) -> torch.device:

@@ -17,13 +17,22 @@ import torch
 
 from ..config import ControlNetConfig
 from ..models.controlnet import ControlNetModel
-from .detect import (HINT_UNET_HEAD_CHANNELS, HINT_UNET_NORM_GROUPS, DEFAULT_HEAD_WIDTH, DEFAULT_NORM_GROUPS, _hint,
-                     _indices, _need, infer_unet_config, top_level_summary)
+from .detect import (
+    DEFAULT_HEAD_WIDTH,
+    DEFAULT_NORM_GROUPS,
+    HINT_UNET_HEAD_CHANNELS,
+    HINT_UNET_NORM_GROUPS,
+    _hint,
+    _indices,
+    _need,
+    infer_unet_config,
+    top_level_summary,
+)
 from .diffusers_layout import _read_json, _unet_hints
-from .unet_names import UNetNameTable
 from .errors import CheckpointNotFoundError, StateDictMismatchError, WrongArchitectureError, WrongComponentError
 from .files import LazyTensor, read_header, read_sharded
 from .loading import _check_dtype, _read_checked, default_dtype
+from .unet_names import UNetNameTable
 
 # The original release (lllyasviel/ControlNet, sgm) stores the network under this prefix; ComfyUI accepts both.
 ORIGINAL_PREFIX = "control_model."

@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
+from ..config import (
+    BASE_ADM_SCALARS,
+    REFINER_ADM_SCALARS,
+    SDXL_VAE,
+    NoiseScheduleConfig,
+    SDXLConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+)
 from .errors import CorruptCheckpointError, StateDictMismatchError
-from ..config import (BASE_ADM_SCALARS, REFINER_ADM_SCALARS, SDXL_VAE, NoiseScheduleConfig, SDXLConfig,
-                     TextEncoderConfig, UNetConfig, VAEConfig)
 
 Shapes = Mapping[str, tuple]
 

@@ -16,15 +16,14 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 
 from ..runtime.atomic_write import atomic_write
-from .errors import (CheckpointNotFoundError, CorruptCheckpointError, UnsafeFormatError,
-                                UnsupportedFormatError)
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeFormatError, UnsupportedFormatError
 
 # safetensors dtype codes -> torch dtypes (FP8 codes only where this torch build has them).
 _DTYPES: dict[str, torch.dtype] = {

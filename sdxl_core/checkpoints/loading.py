@@ -18,23 +18,38 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
 
-from .detect import (PREDICTION_MARKERS, V_PRED_MARKER, VAE_PREFIX, ZTSNR_MARKER, Identification,
-                     component_prefixes, config_hints, infer_config, infer_vae_config)
-from .errors import (CheckpointError, CorruptCheckpointError, NonFiniteWeightError,
-                                StateDictMismatchError, WrongArchitectureError, WrongComponentError, WrongVariantError)
-from .files import LazyTensor, write_safetensors
-from .source import CheckpointSource, open_source
-from .validation import (BOOKKEEPING_KEYS, ValidationReport, build_component,
-                                    expected_shapes, validate)
+from ..config import CLIP_CONTEXT_LENGTH, SDXLConfig, VAEConfig
 from ..models.operations import manual_cast
 from ..runtime.vae_decoding import default_vae_dtype  # one rule for the VAE's dtype, shared with decoding
-from ..config import CLIP_CONTEXT_LENGTH, SDXLConfig, VAEConfig
+from .detect import (
+    PREDICTION_MARKERS,
+    V_PRED_MARKER,
+    VAE_PREFIX,
+    ZTSNR_MARKER,
+    Identification,
+    component_prefixes,
+    config_hints,
+    infer_config,
+    infer_vae_config,
+)
+from .errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    NonFiniteWeightError,
+    StateDictMismatchError,
+    WrongArchitectureError,
+    WrongComponentError,
+    WrongVariantError,
+)
+from .files import LazyTensor, write_safetensors
+from .source import CheckpointSource, open_source
+from .validation import BOOKKEEPING_KEYS, ValidationReport, build_component, expected_shapes, validate
 
 logger = logging.getLogger(__name__)
 

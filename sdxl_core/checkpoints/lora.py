@@ -311,8 +311,9 @@ def match_lora(layers: list[LoRALayer], model: SDXLModel, name: str = "the LoRA"
                         "use a LoRA trained for SDXL")
     if model.kind == "refiner":
         raise LoRAError(f"{name} does not fit the SDXL refiner ({len(unmatched) + len(misfit)} of its "
-                        f"{len(layers)} layers, e.g. {_show(unmatched + misfit, 2, quote=False)}). SDXL LoRAs are trained for "
-                        "the base model, whose layers differ from the refiner's: apply it to the base model")
+                        f"{len(layers)} layers, e.g. {_show(unmatched + misfit, 2, quote=False)}). SDXL LoRAs are "
+                        "trained for the base model, whose layers differ from the refiner's: apply it to the base "
+                        "model")
     problems = []
     if unmatched:
         problems.append(f"{len(unmatched)} layer name(s) match no layer of this SDXL {model.kind}: "

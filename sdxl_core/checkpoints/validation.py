@@ -7,13 +7,13 @@ memory), under the single-file prefixes, so it cannot drift from the model code.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from torch import nn
 
-from .detect import VAE_PREFIX, component_prefixes
 from ..config import SDXLConfig, VAEConfig
+from .detect import component_prefixes
 
 # Keys that real checkpoints carry but that are not weights of our modules: their presence or absence is fine.
 # CLIP position ids are always arange(77) here; `logit_scale` is the contrastive temperature, unused for text.

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .residency import GiB, UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL
+from .residency import UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL
 from .stages import stage_components
 from .vae_decoding import available_device_memory, estimate_decode_bytes
 

@@ -142,7 +142,8 @@ class BrownianTree:
             # torchsde's `left_diff * W * h_reciprocal + sqrt(var) * noise`, op for op (in place: no new buffers).
             mean = value * left_length
             mean.mul_(reciprocal)
-            left = _seeded_normal(seed, self.shape, self.dtype, self.device).mul_(math.sqrt(left_length * right_length * reciprocal))
+            spread = math.sqrt(left_length * right_length * reciprocal)
+            left = _seeded_normal(seed, self.shape, self.dtype, self.device).mul_(spread)
             left.add_(mean)
             self._left_increments[node] = left
         return left

@@ -149,7 +149,7 @@ class CFGDenoiser:
             for i, chunk in zip(group, x0.split(batch)):
                 x0s[i] = chunk
         predictions = []
-        for index, side in enumerate(active):
+        for index, _side in enumerate(active):
             members = [(entry.strength, x0, view) for (i, entry, _), x0, view in zip(runs, x0s, views) if i == index]
             if any(view is not None for _, _, view in members):
                 predictions.append(combine_regions(x, members))

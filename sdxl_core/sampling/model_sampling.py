@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -38,7 +38,7 @@ def model_sampling_for(config: SDXLConfig) -> ModelSampling:
     return _model_sampling(config.prediction, config.noise_schedule)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model_sampling(prediction: str, noise_schedule: NoiseScheduleConfig) -> ModelSampling:
     return ModelSampling(prediction, DiscreteSchedule(noise_schedule))
 

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..config import TextEncoderConfig
+from ..models.operations import use_operations
 from .openclip_conversion import (
     OPENCLIP_BOOKKEEPING_KEYS,
     openclip_key_to_transformers,
@@ -45,7 +46,6 @@ from .openclip_conversion import (
     transformers_key_to_openclip,
     transformers_to_openclip,
 )
-from ..models.operations import use_operations
 from .tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID
 
 logger = logging.getLogger(__name__)

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from .embeddings import EMBEDDING_PREFIX, EmbeddingError, EmbeddingLibrary, split_embedding_words
-from .prompt_weighting import parse_prompt_weights
 from .encoders import TextEncoder
+from .prompt_weighting import parse_prompt_weights
 from .tokenizer import ClipTokenizer, SDXLTokenizer
 
 EMPTY_PROMPT_MODES = ("encode", "zeros")

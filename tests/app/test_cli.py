@@ -111,8 +111,7 @@ def test_gpu_memory_failures_are_a_sentence_not_a_traceback(tiny_checkpoints, tm
 def test_a_refiner_switch_fraction_always_gives_a_valid_step(tmp_path, monkeypatch):
     """--refiner-switch accepts any fraction in (0, 1); on few steps it must round to a step in 1..N rather than
     to 0, which the request then refuses as if the user had typed a bad --refiner-start."""
-    from sdxl_core.app import cli
-    from sdxl_core.app import runner
+    from sdxl_core.app import cli, runner
 
     seen = {}
     monkeypatch.setattr(runner, "run_demo", lambda request, args: seen.setdefault("request", request) and 0)

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from sdxl_core.app.cli import main
 from sdxl_core.checkpoints.detect import HINT_UNET_HEAD_CHANNELS
 from sdxl_core.checkpoints.loading import load_checkpoint
-from sdxl_core.config import TINY_BASE_UNET
 from sdxl_core.conditioning import BaseMicroConditioning
+from sdxl_core.config import TINY_BASE_UNET
 from sdxl_core.pipeline import decode, encode, encode_base_conditioning
 from tests._sampling_helpers import sample_with
 from tests.app.test_cli import _generate_args, _img2img_args, _picture

@@ -10,10 +10,19 @@ import pytest
 import torch
 
 from sdxl_core.app.cli import main
-from sdxl_core.config import TINY_BASE
 from sdxl_core.app.inspect import describe, summarise_components
-from tests._checkpoints import (single_file_state, single_thread, tiny_model, write_checkpoint, write_pickle,
-                                write_sd15_like, write_tensors, write_truncated, write_vae_file)
+from sdxl_core.config import TINY_BASE
+from tests._checkpoints import (
+    single_file_state,
+    single_thread,
+    tiny_model,
+    write_checkpoint,
+    write_pickle,
+    write_sd15_like,
+    write_tensors,
+    write_truncated,
+    write_vae_file,
+)
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 MANIFESTS = Path(__file__).resolve().parents[1] / "data" / "manifests"

@@ -7,11 +7,18 @@ import logging
 import pytest
 import torch
 
-from sdxl_core.checkpoints.loading import load_checkpoint, load_vae, save_checkpoint
 from sdxl_core.checkpoints.files import read_header
+from sdxl_core.checkpoints.loading import load_checkpoint, load_vae, save_checkpoint
 from sdxl_core.config import TINY_BASE, TINY_REFINER
-from tests._checkpoints import (single_file_state, single_thread, tiny_model, write_checkpoint,
-                                write_diffusers_folder, write_tensors, write_vae_file)
+from tests._checkpoints import (
+    single_file_state,
+    single_thread,
+    tiny_model,
+    write_checkpoint,
+    write_diffusers_folder,
+    write_tensors,
+    write_vae_file,
+)
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 

@@ -9,10 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdxl_core.checkpoints.detect import (BASE_CLIP_G_PREFIX, BASE_CLIP_L_PREFIX, REFINER_CLIP_G_PREFIX,
-                                         UNET_PREFIX, VAE_PREFIX, config_hints, identify, infer_config)
-from sdxl_core.checkpoints.diffusers_layout import (clip_g_from_transformers, clip_l_from_transformers, unet_from_diffusers,
-                                            vae_from_diffusers)
+from sdxl_core.checkpoints.detect import (
+    BASE_CLIP_G_PREFIX,
+    BASE_CLIP_L_PREFIX,
+    REFINER_CLIP_G_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    config_hints,
+    identify,
+    infer_config,
+)
+from sdxl_core.checkpoints.diffusers_layout import (
+    clip_g_from_transformers,
+    clip_l_from_transformers,
+    unet_from_diffusers,
+    vae_from_diffusers,
+)
 from sdxl_core.checkpoints.errors import StateDictMismatchError
 from sdxl_core.checkpoints.files import LazyTensor
 from sdxl_core.checkpoints.validation import expected_layout

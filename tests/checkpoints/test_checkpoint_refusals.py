@@ -7,16 +7,34 @@ import json
 import pytest
 import torch
 
-from sdxl_core.checkpoints.loading import load_checkpoint, load_vae
 from sdxl_core.checkpoints.detect import config_hints
-from sdxl_core.checkpoints.errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError,
-                                         NonFiniteWeightError, StateDictMismatchError, UnsafeFormatError,
-                                         UnsupportedFormatError, WrongArchitectureError, WrongComponentError,
-                                         WrongVariantError)
+from sdxl_core.checkpoints.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    NonFiniteWeightError,
+    StateDictMismatchError,
+    UnsafeFormatError,
+    UnsupportedFormatError,
+    WrongArchitectureError,
+    WrongComponentError,
+    WrongVariantError,
+)
+from sdxl_core.checkpoints.loading import load_checkpoint, load_vae
 from sdxl_core.config import TINY_BASE, TINY_REFINER
-from tests._checkpoints import (single_file_state, single_thread, tiny_model, write_checkpoint,
-                                write_diffusers_folder, write_pickle, write_sd2_like, write_sd15_like, write_tensors,
-                                write_truncated, write_vae_file)
+from tests._checkpoints import (
+    single_file_state,
+    single_thread,
+    tiny_model,
+    write_checkpoint,
+    write_diffusers_folder,
+    write_pickle,
+    write_sd2_like,
+    write_sd15_like,
+    write_tensors,
+    write_truncated,
+    write_vae_file,
+)
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 

@@ -1,7 +1,6 @@
 """ControlNet files: diffusers folder / file and original single file load into the same network; other kinds of
 files are refused with a sentence before any tensor is read."""
 
-import json
 
 import pytest
 import torch

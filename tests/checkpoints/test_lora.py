@@ -12,12 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdxl_core.config import ADM_SCALAR_EMBED_DIM
 from sdxl_core.app.demo import build_random_model
 from sdxl_core.checkpoints.lora import LoRAError, apply_lora, merged_weight, unet_diffusers_names
-from sdxl_core.text.openclip_conversion import openclip_to_transformers
+from sdxl_core.config import ADM_SCALAR_EMBED_DIM
 from sdxl_core.models.timestep_embedding import timestep_embedding
-
+from sdxl_core.text.openclip_conversion import openclip_to_transformers
 from tests._comfyui_reference import comfyui_imports_or_skip
 from tests._lora_files import RANK, adaptable_layers, kohya_lora, lora_delta, lora_pair, text_modules
 
@@ -64,7 +63,8 @@ def test_full_size_unet_names_cover_sdxl_layers():
         "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     assert names["output_blocks.2.2.conv"] == "up_blocks.0.upsamplers.0.conv"
     assert names["output_blocks.5.2.conv"] == "up_blocks.1.upsamplers.0.conv"
-    assert names["middle_block.1.transformer_blocks.9.ff.net.2"] == "mid_block.attentions.0.transformer_blocks.9.ff.net.2"
+    middle = "transformer_blocks.9.ff.net.2"
+    assert names[f"middle_block.1.{middle}"] == f"mid_block.attentions.0.{middle}"
     assert names["input_blocks.3.0.op"] == "down_blocks.0.downsamplers.0.conv"
     assert names["output_blocks.8.0.skip_connection"] == "up_blocks.2.resnets.2.conv_shortcut"
     assert names["label_emb.0.2"] == "add_embedding.linear_2"
@@ -287,9 +287,9 @@ def test_other_diffusers_spellings_and_sgm_kohya_names(base):
         {"down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_out.0.lora_B.weight": up,
          "down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_out.0.lora_A.weight": down},
     ]
-    results = [apply_lora(base, state).unet.state_dict()["input_blocks.5.1.transformer_blocks.0.attn2.to_out.0.weight"]
-               for state in spellings]
-    assert not torch.equal(results[0], base.unet.state_dict()["input_blocks.5.1.transformer_blocks.0.attn2.to_out.0.weight"])
+    key = "input_blocks.5.1.transformer_blocks.0.attn2.to_out.0.weight"
+    results = [apply_lora(base, state).unet.state_dict()[key] for state in spellings]
+    assert not torch.equal(results[0], base.unet.state_dict()[key])
     for result in results[1:]:
         assert torch.equal(result, results[0])
 
@@ -510,8 +510,8 @@ def _full_size_twin_layers(config) -> dict[str, tuple]:
     from diffusers import UNet2DConditionModel
     from diffusers.loaders import single_file_utils
 
-    from tests._diffusers_twins import sgm_network_config
     from sdxl_core.models.unet import UNetModel
+    from tests._diffusers_twins import sgm_network_config
 
     checkpoint = {f"model.diffusion_model.{k}": v for k, v in UNetModel(config, device="meta").state_dict().items()}
     settings = single_file_utils.create_unet_diffusers_config_from_ldm(sgm_network_config(config), checkpoint)
@@ -527,8 +527,8 @@ def test_a_full_size_sdxl_lora_lands_on_the_full_size_base_on_meta():
     SDXL architecture, merged on the meta device (shapes only, no memory)."""
     from sdxl_core.config import CLIP_BIG_G, CLIP_L, SDXL_BASE, SDXL_REFINER
     from sdxl_core.models.bundle import SDXLModel
-    from sdxl_core.text.encoders import TextEncoder
     from sdxl_core.models.unet import UNetModel
+    from sdxl_core.text.encoders import TextEncoder
 
     def meta_model(config):
         return SDXLModel(config=config, unet=UNetModel(config.unet, device="meta"), vae=None,

@@ -3,12 +3,12 @@ overridable, and sampled as ComfyUI samples it."""
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from sdxl_core.checkpoints.detect import config_hints, prediction_from_keys
 from sdxl_core.checkpoints.loading import inspect_checkpoint, load_checkpoint, save_checkpoint
 from sdxl_core.config import TINY_BASE
 from sdxl_core.sampling.model_sampling import model_sampling_for, with_prediction
-from safetensors import safe_open
 from tests._checkpoints import single_file_state, tiny_model, write_tensors
 from tests._comfyui_reference import KDiffusionModelStub, requires_comfyui
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sdxl_core.config import TINY_BASE, TINY_REFINER
 from tests._checkpoints import single_thread, tiny_model

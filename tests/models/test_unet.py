@@ -8,11 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from sdxl_core.config import (ADM_SCALAR_EMBED_DIM, SDXL_BASE_UNET, SDXL_REFINER_UNET, TINY_BASE_UNET,
-                              TINY_REFINER_UNET, UNetConfig)
-from tests._diffusers_twins import diffusers_unet
+from sdxl_core.config import (
+    ADM_SCALAR_EMBED_DIM,
+    SDXL_BASE_UNET,
+    SDXL_REFINER_UNET,
+    TINY_BASE_UNET,
+    TINY_REFINER_UNET,
+    UNetConfig,
+)
 from sdxl_core.models.timestep_embedding import timestep_embedding
 from sdxl_core.models.unet import UNetModel
+from tests._diffusers_twins import diffusers_unet
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "data" / "manifests"
 UNET_PREFIX = "model.diffusion_model."

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from sdxl_core.config import SDXL_VAE, TINY_VAE, VAEConfig
-from tests._diffusers_twins import diffusers_vae
 from sdxl_core.models.vae import AutoencoderKL, sample_posterior
-
+from tests._diffusers_twins import diffusers_vae
 from tests._vae_helpers import one_torch_thread, random_vae, relative_error  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

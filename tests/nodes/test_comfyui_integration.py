@@ -11,9 +11,9 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
-import struct
 import time
 import urllib.error
 import urllib.parse
@@ -70,7 +70,6 @@ def _write_tiny_lora(path: Path, base_checkpoint: Path) -> None:
     from safetensors.torch import save_file
 
     from sdxl_core.checkpoints.loading import load_checkpoint
-
     from tests._lora_files import kohya_lora
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +192,6 @@ def _local_two_stage(root: Path, lora: tuple[str, float, float] | None = None) -
     """The same graph run in this process through the node classes (the reference for the server's PNG);
     `lora` = (file, strength_model, strength_clip) puts a Load SDXL LoRA node after the base loader."""
     from nodes import comfy_host
-
     from tests._nodes_helpers import node
 
     comfy_host.set_standalone_model_folders({"checkpoints": [str(root / "models" / "checkpoints")],

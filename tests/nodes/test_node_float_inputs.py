@@ -8,7 +8,6 @@ import pytest
 
 import nodes
 from nodes._shared import float_inputs
-
 from tests._nodes_helpers import node
 
 FLOAT_INPUTS = [(name, input_name) for name, cls in sorted(nodes.NODE_CLASS_MAPPINGS.items())

@@ -11,7 +11,6 @@ import torch
 
 import nodes
 from nodes import comfy_host
-
 from tests._nodes_helpers import PREFIX, model_folders, node, node_class, use_folders
 
 REPO = Path(__file__).resolve().parents[2]
@@ -553,7 +552,8 @@ def test_lora_node_chains_and_leaves_its_input_alone(loaded, loras):
 
 
 def test_lora_node_refuses_a_base_lora_on_the_refiner(loaded, loras):
-    with pytest.raises(ValueError, match="SDXL LoRAs are trained for the base model, whose layers differ from the refiner.s: apply it to the base"):
+    with pytest.raises(ValueError, match="SDXL LoRAs are trained for the base model, whose layers differ from the "
+                                         "refiner.s: apply it to the base"):
         node("LoraLoader").apply(loaded[2], "style.safetensors", 1.0, 1.0)
     with pytest.raises(ValueError, match="needs an SDXL model from the SDXL checkpoint loader"):
         node("LoraLoader").apply(loaded[1], "style.safetensors", 1.0, 1.0)

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from nodes import comfy_host
-
 from tests._nodes_helpers import node
 
 W, H, STEPS, HANDOFF = 64, 96, 4, 3
@@ -247,7 +246,9 @@ def test_vae_dtype_is_chosen_for_the_device_the_vae_runs_on(comfy):
 def test_sampler_tells_comfyui_the_activation_memory_of_its_batch(comfy, stage):
     # A larger batch needs more room next to the UNet's weights; ComfyUI evicts other models only for what it is
     # told, so the request grows with the batch (guided: positive and negative) and the latent area.
-    from sdxl_core.runtime.residency import UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL as ACTIVATION_ELEMENTS_PER_LATENT_CELL
+    from sdxl_core.runtime.residency import (
+        UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL as ACTIVATION_ELEMENTS_PER_LATENT_CELL,
+    )
 
     base, positive, negative = stage
     for batch in (1, 4):

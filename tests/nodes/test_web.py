@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_core.buckets import SDXL_BUCKETS
-
 import nodes
+from sdxl_core.buckets import SDXL_BUCKETS
 
 REPO = Path(__file__).resolve().parents[2]
 WEB = REPO / "web" / "js"

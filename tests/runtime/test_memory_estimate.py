@@ -32,7 +32,7 @@ def test_each_step_counts_its_own_weights_and_activations(tiny_checkpoints):
     assert unet.activations == 2 * 2 * 128 * 96 * UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL * 4  # guidance x batch
     assert steps["the refiner UNet step"].weights == refiner.weight_bytes("unet")
     # Networks already in memory are held, not read again: the step adds only its activations.
-    base.unet
+    _ = base.unet  # reads the UNet into memory
     again = estimate_generation(base, refiner, 1024, 768, 2, device=torch.device("cpu"), uses_refiner=True)
     assert again.steps[1].weights == 0 and again.steps[1].activations == unet.activations
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sdxl_core.config import TINY_BASE_UNET, TINY_REFINER_UNET
+from sdxl_core.models.unet import Attention, UNetModel
 from sdxl_core.runtime.optimize import (
     ATTENTION_BACKENDS,
     CUDAGraphStep,
@@ -25,7 +26,6 @@ from sdxl_core.runtime.optimize import (
     unfuse_qkv,
     uses_channels_last,
 )
-from sdxl_core.models.unet import Attention, UNetModel
 
 CONFIGS = {"base": TINY_BASE_UNET, "refiner": TINY_REFINER_UNET}
 

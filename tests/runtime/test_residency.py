@@ -1,20 +1,25 @@
-"""sdxl_core.runtime.residency: the 8 GB plan's policy (one UNet at a time, text encoders out when a UNet needs the room),
-its budget errors, and that running the pipeline under a plan changes no result."""
+"""sdxl_core.runtime.residency: the 8 GB plan's policy (one UNet at a time, text encoders out when a UNet needs the
+room), its budget errors, and that running the pipeline under a plan changes no result."""
 
 import pytest
 import torch
 from torch import nn
 
-from sdxl_core.config import SDXL_BASE, SDXL_REFINER
 from sdxl_core.conditioning import BaseMicroConditioning, RefinerMicroConditioning
-from sdxl_core.pipeline import (GenerationRequest, decode, empty_latent, encode_base_conditioning,
-                                encode_refiner_conditioning, generate)
-from sdxl_core.sampling.ksampler import sample_latent
-from sdxl_core.runtime.residency import (DEFAULT_ACTIVATION_RESERVE, GiB, ResidencyError, ResidencyPlan,
-                                 no_residency)
-from sdxl_core.text.encoders import TextEncoder
+from sdxl_core.config import SDXL_BASE, SDXL_REFINER
 from sdxl_core.models.unet import UNetModel
 from sdxl_core.models.vae import AutoencoderKL
+from sdxl_core.pipeline import (
+    GenerationRequest,
+    decode,
+    empty_latent,
+    encode_base_conditioning,
+    encode_refiner_conditioning,
+    generate,
+)
+from sdxl_core.runtime.residency import DEFAULT_ACTIVATION_RESERVE, GiB, ResidencyError, ResidencyPlan, no_residency
+from sdxl_core.sampling.ksampler import sample_latent
+from sdxl_core.text.encoders import TextEncoder
 
 
 @pytest.fixture(autouse=True, scope="module")

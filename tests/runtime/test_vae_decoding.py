@@ -1,4 +1,5 @@
-"""sdxl_core.runtime.vae_decoding: working dtype, NaN guard, tiling accuracy and seams, memory planning, pixel formats."""
+"""sdxl_core.runtime.vae_decoding: working dtype, NaN guard, tiling accuracy and seams, memory planning, pixel
+formats."""
 
 from __future__ import annotations
 
@@ -14,10 +15,19 @@ from torch.utils._pytree import tree_flatten
 import sdxl_core.runtime.vae_decoding as vd
 from sdxl_core.config import SDXL_VAE, TINY_VAE
 from sdxl_core.models.vae import AutoencoderKL
-from sdxl_core.runtime.vae_decoding import (comfy_to_images, decode_latents, default_vae_dtype, encode_images,
-                                    estimate_decode_bytes, estimate_encode_bytes, images_to_comfy,
-                                    resolve_vae_dtype, run_tiled, to_pil, to_uint8)
-
+from sdxl_core.runtime.vae_decoding import (
+    comfy_to_images,
+    decode_latents,
+    default_vae_dtype,
+    encode_images,
+    estimate_decode_bytes,
+    estimate_encode_bytes,
+    images_to_comfy,
+    resolve_vae_dtype,
+    run_tiled,
+    to_pil,
+    to_uint8,
+)
 from tests._vae_helpers import one_torch_thread, random_vae, relative_error  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -4,15 +4,15 @@ StableDiffusionXLControlNetPipeline on tiny weights where the two conventions co
 import pytest
 import torch
 
-from sdxl_core.models.unet import ControlResiduals
 from sdxl_core.conditioning import BaseMicroConditioning
+from sdxl_core.models.unet import ControlResiduals
 from sdxl_core.pipeline import encode_base_conditioning
-from tests._sampling_helpers import sample_with
+from sdxl_core.sampling.control import ControlNetApplication, apply_controlnet, broadcast_hint, resize_hint
 from sdxl_core.sampling.ksampler import denoise_from
 from sdxl_core.sampling.schedules import DiscreteSchedule
-from sdxl_core.sampling.control import (ControlNetApplication, apply_controlnet, broadcast_hint, resize_hint)
 from tests._diffusers_reference import diffusers_clip_tokenizers, euler_scheduler, relative_error
 from tests._diffusers_twins import diffusers_controlnet, diffusers_unet, diffusers_vae
+from tests._sampling_helpers import sample_with
 from tests.models.test_controlnet import random_controlnet
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -29,7 +29,8 @@ def controlnet():
 @pytest.fixture(scope="module")
 def conditioning(tiny_base):
     micro = BaseMicroConditioning(original_size=(SIZE, SIZE))
-    return encode_base_conditioning(tiny_base, PROMPT, micro=micro), encode_base_conditioning(tiny_base, NEGATIVE, micro=micro)
+    return (encode_base_conditioning(tiny_base, PROMPT, micro=micro),
+            encode_base_conditioning(tiny_base, NEGATIVE, micro=micro))
 
 
 def control_image(height=SIZE, width=SIZE, batch=1, seed=4):
@@ -110,9 +111,9 @@ def test_apply_shares_one_application_and_chains(controlnet, conditioning):
 
 
 def test_chain_sums_scaled_residuals(controlnet):
+    from sdxl_core.config import TINY_BASE_UNET
     from sdxl_core.sampling.control import ControlSchedule
     from tests.models.test_unet import random_inputs
-    from sdxl_core.config import TINY_BASE_UNET
 
     image_a, image_b = control_image(seed=1), control_image(seed=2)
     chain = ControlNetApplication(controlnet, image_b, 0.3, previous=ControlNetApplication(controlnet, image_a, 2.0))

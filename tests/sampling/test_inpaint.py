@@ -2,19 +2,17 @@
 the tiny model's guided denoiser, and the properties the mask promises."""
 
 import math
-import types
 
 import pytest
 import torch
 
-from tests._sampling_helpers import sample_with
-from sdxl_core.sampling.ksampler import guided_denoiser
-from sdxl_core.sampling.schedules import DiscreteSchedule
 from sdxl_core.sampling.inpaint import InpaintingDenoiser, prepare_denoise_mask
+from sdxl_core.sampling.ksampler import guided_denoiser
 from sdxl_core.sampling.noise import prepare_noise
 from sdxl_core.sampling.samplers import run_sampler
 from sdxl_core.sampling.schedules import DiscreteSchedule, ksampler_sigmas
 from tests._comfyui_reference import KDiffusionModelStub, lift, load_modules, requires_comfyui
+from tests._sampling_helpers import sample_with
 
 SCHEDULE = DiscreteSchedule()
 

@@ -12,15 +12,14 @@ import torch
 from sdxl_core.checkpoints.loading import load_checkpoint
 from sdxl_core.config import TINY_BASE
 from sdxl_core.pipeline import encode_base_conditioning
-from tests._sampling_helpers import sample_with
-from sdxl_core.sampling.schedules import DiscreteSchedule
 from sdxl_core.sampling.denoiser import EpsDenoiser
 from sdxl_core.sampling.guidance import CFGDenoiser, WeightedConditioning
 from sdxl_core.sampling.inpaint import InpaintConcat, prepare_denoise_mask
 from sdxl_core.sampling.noise import prepare_noise
-from sdxl_core.sampling.schedules import ksampler_sigmas
+from sdxl_core.sampling.schedules import DiscreteSchedule, ksampler_sigmas
 from tests._checkpoints import tiny_model, write_checkpoint, write_diffusers_folder
 from tests._comfyui_reference import COMFYUI_PATH, lift, requires_comfyui
+from tests._sampling_helpers import sample_with
 from tests.sampling.test_inpaint import comfy_inpaint, pixel_mask
 
 INPAINT_BASE = replace(TINY_BASE, unet=replace(TINY_BASE.unet, in_channels=9))

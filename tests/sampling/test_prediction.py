@@ -10,7 +10,7 @@ from sdxl_core.sampling.guidance import CFGDenoiser
 from sdxl_core.sampling.model_sampling import ModelSampling
 from sdxl_core.sampling.samplers import integrate
 from sdxl_core.sampling.schedules import DiscreteSchedule, ksampler_sigmas
-from tests._comfyui_reference import (GuidedModelStub, model_sampling_v, requires_comfyui, rescale_cfg_function)
+from tests._comfyui_reference import GuidedModelStub, model_sampling_v, requires_comfyui, rescale_cfg_function
 from tests.sampling.test_samplers import comfyui_sample
 
 ZSNR = DiscreteSchedule(NoiseScheduleConfig(zsnr=True))

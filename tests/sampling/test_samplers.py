@@ -7,8 +7,8 @@ from sdxl_core.sampling.noise import BrownianTreeNoiseSampler
 from sdxl_core.sampling.samplers import (
     COMFYUI_SAMPLER_ORDER,
     SAMPLERS,
-    NoiseKind,
     STOCHASTIC_SAMPLERS,
+    NoiseKind,
     SamplingCancelled,
     get_sampler,
     integrate,
@@ -16,15 +16,14 @@ from sdxl_core.sampling.samplers import (
 )
 from sdxl_core.sampling.samplers.dpmpp import sample_dpmpp_2m
 from sdxl_core.sampling.schedules import SCHEDULERS, DiscreteSchedule, ksampler_sigmas
-from tests._host_reads import HostReads
 from tests._comfyui_reference import (
-    HAS_TORCHSDE,
     GuidedModelStub,
     KDiffusionModelStub,
     load_modules,
     model_sampling_eps,
     requires_comfyui,
 )
+from tests._host_reads import HostReads
 
 SCHEDULE = DiscreteSchedule()
 DETERMINISTIC = sorted(set(SAMPLERS) - STOCHASTIC_SAMPLERS)

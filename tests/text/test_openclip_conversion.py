@@ -4,8 +4,8 @@ from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from sdxl_core.config import TINY_CLIP_G
-from sdxl_core.text.openclip_conversion import openclip_to_transformers, transformers_to_openclip
 from sdxl_core.text.encoders import TextEncoder
+from sdxl_core.text.openclip_conversion import openclip_to_transformers, transformers_to_openclip
 
 BASE_G_PREFIX = "conditioner.embedders.1.model."
 

@@ -3,9 +3,15 @@ import torch
 
 from sdxl_core.config import TINY_CLIP_G, TINY_CLIP_L
 from sdxl_core.text.embeddings import EmbeddingError
-from sdxl_core.text.prompt_encoding import (WeightedTokens, encode_base_prompt, encode_refiner_prompt,
-                                       encode_weighted_tokens, pad_chunks, tokenize_weighted)
 from sdxl_core.text.encoders import TextEncoder
+from sdxl_core.text.prompt_encoding import (
+    WeightedTokens,
+    encode_base_prompt,
+    encode_refiner_prompt,
+    encode_weighted_tokens,
+    pad_chunks,
+    tokenize_weighted,
+)
 from sdxl_core.text.tokenizer import BOS_TOKEN_ID as BOS
 from sdxl_core.text.tokenizer import EOS_TOKEN_ID as EOS
 from sdxl_core.text.tokenizer import SDXLTokenizer
@@ -259,7 +265,8 @@ def test_full_size_encoders_match_diffusers(diffusers_tokenizers):
 
 def _embedding(n, seed, l_width=TINY_CLIP_L.hidden_size, g_width=TINY_CLIP_G.hidden_size):
     generator = torch.Generator().manual_seed(seed)
-    return {"clip_l": torch.randn(n, l_width, generator=generator), "clip_g": torch.randn(n, g_width, generator=generator)}
+    return {"clip_l": torch.randn(n, l_width, generator=generator),
+            "clip_g": torch.randn(n, g_width, generator=generator)}
 
 
 EMBEDDINGS = {"cat3": _embedding(3, 0), "long10": _embedding(10, 1), "one": _embedding(1, 2)}

@@ -4,8 +4,14 @@ from pathlib import Path
 import pytest
 import regex
 
-from sdxl_core.text.tokenizer import (BOS_TOKEN_ID, CLIP_VOCAB_SIZE, EOS_TOKEN_ID, ClipTokenizer, SDXLTokenizer,
-                                 clip_vocabulary)
+from sdxl_core.text.tokenizer import (
+    BOS_TOKEN_ID,
+    CLIP_VOCAB_SIZE,
+    EOS_TOKEN_ID,
+    ClipTokenizer,
+    SDXLTokenizer,
+    clip_vocabulary,
+)
 
 VOCAB_FILE = Path(__file__).parents[2] / "sdxl_core" / "data" / "bpe_simple_vocab_16e6.txt.gz"
 

@@ -15,6 +15,7 @@ import torch
 from ._math import zero_flags
 from ._registry import register
 
+
 def _remember(history: list, d: torch.Tensor, max_order: int) -> None:
     """Keep the newest max_order - 1 slopes."""
     history.append(d)

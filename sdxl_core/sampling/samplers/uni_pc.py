@@ -87,7 +87,10 @@ def _update(model, x, x0_history, t_history, t, order, variant, use_corrector):
     x_base = _per_item(std_t / std_prev, ndim) * x - _per_item(alpha_t * h_phi_1, ndim) * x0_prev
     x_t = x_base
     if stacked is not None:
-        rhos_p = torch.tensor([0.5], dtype=x.dtype, device=x.device) if order == 2 else torch.linalg.solve(powers[:-1, :-1], b[:-1])
+        if order == 2:
+            rhos_p = torch.tensor([0.5], dtype=x.dtype, device=x.device)
+        else:
+            rhos_p = torch.linalg.solve(powers[:-1, :-1], b[:-1])
         x_t = x_base - _per_item(alpha_t * b_h, ndim) * torch.tensordot(stacked, rhos_p, dims=([1], [0]))
     if not use_corrector:
         return x_t, None
