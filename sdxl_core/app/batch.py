@@ -20,7 +20,7 @@ from typing import TextIO
 
 from .batch_jobs import RUN_WIDE, Job, JobError, JobReader, generation_parser, make_defaults_only, read_lines
 from .batch_worker import JobOutcome, JobRunner, RunSettings
-from .cli import _add_generation_arguments
+from .options import _add_generation_arguments
 from .progress import ProgressBar
 from .runner import _png_text, save_png
 

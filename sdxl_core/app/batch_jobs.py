@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..pipeline import GenerationRequest
-from .cli import _add_generation_arguments, _request_from_args
 from .defaults import FULL as GENERATE_DEFAULTS
+from .options import _add_generation_arguments, _request_from_args
 
 # Settings of the whole run (where and in what precision it computes, where it writes): the command line sets them.
 RUN_WIDE = {"out": "--out DIR", "device": "--device", "dtype": "--dtype", "low_vram": "--low-vram"}

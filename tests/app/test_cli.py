@@ -239,7 +239,7 @@ def test_a_base_lora_on_the_refiner_is_a_sentence(tiny_checkpoints, lora_file, t
 
 
 def test_lora_option_reads_strengths_from_the_right(tmp_path):
-    from sdxl_core.app.cli import _lora
+    from sdxl_core.app.options import _lora
 
     odd = tmp_path / "c:style.safetensors"  # a colon inside the name (a Windows drive letter) stays in the path
     odd.write_bytes(b"")
