@@ -17,7 +17,7 @@ folded counters put VmHWM a few pages lower).
 
 Paths:
 - cli: `python -m sdxl_core generate --base ... --refiner ...` at its defaults (checkpoints opened stage by stage,
-  weights held in the file's precision where that is exact: sdxl_core/runtime/stages.py, models/operations.py).
+  weights held in the file's precision where that is exact: sdxl_core/runtime/stages.py, sdxl_core/operations.py).
 - comfyui (with COMFYUI_PATH and COMFYUI_PYTHON): ComfyUI's CheckpointLoaderSimple x2, CLIPTextEncodeSDXL,
   CLIPTextEncodeSDXLRefiner, EmptyLatentImage, KSamplerAdvanced x2 and VAEDecode, called in that order in one
   process with ComfyUI's CPU/GPU choice. ComfyUI recognises models by their full-size shapes, so this path needs

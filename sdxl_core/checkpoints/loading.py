@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import CLIP_CONTEXT_LENGTH, SDXLConfig, VAEConfig
-from ..models.operations import manual_cast
+from ..operations import manual_cast
 from ..runtime.vae_decoding import default_vae_dtype  # one rule for the VAE's dtype, shared with decoding
 from .detect import (
     PREDICTION_MARKERS,
@@ -262,7 +262,7 @@ def open_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, devic
     Precision: `dtype` (and `vae_dtype` for the VAE) is what the networks compute in; `storage_dtype` what their
     weights are held in. By default (None) a tensor stays in the file's precision wherever that converts exactly to
     the compute dtype (an fp16 or bf16 file computed in fp32, as on the CPU): the layers then cast their weights
-    as they run (sdxl_core/models/operations.py), holding half the bytes for the same bits as fp32 weights. An
+    as they run (sdxl_core/operations.py), holding half the bytes for the same bits as fp32 weights. An
     explicit `storage_dtype` holds every weight in it (fp16/bf16 storage of an fp32 file rounds the weights).
     `operations` replaces the layer classes (e.g. ComfyUI's `comfy.ops.manual_cast`); by default plain torch.nn,
     or this package's manual casting where storage and compute differ.

@@ -36,7 +36,7 @@ COMPONENT_NAMES = {"unet": "UNet", "vae": "VAE", "clip_l": "CLIP-L text encoder"
 def build_component(name: str, config: SDXLConfig | VAEConfig, *, device="meta", dtype=None, operations=None,
                     compute_dtype=None) -> nn.Module:
     """Build one component's module (on the meta device by default: no memory, no initialisation), with the layer
-    classes of `operations` computing in `compute_dtype` (sdxl_core/models/operations.py; default: plain torch)."""
+    classes of `operations` computing in `compute_dtype` (sdxl_core/operations.py; default: plain torch)."""
     layers = {"operations": operations, "compute_dtype": compute_dtype}
     if name == "vae":
         from ..models.vae import AutoencoderKL

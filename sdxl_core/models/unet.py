@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import UNetConfig
-from .operations import use_operations
+from ..operations import use_operations
 from .timestep_embedding import timestep_embedding
 
 # Normalisation epsilons of sgm (docs/architecture.md#numerical-choices): ResBlocks and the output head, spatial
@@ -332,7 +332,7 @@ class UNetModel(nn.Module):
     def __init__(self, config: UNetConfig, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, *, operations=None,
                  compute_dtype: torch.dtype | None = None):
-        """`operations`: the layer classes (default torch.nn; see sdxl_core/models/operations.py), `compute_dtype`:
+        """`operations`: the layer classes (default torch.nn; see sdxl_core/operations.py), `compute_dtype`:
         what it computes in when that differs from the weights' `dtype` (manual casting)."""
         super().__init__()
         self.config = config

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
-from .operations import use_operations
+from ..operations import use_operations
 
 # sgm `Normalize`: GroupNorm(32, eps=1e-6, affine) in every block of the autoencoder.
 _NORM_EPS = 1e-6
@@ -248,7 +248,7 @@ class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, *, operations=None,
                  compute_dtype: torch.dtype | None = None) -> None:
-        """`operations`: the layer classes (default torch.nn; sdxl_core/models/operations.py), `compute_dtype`:
+        """`operations`: the layer classes (default torch.nn; sdxl_core/operations.py), `compute_dtype`:
         what it computes in when that differs from the weights' `dtype` (manual casting)."""
         super().__init__()
         if config.base_channels % config.norm_groups:

@@ -59,7 +59,7 @@ UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL = 8192
 
 def unet_activation_bytes(unet: nn.Module, batch: int, latent_height: int, latent_width: int) -> int:
     """Device memory one UNet call on a [batch, 4, latent_height, latent_width] input needs next to its weights."""
-    from ..models.operations import compute_dtype_of
+    from ..operations import compute_dtype_of
 
     itemsize = compute_dtype_of(unet).itemsize  # activations are in the compute dtype, not the weights' storage
     return batch * latent_height * latent_width * UNET_ACTIVATION_ELEMENTS_PER_LATENT_CELL * itemsize

@@ -15,7 +15,7 @@ import torch
 
 from ..conditioning import ConditioningMismatch, adm_vector, check_conditioning_for, micro_conditioning_scalars
 from ..models.bundle import SDXLModel
-from ..models.operations import compute_dtype_of
+from ..operations import compute_dtype_of
 from .control import CONTROL_OPTION, control_schedule
 from .guidance import CFGDenoiser, WeightedConditioning
 from .inpaint import INPAINT_UNET_CHANNELS, NOISE_MASK, InpaintConcat, InpaintingDenoiser, prepare_denoise_mask

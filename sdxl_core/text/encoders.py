@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..config import TextEncoderConfig
-from ..models.operations import use_operations
+from ..operations import use_operations
 from .openclip_conversion import (
     OPENCLIP_BOOKKEEPING_KEYS,
     openclip_key_to_transformers,
@@ -83,7 +83,7 @@ class TextEncoder(nn.Module):
     def __init__(self, config: TextEncoderConfig, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, *, operations=None,
                  compute_dtype: torch.dtype | None = None) -> None:
-        """`operations`: the layer classes (default torch.nn; sdxl_core/models/operations.py), `compute_dtype`:
+        """`operations`: the layer classes (default torch.nn; sdxl_core/operations.py), `compute_dtype`:
         what it computes in when that differs from the weights' `dtype` (manual casting)."""
         super().__init__()
         from transformers import CLIPTextModel, CLIPTextModelWithProjection

@@ -9,9 +9,9 @@ from torch import nn
 from sdxl_core.checkpoints.loading import load_checkpoint, open_checkpoint, save_checkpoint, storage_dtype_for
 from sdxl_core.checkpoints.lora import apply_lora
 from sdxl_core.config import TINY_BASE
-from sdxl_core.models.operations import LAYER_TYPES, manual_cast, use_operations
 from sdxl_core.models.unet import UNetModel
 from sdxl_core.models.vae import AutoencoderKL
+from sdxl_core.operations import LAYER_TYPES, manual_cast, use_operations
 from sdxl_core.pipeline import GenerationRequest, generate
 from sdxl_core.text.encoders import TextEncoder
 from tests._lora_files import kohya_lora

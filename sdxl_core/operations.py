@@ -73,7 +73,7 @@ def use_operations(network: nn.Module, operations=None, compute_dtype: torch.dty
             if not (isinstance(replacement, type) and issubclass(replacement, base)):
                 raise TypeError(f"the operations namespace {getattr(operations, '__name__', operations)!r} "
                                 f"needs a {name} class derived from torch.nn.{name} (as torch.nn, "
-                                f"sdxl_core.models.operations.manual_cast and comfy.ops.* have), got {replacement!r}")
+                                f"sdxl_core.operations.manual_cast and comfy.ops.* have), got {replacement!r}")
             replacements[base] = replacement
         for module in network.modules():
             replacement = replacements.get(type(module))
