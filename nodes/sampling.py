@@ -115,12 +115,14 @@ def _activation_bytes(model, latent: dict, branches: int = 2) -> int:
 def _run(model, latent: dict, positive: list, negative: list, total_steps: int, settings: SamplingSettings,
          **step_range) -> tuple[dict]:
     """Validate the conditioning, put the UNet on the device, sample with per-step progress and interruption."""
+    from sdxl_core.sampling.control import controlnets_in
     from sdxl_core.sampling.ksampler import sample_latent, validate_conditioning_for
     from sdxl_core.sampling.samplers import SamplingCancelled
 
     validate_conditioning_for(model, positive, "positive")
     validate_conditioning_for(model, negative, "negative")
-    comfy_host.prepare_networks([model.unet], role="unet",
+    # The ControlNets that 'SDXL Apply ControlNet' put on the conditioning run next to the UNet at every step.
+    comfy_host.prepare_networks([model.unet, *controlnets_in(positive, negative)], role="unet",
                                 memory_required=_activation_bytes(model, latent, len(positive) + len(negative)))
     progress = comfy_host.StepProgress(total_steps)
 

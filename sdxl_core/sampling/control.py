@@ -157,6 +157,20 @@ def apply_controlnet(positive: list, negative: list, network: ControlNetModel, i
     return outputs[0], outputs[1]
 
 
+def controlnets_in(*conditionings: list) -> list[ControlNetModel]:
+    """The ControlNet networks the entries of these CONDITIONINGs will run (each once, in chain order), so a caller
+    can put them on the compute device next to the UNet before sampling. Controls of other kinds are left to the
+    sampler, which refuses them with a sentence (`control_schedule`)."""
+    found: dict[int, ControlNetModel] = {}
+    for conditioning in conditionings:
+        for _, options in conditioning:
+            control = options.get(CONTROL_OPTION)
+            if isinstance(control, ControlNetApplication):
+                for link in control.chain():
+                    found.setdefault(id(link.network), link.network)
+    return list(found.values())
+
+
 def check_control_fits(application: ControlNetApplication, unet_config, where: str) -> None:
     """Refuse, before sampling, a ControlNet whose encoder does not match the UNet it would steer."""
     for link in application.chain():
