@@ -208,3 +208,30 @@ def test_set_latent_noise_mask_graph_equals_the_core_ksampler(folders, base, con
     assert not torch.allclose(ours["samples"], encoded["samples"], atol=1e-2)
     (decoded,) = node("VAEDecode").decode(base.vae, ours, "auto")
     assert decoded.shape == (1, SIZE_H, SIZE_W, 3)
+
+
+# --- union ControlNets ---------------------------------------------------------------------------------------------
+
+def test_a_union_controlnet_from_diffusers_is_refused_by_name(folders, tmp_path):
+    """xinsir's controlnet-union-sdxl-1.0 (and ProMax) layout, written by diffusers' own ControlNetUnionModel: the
+    loader names it and says why, before reading any weight (see sdxl_core/checkpoints/controlnet.py)."""
+    diffusers = pytest.importorskip("diffusers")
+    from sdxl_core.config import TINY_BASE_UNET
+
+    union = diffusers.ControlNetUnionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=TINY_BASE_UNET.context_dim,
+        attention_head_dim=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        conditioning_embedding_out_channels=(16, 32), norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=TINY_BASE_UNET.adm_in_channels,
+        num_control_type=8, num_trans_channel=32, num_proj_channel=32)
+    folder = tmp_path / "controlnet"
+    union.save_pretrained(folder / "union_promax", safe_serialization=True)
+    (folder / "union_promax" / "diffusion_pytorch_model.safetensors").rename(folder / "union_promax.safetensors")
+    use_folders({**folders, "controlnet": [str(folder)]})
+    try:
+        with pytest.raises(ValueError, match=r"union_promax\.safetensors is a multi-condition \"union\" ControlNet "
+                                             r"\(xinsir controlnet-union-sdxl-1\.0 or its ProMax version\), which "
+                                             r"sdxl_core does not run"):
+            node("ControlNetLoader").load("union_promax.safetensors", "default")
+    finally:
+        use_folders(folders)
