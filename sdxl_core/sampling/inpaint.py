@@ -81,7 +81,6 @@ class InpaintingDenoiser:
 # Inpainting UNets (the diffusers "SDXL inpainting 0.1" layout) read 9 channels: the noisy latent, then the mask and
 # the latent of the masked image (ComfyUI `BaseModel.set_inpaint`: concat keys "mask", "masked_image").
 INPAINT_UNET_CHANNELS = 9
-CONCAT_OPTIONS = frozenset({"concat_latent_image", "concat_mask"})  # from InpaintModelConditioning
 # The SDXL latent of a mid-grey picture (pixels 0.5, which is "zero" in the VAE's [-1, 1] space), per channel,
 # scaled: what an inpainting UNet sees as the masked image when no mask is given at all (ComfyUI's values).
 BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
