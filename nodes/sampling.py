@@ -142,6 +142,7 @@ def _run(model, latent: dict, positive: list, negative: list, total_steps: int, 
 class BaseSampler:
     """Run the SDXL base over steps 0..K of an N-step schedule and hand its latent on with the noise left in."""
 
+    SEARCH_ALIASES = ('ksampler', 'ksampler advanced', 'sampler', 'base sampler')
     DESCRIPTION = ("Denoises with the SDXL base. In the two-stage setup it runs the first K of N steps "
                    "(end_at_step) and passes a still-noisy latent to the SDXL Latent Refiner, which runs steps K..N "
                    "with the same seed, N, sampler and scheduler. With end_at_step = steps it finishes the image "
@@ -202,6 +203,7 @@ class BaseSampler:
 class RefinerSampler:
     """Run the SDXL refiner over steps K..N of the base's schedule, or refine a finished image by a strength."""
 
+    SEARCH_ALIASES = ('ksampler advanced', 'refiner', 'img2img', 'refine')
     DESCRIPTION = ("Denoises with the SDXL refiner, which was trained only on the last, low-noise part of the "
                    "schedule. Two-stage: wire in the base sampler's latent and set start_at_step to the base's "
                    "end_at_step K (no new noise is added). Refining a finished image: start_at_step 0 and a denoise "

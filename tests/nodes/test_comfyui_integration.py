@@ -183,7 +183,10 @@ def test_pack_loads_and_object_info_lists_every_node(server):
         assert entry["display_name"] == nodes.NODE_DISPLAY_NAME_MAPPINGS[name]
         for input_name, spec in entry["input"]["required"].items():
             assert spec[1]["tooltip"], f"{name}.{input_name}"
-    loader = info["SDXLTwoStage.CheckpointLoader"]["input"]["required"]["ckpt_name"][0]
+    # The V3 schema states a combo as ("COMBO", {"options": [...]}), which both frontends read.
+    kind, options = info["SDXLTwoStage.CheckpointLoader"]["input"]["required"]["ckpt_name"]
+    assert kind == "COMBO"
+    loader = options["options"]
     assert set(TINY.values()) <= set(loader)
     extensions = _get(server, "/extensions")
     assert f"/extensions/{PACK_FOLDER}/sdxl_two_stage.js" in extensions, extensions
