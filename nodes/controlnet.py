@@ -48,6 +48,7 @@ class ControlNetLoader:
                    "control-LoRAs, T2I adapters, multi-condition (union) ControlNets and non-ControlNet files are "
                    "refused with a message. Connect it to 'SDXL Apply ControlNet'.")
     CATEGORY = f"{CATEGORY}/loaders"
+    SEARCH_ALIASES = ("load controlnet", "controlnet loader", "canny", "depth")
     RETURN_TYPES = (SDXL_CONTROL_NET,)
     RETURN_NAMES = ("control_net",)
     OUTPUT_TOOLTIPS = ("The SDXL ControlNet, for 'SDXL Apply ControlNet' (it steers the SDXL base).",)
@@ -85,6 +86,7 @@ class ApplyControlNet:
                    "resized to its pixel size. SDXL ControlNets steer the base only: keep the refiner's "
                    "conditioning free of them.")
     CATEGORY = f"{CATEGORY}/conditioning"
+    SEARCH_ALIASES = ("apply controlnet", "controlnet apply advanced", "control image", "canny")
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
     RETURN_NAMES = ("positive", "negative")
     OUTPUT_TOOLTIPS = ("The positive conditioning with the ControlNet on each entry, for the SDXL Base Sampler.",
