@@ -124,3 +124,14 @@ def test_inspect_shows_the_prediction_type_and_zsnr(marked, capsys):
     assert (data["prediction"], data["zsnr"]) == ("v_prediction", False)
     assert main(["inspect", "--json", str(marked["vpred_zsnr"])]) == 0
     assert json.loads(capsys.readouterr().out)["zsnr"] is True
+
+
+def test_batch_names_change_only_when_an_override_is_set(marked):
+    from sdxl_core.app.batch_jobs import JobReader
+
+    reader = JobReader({"base": marked["eps"]}, None)
+    plain = reader.job(1, json.dumps({"prompt": "a red cube"}))
+    again = reader.job(2, json.dumps({"prompt": "a red cube", "rescale_cfg": 0.0, "prediction": "auto"}))
+    assert again.name == plain.name  # the defaults spelt out name the same image
+    for line in ({"rescale_cfg": 0.7}, {"prediction": "v_prediction"}, {"zsnr": True}):
+        assert reader.job(3, json.dumps({"prompt": "a red cube", **line})).name != plain.name, line
