@@ -34,7 +34,7 @@ from .runtime.vae_decoding import comfy_to_images, decode_latents, encode_images
 from .sampling.control import ControlNetUse, apply_controlnets
 from .sampling.inpaint import NOISE_MASK, noise_mask_for_image
 from .sampling.ksampler import sample_latent
-from .sampling.model_sampling import with_prediction
+from .sampling.model_sampling import rescale_cfg_for, with_prediction
 from .sampling.settings import TWO_STAGE_HANDOFF, TWO_STAGE_STEPS, SamplingSettings
 from .text.embeddings import EmbeddingLibrary
 from .text.prompt_encoding import encode_base_prompt, encode_refiner_prompt
@@ -217,9 +217,11 @@ def with_request_prediction(model: SDXLModel, request: GenerationRequest | Image
     return with_prediction(model, request.prediction, request.zsnr)
 
 
-def model_sampling_parameters(model: SDXLModel) -> dict:
-    """How a stage was sampled, for the PNG text chunk: its prediction type and zero terminal SNR."""
-    return {"prediction": model.config.prediction, "zsnr": model.config.noise_schedule.zsnr}
+def model_sampling_parameters(model: SDXLModel, request: GenerationRequest | ImageToImageRequest) -> dict:
+    """How a stage was sampled, for the PNG text chunk: its prediction type, zero terminal SNR and the RescaleCFG
+    multiplier it ran with (the request's or one patched onto the model)."""
+    return {"prediction": model.config.prediction, "zsnr": model.config.noise_schedule.zsnr,
+            "rescale_cfg": rescale_cfg_for(model, request.rescale_cfg)}
 
 
 def _plain(request) -> dict:
@@ -288,7 +290,7 @@ def generate(base: SDXLModel | str | os.PathLike, refiner: SDXLModel | str | os.
     with stage(base, "vae"):
         images = decode(base, latent)
     return GenerationResult(images=images, latent=latent,
-                            parameters={**request.parameters(), **model_sampling_parameters(base)})
+                            parameters={**request.parameters(), **model_sampling_parameters(base, request)})
 
 
 def _opened(model: SDXLModel | str | os.PathLike | None, kind: str) -> SDXLModel | None:
@@ -342,7 +344,7 @@ def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImage
     with stage(model, "vae"):
         out = decode(model, latent)
     return GenerationResult(images=out, latent=latent,
-                            parameters={**request.parameters(), **model_sampling_parameters(model)})
+                            parameters={**request.parameters(), **model_sampling_parameters(model, request)})
 
 
 def _refiner_pair(refiner: SDXLModel, request: GenerationRequest | ImageToImageRequest, width: int, height: int,

@@ -105,3 +105,10 @@ def test_node_chain_equals_comfyuis_model_sampling_discrete_rescale_cfg_and_ksam
                                    scheduler="karras", steps=STEPS, cfg=5.0, seed=5, prediction="v_prediction",
                                    zsnr=True, rescale=0.7)
     assert torch.equal(ours.cpu(), expected), (ours.cpu() - expected).abs().max().item()
+
+
+def test_generate_records_a_patched_multiplier(base):
+    from sdxl_core.pipeline import GenerationRequest, generate
+
+    request = GenerationRequest(prompt="a red cube", width=64, height=64, steps=2, refiner_start=2)
+    assert generate(with_rescale_cfg(base, 0.7), None, request).parameters["rescale_cfg"] == 0.7
