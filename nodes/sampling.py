@@ -10,7 +10,7 @@ from sdxl_core.sampling.schedules import SCHEDULERS
 from sdxl_core.sampling.settings import MAX_SEED, MAX_STEPS, TWO_STAGE_HANDOFF, TWO_STAGE_STEPS, SamplingSettings
 
 from . import comfy_host, graph_checks
-from ._shared import CATEGORY, SDXL_MODEL, check_widgets, node_id, require_stage, validation_result
+from ._shared import CATEGORY, MODEL_INPUT, check_widgets, node_id, require_stage, validation_result
 
 SAMPLER_NAMES = list(SAMPLERS)
 SCHEDULER_NAMES = list(SCHEDULERS)
@@ -36,9 +36,14 @@ _COMMON_TOOLTIPS = {
 }
 
 
+_COMFY_MODEL_TOOLTIP = (" ComfyUI's own MODEL of an SDXL checkpoint (Load Checkpoint, with LoRAs from any LoRA "
+                        "loader) works too; patches that change how the UNet computes (attention replacements, "
+                        "custom CFG functions) are refused.")
+
+
 def _sampling_inputs(model_tooltip: str) -> dict:
     return {
-        "model": (SDXL_MODEL, {"tooltip": model_tooltip}),
+        "model": (MODEL_INPUT, {"tooltip": model_tooltip + _COMFY_MODEL_TOOLTIP}),
         "positive": ("CONDITIONING", {"tooltip": _COMMON_TOOLTIPS["positive"]}),
         "negative": ("CONDITIONING", {"tooltip": _COMMON_TOOLTIPS["negative"]}),
         "latent_image": ("LATENT", {"tooltip": "The latent to denoise."}),
@@ -112,16 +117,31 @@ def _activation_bytes(model, latent: dict, branches: int = 2) -> int:
     return unet_activation_bytes(model.unet, branches * batch, height, width)
 
 
+def _stage(model, latent: dict, positive: list, negative: list, node: str):
+    """(our SDXLModel, whether it was borrowed from a ComfyUI MODEL): a ComfyUI MODEL is loaded by ComfyUI now, with
+    room for this latent's activations, and our UNet is built around its loaded weights for this run."""
+    if not comfy_host.is_comfy_model(model):
+        return model, False
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    memory = 0
+    if isinstance(samples, torch.Tensor) and samples.ndim == 4:
+        branches = (len(positive) if isinstance(positive, list) else 1) + \
+            (len(negative) if isinstance(negative, list) else 1)
+        memory = comfy_host.model_memory_required(model, samples.shape, branches)
+    return comfy_host.core_stage_from_comfy_model(model, node, memory), True
+
+
 def _run(model, latent: dict, positive: list, negative: list, total_steps: int, settings: SamplingSettings,
-         **step_range) -> tuple[dict]:
+         borrowed: bool = False, **step_range) -> tuple[dict]:
     """Validate the conditioning, put the UNet on the device, sample with per-step progress and interruption."""
     from sdxl_core.sampling.ksampler import sample_latent, validate_conditioning_for
     from sdxl_core.sampling.samplers import SamplingCancelled
 
     validate_conditioning_for(model, positive, "positive")
     validate_conditioning_for(model, negative, "negative")
-    comfy_host.prepare_networks([model.unet], role="unet",
-                                memory_required=_activation_bytes(model, latent, len(positive) + len(negative)))
+    if not borrowed:  # a ComfyUI MODEL was placed by ComfyUI when it was borrowed (_stage)
+        comfy_host.prepare_networks([model.unet], role="unet",
+                                    memory_required=_activation_bytes(model, latent, len(positive) + len(negative)))
     progress = comfy_host.StepProgress(total_steps)
 
     def on_step(info: dict) -> None:
@@ -183,6 +203,7 @@ class BaseSampler:
                unique_id=None):
         _check_base(steps, end_at_step, denoise, bool(leftover_noise), cfg)
         check_widgets(BaseSampler, sampler_name=sampler_name, scheduler=scheduler)
+        model, borrowed = _stage(model, latent_image, positive, negative, "SDXL Base Sampler")
         require_stage(model, "base", "SDXL Base Sampler")
         end = end_at_step if end_at_step < steps else None
         leftover = bool(leftover_noise) and end is not None
@@ -190,7 +211,7 @@ class BaseSampler:
                                       leftover, _check_refiner)
         settings = SamplingSettings(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
                                     denoise=denoise)
-        (latent,) = _run(model, latent_image, positive, negative, end or steps, settings, end_step=end,
+        (latent,) = _run(model, latent_image, positive, negative, end or steps, settings, borrowed, end_step=end,
                          return_with_leftover_noise=leftover)
         if leftover:
             latent[HANDOFF_KEY] = {"steps": steps, "end_at_step": end, "scheduler": scheduler}
@@ -233,6 +254,7 @@ class RefinerSampler:
                scheduler: str, start_at_step: int, denoise: float = 1.0):
         _check_refiner(steps, start_at_step, denoise, cfg)
         check_widgets(RefinerSampler, sampler_name=sampler_name, scheduler=scheduler)
+        model, borrowed = _stage(model, latent_image, positive, negative, "SDXL Latent Refiner")
         require_stage(model, "refiner", "SDXL Latent Refiner")
         _check_handoff(latent_image, steps, start_at_step, scheduler)
         # A handoff continues the base's own noise; a strength-based refine starts from clean pixels and needs fresh
@@ -240,7 +262,7 @@ class RefinerSampler:
         handoff = start_at_step > 0
         settings = SamplingSettings(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
                                     denoise=denoise)
-        return _run(model, latent_image, positive, negative, max(steps - start_at_step, 1), settings,
+        return _run(model, latent_image, positive, negative, max(steps - start_at_step, 1), settings, borrowed,
                     start_step=start_at_step, add_noise=not handoff)
 
 
