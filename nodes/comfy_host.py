@@ -682,6 +682,7 @@ def _comfy_clip_from_core(host, model, model_config, sd, node: str):
 def _comfy_vae_from_core(vae):
     from sdxl_core.checkpoints.errors import StateDictMismatchError
     from sdxl_core.checkpoints.shared_weights import adopt_tensors, named_tensors
+    from sdxl_core.operations import compute_dtype_of
 
     comfy_sd = _comfy("comfy.sd")
     config = vae.config
@@ -692,16 +693,22 @@ def _comfy_vae_from_core(vae):
                 "dropout": 0.0}
     if config.norm_groups != 32:
         raise ValueError(f"ComfyUI's VAE uses 32 GroupNorm groups; this VAE has {config.norm_groups}")
-    dtype = next(iter(tensors.values())).dtype
-    # Built on the meta device (ComfyUI's VAE constructor copies the weights it is given into new ones), then our
-    # tensors are installed.
+    storage = next(iter(tensors.values())).dtype
+    compute = compute_dtype_of(vae)
+    # Built on the meta device from meta stand-ins (ComfyUI's VAE constructor copies the weights it is given into
+    # new ones), then our tensors are installed.
     with torch.device("meta"):
-        comfy_vae = comfy_sd.VAE(sd=tensors, config={"params": {"ddconfig": ddconfig,
-                                                               "embed_dim": config.latent_channels}}, dtype=dtype)
+        shapes = {key: torch.empty(value.shape, dtype=value.dtype) for key, value in tensors.items()}
+        comfy_vae = comfy_sd.VAE(sd=shapes, config={"params": {"ddconfig": ddconfig,
+                                                              "embed_dim": config.latent_channels}}, dtype=compute)
     try:
         adopt_tensors(comfy_vae.first_stage_model, tensors, "VAE, as ComfyUI builds it,")
     except StateDictMismatchError as error:
         raise ValueError(f"this VAE cannot be handed to ComfyUI: {error}") from None
+    if storage != compute:
+        # Weights kept in their file's precision, computing in another: ComfyUI's layers cast each weight on use
+        # when their patcher forces it (what ComfyUI does for its own manual-cast models).
+        comfy_vae.patcher.force_cast_weights = True
     _require_materialised(comfy_vae.first_stage_model, "VAE")
     comfy_vae.patcher.size = 0
     comfy_vae.patcher.model_size()
