@@ -175,11 +175,13 @@ def _patcher_for(host: types.SimpleNamespace, network: torch.nn.Module, role: st
     return patcher
 
 
-def prepare_networks(networks: Iterable[torch.nn.Module], role: str = "unet", memory_required: int = 0) -> None:
+def prepare_networks(networks: Iterable[torch.nn.Module], role: str = "unet", memory_required: int = 0,
+                     extra_patchers: Sequence = ()) -> None:
     """Make these networks resident on their compute device before use. Inside ComfyUI this goes through
     `model_management.load_models_gpu`, so ComfyUI evicts other models to make room, counts ours, and moves them
     back to the offload device when it needs the memory or is asked to free it. `role` ("unet", "text_encoder",
-    "vae") picks the devices ComfyUI uses for its own networks of that kind."""
+    "vae") picks the devices ComfyUI uses for its own networks of that kind; `extra_patchers` (ComfyUI's own, e.g.
+    a ControlNet's) are loaded in the same call."""
     if role not in _ROLES:
         raise ValueError(f"role must be one of {sorted(_ROLES)}, got {role!r}")
     networks = list(networks)
@@ -189,7 +191,7 @@ def prepare_networks(networks: Iterable[torch.nn.Module], role: str = "unet", me
         for network in networks:
             network.to(device)
         return
-    patchers = [_patcher_for(host, network, role) for network in networks]
+    patchers = list({id(p): p for p in [*(_patcher_for(host, n, role) for n in networks), *extra_patchers]}.values())
     # Always whole: ComfyUI's partial (low-VRAM) loading streams only layers built with comfy.ops, and ours are
     # plain torch layers, which a partial load would leave behind on the offload device.
     host.model_management.load_models_gpu(patchers, memory_required=memory_required, force_full_load=True)
@@ -558,6 +560,18 @@ def _text_model_options(config) -> dict:
             "vocab_size": config.vocab_size, "projection_dim": config.projection_dim or config.hidden_size}
 
 
+def comfy_model_from_core(model, node: str = "SDXL to ComfyUI"):
+    """ComfyUI's MODEL for our loaded stage's UNet, sharing its tensors (made once and kept on the UNet)."""
+    host = _load_host()
+    patcher = model.unet.__dict__.get(_COMFY_ATTRIBUTE)
+    if patcher is None:
+        model_config, sd = _comfy_model_config(model)
+        patcher = _comfy_model_from_core(host, model, model_config, sd, node)
+        model.unet.__dict__[_COMFY_ATTRIBUTE] = patcher
+        _set_patcher(host, model.unet, patcher)
+    return patcher
+
+
 def comfy_objects_from_core(model, vae=None, node: str = "SDXL to ComfyUI"):
     """(MODEL, CLIP, VAE): ComfyUI's own objects for our loaded stage (and VAE, default the stage's), sharing every
     weight tensor with it. Made once per network and kept on it, so the same ComfyUI objects come back every time."""
@@ -565,23 +579,16 @@ def comfy_objects_from_core(model, vae=None, node: str = "SDXL to ComfyUI"):
     if host is None:
         raise RuntimeError(f"the {node} node makes ComfyUI objects and runs only inside ComfyUI")
     vae = model.vae if vae is None else vae
-    unet = model.unet
-    cached = (unet.__dict__.get(_COMFY_ATTRIBUTE), model.clip_g.__dict__.get(_COMFY_ATTRIBUTE),
-              vae.__dict__.get(_COMFY_ATTRIBUTE))
-    patcher, clip, comfy_vae = cached
-    model_config = None
-    if patcher is None or clip is None:
-        model_config, sd = _comfy_model_config(model)
-    if patcher is None:
-        patcher = _comfy_model_from_core(host, model, model_config, sd, node)
-        unet.__dict__[_COMFY_ATTRIBUTE] = patcher
-        _set_patcher(host, unet, patcher)
+    patcher = comfy_model_from_core(model, node)
+    clip = model.clip_g.__dict__.get(_COMFY_ATTRIBUTE)
     if clip is None:
+        model_config, sd = _comfy_model_config(model)
         clip = _comfy_clip_from_core(host, model, model_config, sd, node)
         for network in (model.clip_g, model.clip_l):
             if network is not None:
                 network.__dict__[_COMFY_ATTRIBUTE] = clip
                 _set_patcher(host, network, clip.patcher)
+    comfy_vae = vae.__dict__.get(_COMFY_ATTRIBUTE)
     if comfy_vae is None:
         comfy_vae = _comfy_vae_from_core(vae)
         vae.__dict__[_COMFY_ATTRIBUTE] = comfy_vae
@@ -714,3 +721,92 @@ def _comfy_vae_from_core(vae):
     comfy_vae.patcher.model_size()
     comfy_vae.patcher.model.device = next(iter(tensors.values())).device
     return comfy_vae
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ComfyUI's own ControlNet objects on CONDITIONING (Apply ControlNet (Advanced) with ComfyUI's ControlNet loader)
+#
+# The core runs them through its ExternalControl hook (sdxl_core/sampling/control.py): for every UNet call of the
+# entries carrying one, ComfyUI's `get_control(x, sigma, cond, batched_number, transformer_options)` is called with
+# that call's input, as ComfyUI's `calc_cond_batch` does, after `pre_run(model, percent_to_sigma)` on ComfyUI's own
+# diffusion model (ControlLoRAs read its weights) and before `cleanup()`, as ComfyUI's sampler does; its networks
+# load with the UNet.
+
+_control_class = None
+
+
+def _comfy_control_adapter():
+    global _control_class
+    if _control_class is None:
+        from sdxl_core.sampling.control import ExternalControl, input_block_count, residuals_from_lists
+
+        class ComfyControl(ExternalControl):
+            """One ComfyUI control object (with the chain of those applied before it) as the core sees it."""
+
+            def __init__(self, control):
+                self.control = control
+                self.blocks = None
+
+            def prepare(self, schedule, unet_config, where):
+                self.blocks = input_block_count(unet_config)
+                return self
+
+            def at(self, sigma, chunks, x=None, sigmas=None):
+                def run(x_in, t, context, y):
+                    out = self.control.get_control(x, sigmas, {"c_crossattn": context, "y": y}, chunks,
+                                                   {"sigmas": sigmas})
+                    return None if out is None else residuals_from_lists(out, self.blocks)
+                return run
+
+        _control_class = ComfyControl
+    return _control_class
+
+
+def adapt_comfy_controls(*conditionings: list) -> tuple[list, ...]:
+    """The conditionings with each of ComfyUI's own control objects replaced by one core adapter (entries sharing
+    an object share its adapter, so they still batch together), plus the list of those ComfyUI objects."""
+    host = _load_host()
+    if host is None:
+        return (*conditionings, [])
+    controlnet = _comfy("comfy.controlnet")
+    adapters, out = {}, []
+    for conditioning in conditionings:
+        if not isinstance(conditioning, list):
+            out.append(conditioning)
+            continue
+        entries = []
+        for entry in conditioning:
+            options = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+            control = options.get("control") if isinstance(options, dict) else None
+            if isinstance(control, controlnet.ControlBase):
+                if control.get_extra_hooks():
+                    raise ValueError("a ControlNet on this conditioning carries hooks (from a hook node), which "
+                                     "these samplers cannot run; use ComfyUI's KSampler for it")
+                if id(control) not in adapters:
+                    adapters[id(control)] = _comfy_control_adapter()(control)
+                entry = [entry[0], {**options, "control": adapters[id(control)]}]
+            entries.append(entry)
+        out.append(entries)
+    return (*out, [adapter.control for adapter in adapters.values()])
+
+
+def control_patchers(controls: Sequence) -> list:
+    """The ModelPatchers of ComfyUI's control objects' networks, to load with the UNet."""
+    return [patcher for control in controls for patcher in control.get_models()]
+
+
+def control_memory(controls: Sequence, dtype: torch.dtype) -> int:
+    return int(sum(control.inference_memory_requirements(dtype) for control in controls))
+
+
+def pre_run_controls(controls: Sequence, patcher) -> None:
+    """ComfyUI's `pre_run` of each control on the MODEL's diffusion model, with its percent -> sigma function."""
+    base_model = patcher.model
+    model_sampling = base_model.model_sampling
+    for control in controls:
+        control.pre_run(base_model, lambda percent: model_sampling.percent_to_sigma(percent))
+
+
+def cleanup_controls(controls: Sequence) -> None:
+    for control in controls:
+        control.cleanup()

@@ -117,22 +117,26 @@ def _activation_bytes(model, latent: dict, branches: int = 2) -> int:
     return unet_activation_bytes(model.unet, branches * batch, height, width)
 
 
-def _stage(model, latent: dict, positive: list, negative: list, node: str):
-    """(our SDXLModel, whether it was borrowed from a ComfyUI MODEL): a ComfyUI MODEL is loaded by ComfyUI now, with
-    room for this latent's activations, and our UNet is built around its loaded weights for this run."""
+def _stage(model, latent: dict, positive: list, negative: list, node: str, controls: list):
+    """(our SDXLModel, whether it was borrowed from a ComfyUI MODEL, ComfyUI's MODEL for the `controls` or None).
+
+    A ComfyUI MODEL is loaded by ComfyUI now (with the controls' networks and room for this latent's activations)
+    and our UNet is built around its loaded weights for this run. ComfyUI's own ControlNet objects need ComfyUI's
+    model of the UNet they steer: the MODEL itself, or for our model the one sharing its weights."""
     if not comfy_host.is_comfy_model(model):
-        return model, False
+        return model, False, (comfy_host.comfy_model_from_core(model, node) if controls else None)
     samples = latent.get("samples") if isinstance(latent, dict) else None
-    memory = 0
+    memory = comfy_host.control_memory(controls, model.model_dtype())
     if isinstance(samples, torch.Tensor) and samples.ndim == 4:
         branches = (len(positive) if isinstance(positive, list) else 1) + \
             (len(negative) if isinstance(negative, list) else 1)
-        memory = comfy_host.model_memory_required(model, samples.shape, branches)
-    return comfy_host.core_stage_from_comfy_model(model, node, memory), True
+        memory += comfy_host.model_memory_required(model, samples.shape, branches)
+    stage = comfy_host.core_stage_from_comfy_model(model, node, memory, comfy_host.control_patchers(controls))
+    return stage, True, model
 
 
 def _run(model, latent: dict, positive: list, negative: list, total_steps: int, settings: SamplingSettings,
-         borrowed: bool = False, **step_range) -> tuple[dict]:
+         borrowed: bool = False, controls: list = (), comfy_model=None, **step_range) -> tuple[dict]:
     """Validate the conditioning, put the UNet on the device, sample with per-step progress and interruption."""
     from sdxl_core.sampling.ksampler import sample_latent, validate_conditioning_for
     from sdxl_core.sampling.samplers import SamplingCancelled
@@ -140,19 +144,27 @@ def _run(model, latent: dict, positive: list, negative: list, total_steps: int, 
     validate_conditioning_for(model, positive, "positive")
     validate_conditioning_for(model, negative, "negative")
     if not borrowed:  # a ComfyUI MODEL was placed by ComfyUI when it was borrowed (_stage)
-        comfy_host.prepare_networks([model.unet], role="unet",
-                                    memory_required=_activation_bytes(model, latent, len(positive) + len(negative)))
+        memory = _activation_bytes(model, latent, len(positive) + len(negative))
+        if controls:
+            memory += comfy_host.control_memory(controls, comfy_model.model_dtype())
+        comfy_host.prepare_networks([model.unet], role="unet", memory_required=memory,
+                                    extra_patchers=comfy_host.control_patchers(controls))
     progress = comfy_host.StepProgress(total_steps)
 
     def on_step(info: dict) -> None:
         progress.update(info["i"] + 1, info["denoised"])
 
+    if controls:
+        comfy_host.pre_run_controls(controls, comfy_model)
     try:
         out = sample_latent(model, latent, positive, negative, settings, callback=on_step,
                             cancel=comfy_host.interrupted, **step_range)
     except SamplingCancelled:
         comfy_host.raise_if_interrupted()  # ComfyUI's own exception, so the run ends as "interrupted"
         raise
+    finally:
+        if controls:
+            comfy_host.cleanup_controls(controls)
     result = {key: value for key, value in out.items() if key != HANDOFF_KEY}
     return ({**result, "samples": out["samples"].to(comfy_host.output_device())},)
 
@@ -203,7 +215,8 @@ class BaseSampler:
                unique_id=None):
         _check_base(steps, end_at_step, denoise, bool(leftover_noise), cfg)
         check_widgets(BaseSampler, sampler_name=sampler_name, scheduler=scheduler)
-        model, borrowed = _stage(model, latent_image, positive, negative, "SDXL Base Sampler")
+        positive, negative, controls = comfy_host.adapt_comfy_controls(positive, negative)
+        model, borrowed, comfy_model = _stage(model, latent_image, positive, negative, "SDXL Base Sampler", controls)
         require_stage(model, "base", "SDXL Base Sampler")
         end = end_at_step if end_at_step < steps else None
         leftover = bool(leftover_noise) and end is not None
@@ -211,8 +224,8 @@ class BaseSampler:
                                       leftover, _check_refiner)
         settings = SamplingSettings(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
                                     denoise=denoise)
-        (latent,) = _run(model, latent_image, positive, negative, end or steps, settings, borrowed, end_step=end,
-                         return_with_leftover_noise=leftover)
+        (latent,) = _run(model, latent_image, positive, negative, end or steps, settings, borrowed, controls,
+                         comfy_model, end_step=end, return_with_leftover_noise=leftover)
         if leftover:
             latent[HANDOFF_KEY] = {"steps": steps, "end_at_step": end, "scheduler": scheduler}
         return (latent,)
@@ -254,7 +267,9 @@ class RefinerSampler:
                scheduler: str, start_at_step: int, denoise: float = 1.0):
         _check_refiner(steps, start_at_step, denoise, cfg)
         check_widgets(RefinerSampler, sampler_name=sampler_name, scheduler=scheduler)
-        model, borrowed = _stage(model, latent_image, positive, negative, "SDXL Latent Refiner")
+        positive, negative, controls = comfy_host.adapt_comfy_controls(positive, negative)
+        model, borrowed, comfy_model = _stage(model, latent_image, positive, negative, "SDXL Latent Refiner",
+                                              controls)
         require_stage(model, "refiner", "SDXL Latent Refiner")
         _check_handoff(latent_image, steps, start_at_step, scheduler)
         # A handoff continues the base's own noise; a strength-based refine starts from clean pixels and needs fresh
@@ -263,7 +278,7 @@ class RefinerSampler:
         settings = SamplingSettings(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
                                     denoise=denoise)
         return _run(model, latent_image, positive, negative, max(steps - start_at_step, 1), settings, borrowed,
-                    start_step=start_at_step, add_noise=not handoff)
+                    controls, comfy_model, start_step=start_at_step, add_noise=not handoff)
 
 
 NODE_CLASS_MAPPINGS = {
