@@ -64,7 +64,8 @@ def register() -> None:
             super().__init__(device=device, layer="hidden", layer_idx=-2, textmodel_json_config=copy.deepcopy(json_g),
                              dtype=dtype, special_tokens={"start": 49406, "end": 49407, "pad": 0},
                              layer_norm_hidden_state=False, return_projected_pooled=True,
-                             model_class=ProjectedCLIPTextModel, model_options={**model_options, "model_name": "clip_g"})
+                             model_class=ProjectedCLIPTextModel,
+                             model_options={**model_options, "model_name": "clip_g"})
 
     class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006
