@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import types
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -308,21 +309,29 @@ def _comfy(name: str):
     return importlib.import_module(name)
 
 
+def _comfy_class(module: str, name: str):
+    """A class of ComfyUI's, if its module is loaded (no import: an object of it exists only once it is)."""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name, None) if loaded is not None else None
+
+
+def _is_comfy(value, module: str, name: str) -> bool:
+    cls = _comfy_class(module, name)
+    return cls is not None and isinstance(value, cls)
+
+
 def is_comfy_model(value) -> bool:
     """True for a ComfyUI MODEL (a ModelPatcher around one of ComfyUI's diffusion models)."""
-    host = _load_host()
-    return host is not None and isinstance(value, host.model_patcher.ModelPatcher) and \
-        isinstance(getattr(value, "model", None), _comfy("comfy.model_base").BaseModel)
+    return _is_comfy(value, "comfy.model_patcher", "ModelPatcher") and \
+        _is_comfy(getattr(value, "model", None), "comfy.model_base", "BaseModel")
 
 
 def is_comfy_clip(value) -> bool:
-    host = _load_host()
-    return host is not None and isinstance(value, _comfy("comfy.sd").CLIP)
+    return _is_comfy(value, "comfy.sd", "CLIP")
 
 
 def is_comfy_vae(value) -> bool:
-    host = _load_host()
-    return host is not None and isinstance(value, _comfy("comfy.sd").VAE)
+    return _is_comfy(value, "comfy.sd", "VAE")
 
 
 def _unsupported_patches(patcher, allowed_object_patches: frozenset = frozenset()) -> list[str]:
@@ -765,10 +774,9 @@ def _comfy_control_adapter():
 def adapt_comfy_controls(*conditionings: list) -> tuple[list, ...]:
     """The conditionings with each of ComfyUI's own control objects replaced by one core adapter (entries sharing
     an object share its adapter, so they still batch together), plus the list of those ComfyUI objects."""
-    host = _load_host()
-    if host is None:
+    control_class = _comfy_class("comfy.controlnet", "ControlBase")
+    if control_class is None:
         return (*conditionings, [])
-    controlnet = _comfy("comfy.controlnet")
     adapters, out = {}, []
     for conditioning in conditionings:
         if not isinstance(conditioning, list):
@@ -778,7 +786,7 @@ def adapt_comfy_controls(*conditionings: list) -> tuple[list, ...]:
         for entry in conditioning:
             options = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
             control = options.get("control") if isinstance(options, dict) else None
-            if isinstance(control, controlnet.ControlBase):
+            if isinstance(control, control_class):
                 if control.get_extra_hooks():
                     raise ValueError("a ControlNet on this conditioning carries hooks (from a hook node), which "
                                      "these samplers cannot run; use ComfyUI's KSampler for it")
