@@ -260,6 +260,13 @@ def case_controlnet():
     ours = node("BaseSampler").sample(base, *controlled, latent, SEED, STEPS, CFG, "euler", "normal", STEPS, True,
                                       1.0)[0]["samples"]
     out["effect"] = diff(ours, plain)
+    # The legacy Apply ControlNet: on the positive only, copied to the negative by the sampler.
+    legacy = comfy_nodes.ControlNetApply().apply_controlnet(positive, controlnet, image, 0.7)[0]
+    core = comfy_nodes.KSamplerAdvanced().sample(base, "enable", SEED, STEPS, CFG, "euler", "normal", legacy,
+                                                 negative, latent, 0, STEPS, "disable")[0]["samples"]
+    ours_legacy = node("BaseSampler").sample(base, legacy, negative, latent, SEED, STEPS, CFG, "euler", "normal",
+                                             STEPS, True, 1.0)[0]["samples"]
+    out["legacy"] = {"ours_vs_core": relative(ours_legacy, core), "effect": diff(core, plain)}
     out["cleaned_up"] = controlled[0][0][1]["control"].cond_hint is None
     return out
 

@@ -114,3 +114,8 @@ def test_comfyui_controlnet_in_our_sampler_equals_core_ksampler(results, setting
     assert entry["our_model_vs_core"] < SAMPLER_RELATIVE  # our SDXL_MODEL, core KSampler on its SDXL to ComfyUI
     assert entry["same_weights"] == 0.0
     assert result["effect"] > 1.0 and result["cleaned_up"]
+
+
+def test_legacy_apply_controlnet_reaches_the_negative_as_in_comfyui(results):
+    legacy = _case(results, "controlnet")["legacy"]
+    assert legacy["ours_vs_core"] < SAMPLER_RELATIVE and legacy["effect"] > 1.0
