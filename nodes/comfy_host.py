@@ -589,13 +589,15 @@ def comfy_objects_from_core(model, vae=None, node: str = "SDXL to ComfyUI"):
         raise RuntimeError(f"the {node} node makes ComfyUI objects and runs only inside ComfyUI")
     vae = model.vae if vae is None else vae
     patcher = comfy_model_from_core(model, node)
-    clip = model.clip_g.__dict__.get(_COMFY_ATTRIBUTE)
+    # One CLIP holds both text encoders: it fits only the pair it was made from (a LoRA may replace just one).
+    made = model.clip_g.__dict__.get(_COMFY_ATTRIBUTE)
+    clip = made[0] if made is not None and made[1] is model.clip_l else None
     if clip is None:
         model_config, sd = _comfy_model_config(model)
         clip = _comfy_clip_from_core(host, model, model_config, sd, node)
         for network in (model.clip_g, model.clip_l):
             if network is not None:
-                network.__dict__[_COMFY_ATTRIBUTE] = clip
+                network.__dict__[_COMFY_ATTRIBUTE] = (clip, model.clip_l)
                 _set_patcher(host, network, clip.patcher)
     comfy_vae = vae.__dict__.get(_COMFY_ATTRIBUTE)
     if comfy_vae is None:

@@ -11,6 +11,7 @@ import sys
 import traceback
 
 COMFY, REPO, MODELS = sys.argv[1:4]
+CHOSEN = sys.argv[4:]
 sys.path.insert(0, COMFY)
 sys.argv = ["main.py", "--cpu"]
 
@@ -197,6 +198,27 @@ def case_comfy_out():
                                                            for t in ours_base.unet.parameters())}
 
 
+def case_release():
+    """Once ComfyUI lets go of the outputs, nothing keeps our converted model: no cache, no patcher."""
+    import gc
+    import weakref
+
+    ours_base = our_checkpoint("base")[0]  # (the loader's VAE output is the model's own)
+    model, clip, vae = node("ToComfy").convert(ours_base)
+    positive, negative = plain_conditioning(clip, PROMPT), plain_conditioning(clip, NEGATIVE)
+    latent = comfy_nodes.EmptyLatentImage().generate(W, H, 1)[0]
+    samples = comfy_nodes.KSamplerAdvanced().sample(model, "enable", SEED, 1, CFG, "euler", "normal", positive,
+                                                    negative, latent, 0, 1, "disable")[0]
+    comfy_nodes.VAEDecode().decode(vae, samples)
+    loaded = len(mm.current_loaded_models)
+    refs = [weakref.ref(x) for x in (ours_base.unet, ours_base.clip_g, ours_base.vae, model, clip.patcher)]
+    del ours_base, model, clip, vae, positive, negative, samples
+    gc.collect()
+    mm.cleanup_models_gc()
+    return {"loaded_while_used": loaded, "alive": [r() is not None for r in refs],
+            "loaded_after": len([m for m in mm.current_loaded_models if m.model is not None])}
+
+
 def case_refusals():
     base, base_clip, vae = comfy_checkpoint("base")
     refiner, _, _ = comfy_checkpoint("refiner")
@@ -273,7 +295,7 @@ def case_controlnet():
 
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 
-for name in sys.argv[4:] or CASES:
+for name in CHOSEN or CASES:
     try:
         result = CASES[name]()
     except Exception:  # noqa: BLE001 - reported to the test, which fails on it

@@ -96,6 +96,12 @@ def test_sdxl_to_comfyui_runs_core_nodes_on_our_tensors(results):
     assert result["unet_bytes"] <= result["model_size"] < result["unet_bytes"] * 1.01
 
 
+def test_converted_objects_are_released_with_our_model(results):
+    result = _case(results, "release")
+    assert result["loaded_while_used"] >= 3  # MODEL, CLIP and VAE counted while used
+    assert result["alive"] == [False] * 5 and result["loaded_after"] == 0
+
+
 def test_patches_our_core_cannot_run_are_refused_by_name(results):
     result = _case(results, "refusals")
     assert "attention replacements (transformer_options patches_replace" in result["attention"]
