@@ -219,6 +219,52 @@ def case_release():
             "loaded_after": len([m for m in mm.current_loaded_models if m.model is not None])}
 
 
+def case_queue_validation():
+    """ComfyUI's own queue-time validation (execution.validate_prompt) of graphs mixing ComfyUI's model types with
+    our sockets: the comma-joined types take either, and a type neither side declares is still refused."""
+    import asyncio
+
+    import execution
+
+    comfy_nodes.NODE_CLASS_MAPPINGS.update(pack.NODE_CLASS_MAPPINGS)  # as ComfyUI registers a custom node pack
+    ckpt = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sdxl_base.safetensors"}}
+    ours = {"class_type": "SDXLTwoStage.CheckpointLoader",
+            "inputs": {"ckpt_name": "tiny_sdxl_base.safetensors", "weight_dtype": "default"}}
+    save = {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "x"}}
+    latent = {"class_type": "EmptyLatentImage", "inputs": {"width": W, "height": H, "batch_size": 1}}
+    sampler = {"seed": SEED, "steps": STEPS, "cfg": CFG, "sampler_name": "euler", "scheduler": "normal"}
+    comfy_into_ours = {
+        "1": ckpt, "4": latent, "7": save,
+        "2": {"class_type": "SDXLTwoStage.TextEncodeBase",
+              "inputs": {"model": ["1", 1], "text_g": PROMPT, "text_l": "", "empty_prompt": "encode"}},
+        "3": {"class_type": "SDXLTwoStage.TextEncodeBase",
+              "inputs": {"model": ["1", 1], "text_g": NEGATIVE, "text_l": "", "empty_prompt": "encode"}},
+        "5": {"class_type": "SDXLTwoStage.BaseSampler",
+              "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+                         **sampler, "end_at_step": STEPS, "leftover_noise": False, "denoise": 1.0}},
+        "6": {"class_type": "SDXLTwoStage.VAEDecode", "inputs": {"vae": ["1", 2], "samples": ["5", 0],
+                                                               "tiling": "auto"}},
+    }
+    ours_into_comfy = {
+        "1": ours, "8": {"class_type": "SDXLTwoStage.ToComfy", "inputs": {"model": ["1", 0]}}, "4": latent,
+        "7": save,
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["8", 1], "text": PROMPT}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["8", 1], "text": NEGATIVE}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["8", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], **sampler, "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"vae": ["8", 2], "samples": ["5", 0]}},
+    }
+    wrong = {**ours_into_comfy, "6": {"class_type": "VAEDecode", "inputs": {"vae": ["1", 1], "samples": ["5", 0]}}}
+
+    def check(prompt):
+        valid, error, _, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
+        return {"valid": bool(valid), "errors": [e["type"] for entry in node_errors.values()
+                                                 for e in entry["errors"]]}
+
+    return {"comfy_into_ours": check(comfy_into_ours), "ours_into_comfy": check(ours_into_comfy),
+            "wrong": check(wrong)}
+
+
 def case_refusals():
     base, base_clip, vae = comfy_checkpoint("base")
     refiner, _, _ = comfy_checkpoint("refiner")

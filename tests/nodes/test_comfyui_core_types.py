@@ -96,6 +96,14 @@ def test_sdxl_to_comfyui_runs_core_nodes_on_our_tensors(results):
     assert result["unet_bytes"] <= result["model_size"] < result["unet_bytes"] * 1.01
 
 
+def test_comfyuis_queue_time_validation_accepts_either_type_in_our_sockets(results):
+    result = _case(results, "queue_validation")
+    assert result["comfy_into_ours"] == {"valid": True, "errors": []}
+    assert result["ours_into_comfy"] == {"valid": True, "errors": []}
+    # SDXL_VAE into core VAE Decode: only our own VAE sockets take both.
+    assert not result["wrong"]["valid"] and result["wrong"]["errors"] == ["return_type_mismatch"]
+
+
 def test_converted_objects_are_released_with_our_model(results):
     result = _case(results, "release")
     assert result["loaded_while_used"] >= 3  # MODEL, CLIP and VAE counted while used
