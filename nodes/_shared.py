@@ -18,6 +18,7 @@ from sdxl_core.dtypes import DTYPES_BY_NAME
 # connect on either side of ours.
 SDXL_MODEL = "SDXL_MODEL"
 SDXL_VAE = "SDXL_VAE"
+SDXL_CONTROL_NET = "SDXL_CONTROL_NET"  # an sdxl_core ControlNetModel (ComfyUI's own CONTROL_NET is another type)
 # Inputs that take our model or ComfyUI's own MODEL / CLIP / VAE (from Load Checkpoint, LoRA loaders, ...). ComfyUI
 # matches comma-joined types by overlap (comfy_execution/validation.py `validate_node_input`), and so does the
 # frontend when a link is drawn, so one socket takes either and saved workflows keep their links.

@@ -176,6 +176,13 @@ def _patcher_for(host: types.SimpleNamespace, network: torch.nn.Module, role: st
     return patcher
 
 
+def network_patchers(networks: Iterable[torch.nn.Module], role: str = "unet") -> list:
+    """ComfyUI's ModelPatchers placing these networks of ours (made on first use, as `prepare_networks` makes
+    them), to load together with others in one call; none outside ComfyUI."""
+    host = _load_host()
+    return [] if host is None else [_patcher_for(host, network, role) for network in networks]
+
+
 def prepare_networks(networks: Iterable[torch.nn.Module], role: str = "unet", memory_required: int = 0,
                      extra_patchers: Sequence = ()) -> None:
     """Make these networks resident on their compute device before use. Inside ComfyUI this goes through
@@ -269,6 +276,29 @@ def _comfy_taesd_previewer():
     if previewer is None:
         return None
     return previewer.decode_latent_to_preview
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The V3 node schema
+
+# The comfy_api version the pack's V3 nodes are written against: a pinned alias, not `latest`, so a ComfyUI update
+# that changes the newest API does not change these nodes (ComfyUI keeps old aliases importable).
+V3_API_VERSION = "v0_0_2"
+
+
+def v3_capable() -> bool:
+    """True inside a ComfyUI that serves V3 nodes: its node loader has imported comfy_api before loading packs
+    (ComfyUI 0.3.47 and later). Nothing is imported to find out, so the pack's import stays light elsewhere."""
+    return "comfy_api.latest" in sys.modules
+
+
+def v3_api() -> types.ModuleType:
+    """ComfyUI's V3 API at the pinned version (its `io` schema module and `ComfyExtension`)."""
+    try:
+        return importlib.import_module(f"comfy_api.{V3_API_VERSION}")
+    except ImportError as error:
+        raise RuntimeError(f"this ComfyUI has no comfy_api.{V3_API_VERSION} ({error}); the pack needs ComfyUI "
+                           "0.3.64 or later (see requires-comfyui in pyproject.toml)") from error
 
 
 # ---------------------------------------------------------------------------------------------------------------

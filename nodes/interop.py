@@ -13,6 +13,7 @@ from ._shared import CATEGORY, SDXL_MODEL, SDXL_VAE, node_id
 class ToComfy:
     """Hand our loaded SDXL stage to ComfyUI as its own MODEL, CLIP and VAE, on the same tensors."""
 
+    SEARCH_ALIASES = ("to comfyui", "model clip vae", "convert model", "ksampler model")
     DESCRIPTION = ("Turns a model from 'Load SDXL Checkpoint' (or 'Load SDXL LoRA') into ComfyUI's own MODEL, CLIP "
                    "and VAE, for core KSampler, Apply ControlNet, CLIP Text Encode SDXL and other packs' nodes. "
                    "Nothing is copied: ComfyUI's objects use this model's weight tensors, and ComfyUI's memory "

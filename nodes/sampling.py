@@ -131,24 +131,42 @@ def _stage(model, latent: dict, positive: list, negative: list, node: str, contr
         branches = (len(positive) if isinstance(positive, list) else 1) + \
             (len(negative) if isinstance(negative, list) else 1)
         memory += comfy_host.model_memory_required(model, samples.shape, branches)
-    stage = comfy_host.core_stage_from_comfy_model(model, node, memory, comfy_host.control_patchers(controls))
+    extra = [*comfy_host.control_patchers(controls),
+             *comfy_host.network_patchers(_pack_controlnets(positive, negative), role="unet")]
+    stage = comfy_host.core_stage_from_comfy_model(model, node, memory, extra)
     return stage, True, model
+
+
+def _pack_controlnets(positive, negative) -> list:
+    """The networks 'SDXL Apply ControlNet' put on well-formed conditioning (malformed ones are refused later, with
+    a sentence, by the conditioning check)."""
+    from sdxl_core.sampling.control import controlnets_in
+
+    def well_formed(conditioning) -> bool:
+        return isinstance(conditioning, list) and all(
+            isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)
+            for entry in conditioning)
+
+    return controlnets_in(positive, negative) if well_formed(positive) and well_formed(negative) else []
 
 
 def _run(model, latent: dict, positive: list, negative: list, total_steps: int, settings: SamplingSettings,
          borrowed: bool = False, controls: list = (), comfy_model=None, **step_range) -> tuple[dict]:
     """Validate the conditioning, put the UNet on the device, sample with per-step progress and interruption."""
+    from sdxl_core.sampling.control import controlnets_in
     from sdxl_core.sampling.ksampler import sample_latent, validate_conditioning_for
     from sdxl_core.sampling.samplers import SamplingCancelled
 
     validate_conditioning_for(model, positive, "positive")
     validate_conditioning_for(model, negative, "negative")
-    if not borrowed:  # a ComfyUI MODEL was placed by ComfyUI when it was borrowed (_stage)
+    # The ControlNets that 'SDXL Apply ControlNet' put on the conditioning run next to the UNet at every step; a
+    # borrowed ComfyUI MODEL was loaded with them (_stage), in one call, so neither evicts the other.
+    if not borrowed:
         memory = _activation_bytes(model, latent, len(positive) + len(negative))
         if controls:
             memory += comfy_host.control_memory(controls, comfy_model.model_dtype())
-        comfy_host.prepare_networks([model.unet], role="unet", memory_required=memory,
-                                    extra_patchers=comfy_host.control_patchers(controls))
+        comfy_host.prepare_networks([model.unet, *controlnets_in(positive, negative)], role="unet",
+                                    memory_required=memory, extra_patchers=comfy_host.control_patchers(controls))
     progress = comfy_host.StepProgress(total_steps)
 
     def on_step(info: dict) -> None:
@@ -172,6 +190,7 @@ def _run(model, latent: dict, positive: list, negative: list, total_steps: int, 
 class BaseSampler:
     """Run the SDXL base over steps 0..K of an N-step schedule and hand its latent on with the noise left in."""
 
+    SEARCH_ALIASES = ('ksampler', 'ksampler advanced', 'sampler', 'base sampler')
     DESCRIPTION = ("Denoises with the SDXL base. In the two-stage setup it runs the first K of N steps "
                    "(end_at_step) and passes a still-noisy latent to the SDXL Latent Refiner, which runs steps K..N "
                    "with the same seed, N, sampler and scheduler. With end_at_step = steps it finishes the image "
@@ -234,6 +253,7 @@ class BaseSampler:
 class RefinerSampler:
     """Run the SDXL refiner over steps K..N of the base's schedule, or refine a finished image by a strength."""
 
+    SEARCH_ALIASES = ('ksampler advanced', 'refiner', 'img2img', 'refine')
     DESCRIPTION = ("Denoises with the SDXL refiner, which was trained only on the last, low-noise part of the "
                    "schedule. Two-stage: wire in the base sampler's latent and set start_at_step to the base's "
                    "end_at_step K (no new noise is added). Refining a finished image: start_at_step 0 and a denoise "
