@@ -42,6 +42,8 @@ def _load(name: str, path: str):
 pack = _load("pack_under_test", f"{REPO}/__init__.py")  # as ComfyUI imports a custom node folder
 _load("tiny_sdxl_for_comfyui", f"{REPO}/tests/_comfyui_tiny_sdxl.py").register()
 host = sys.modules["pack_under_test.nodes.comfy_host"]
+# The nodes as declared (the V1 classes; inside ComfyUI the pack registers their V3 statement, see queue_validation).
+DECLARED = sys.modules["pack_under_test.nodes"].NODE_CLASS_MAPPINGS
 for folder in ("checkpoints", "loras", "controlnet"):
     folder_paths.add_model_folder_path(folder, f"{MODELS}/{folder}")
 host.set_standalone_model_folders({})
@@ -51,7 +53,7 @@ PROMPT, NEGATIVE = "a lighthouse on a cliff", "blurry"
 
 
 def node(name):
-    return pack.NODE_CLASS_MAPPINGS["SDXLTwoStage." + name]()
+    return DECLARED["SDXLTwoStage." + name]()
 
 
 def first(output):
@@ -226,7 +228,10 @@ def case_queue_validation():
 
     import execution
 
-    comfy_nodes.NODE_CLASS_MAPPINGS.update(pack.NODE_CLASS_MAPPINGS)  # as ComfyUI registers a custom node pack
+    # As ComfyUI registers a V3 pack (nodes.py load_custom_node): each node of the extension by its schema's id.
+    extension = asyncio.run(pack.comfy_entrypoint())
+    for node_class in asyncio.run(extension.get_node_list()):
+        comfy_nodes.NODE_CLASS_MAPPINGS[node_class.GET_SCHEMA().node_id] = node_class
     ckpt = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sdxl_base.safetensors"}}
     ours = {"class_type": "SDXLTwoStage.CheckpointLoader",
             "inputs": {"ckpt_name": "tiny_sdxl_base.safetensors", "weight_dtype": "default"}}
