@@ -12,7 +12,7 @@ import logging
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("loaders", "lora", "model_sampling", "text_encode", "micro_conditioning", "latent", "sampling",
-            "vae_nodes", "controlnet")
+            "vae_nodes", "controlnet", "interop")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

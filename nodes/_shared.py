@@ -14,11 +14,17 @@ import torch
 from sdxl_core.config import VAE_DOWNSCALE
 from sdxl_core.dtypes import DTYPES_BY_NAME
 
-# Our own socket types for our own model objects (core MODEL/CLIP/VAE are ComfyUI objects we do not produce).
-# IMAGE, LATENT and CONDITIONING are ComfyUI's own, so core nodes connect on either side of ours.
+# Our own socket types for our own model objects. IMAGE, LATENT and CONDITIONING are ComfyUI's own, so core nodes
+# connect on either side of ours.
 SDXL_MODEL = "SDXL_MODEL"
 SDXL_VAE = "SDXL_VAE"
-SDXL_CONTROL_NET = "SDXL_CONTROL_NET"  # an sdxl_core ControlNetModel (ComfyUI's CONTROL_NET runs in its own sampler)
+SDXL_CONTROL_NET = "SDXL_CONTROL_NET"  # an sdxl_core ControlNetModel (ComfyUI's own CONTROL_NET is another type)
+# Inputs that take our model or ComfyUI's own MODEL / CLIP / VAE (from Load Checkpoint, LoRA loaders, ...). ComfyUI
+# matches comma-joined types by overlap (comfy_execution/validation.py `validate_node_input`), and so does the
+# frontend when a link is drawn, so one socket takes either and saved workflows keep their links.
+MODEL_INPUT = f"{SDXL_MODEL},MODEL"
+CLIP_INPUT = f"{SDXL_MODEL},CLIP"
+VAE_INPUT = f"{SDXL_VAE},VAE"
 
 NODE_ID_PREFIX = "SDXLTwoStage."
 CATEGORY = "sdxl_two_stage"

@@ -10,7 +10,7 @@ from sdxl_core.sampling.schedules import SCHEDULERS
 from sdxl_core.sampling.settings import MAX_SEED, MAX_STEPS, TWO_STAGE_HANDOFF, TWO_STAGE_STEPS, SamplingSettings
 
 from . import comfy_host, graph_checks
-from ._shared import CATEGORY, SDXL_MODEL, check_widgets, node_id, require_stage, validation_result
+from ._shared import CATEGORY, MODEL_INPUT, check_widgets, node_id, require_stage, validation_result
 
 SAMPLER_NAMES = list(SAMPLERS)
 SCHEDULER_NAMES = list(SCHEDULERS)
@@ -36,9 +36,14 @@ _COMMON_TOOLTIPS = {
 }
 
 
+_COMFY_MODEL_TOOLTIP = (" ComfyUI's own MODEL of an SDXL checkpoint (Load Checkpoint, with LoRAs from any LoRA "
+                        "loader) works too; patches that change how the UNet computes (attention replacements, "
+                        "custom CFG functions) are refused.")
+
+
 def _sampling_inputs(model_tooltip: str) -> dict:
     return {
-        "model": (SDXL_MODEL, {"tooltip": model_tooltip}),
+        "model": (MODEL_INPUT, {"tooltip": model_tooltip + _COMFY_MODEL_TOOLTIP}),
         "positive": ("CONDITIONING", {"tooltip": _COMMON_TOOLTIPS["positive"]}),
         "negative": ("CONDITIONING", {"tooltip": _COMMON_TOOLTIPS["negative"]}),
         "latent_image": ("LATENT", {"tooltip": "The latent to denoise."}),
@@ -112,8 +117,41 @@ def _activation_bytes(model, latent: dict, branches: int = 2) -> int:
     return unet_activation_bytes(model.unet, branches * batch, height, width)
 
 
+def _stage(model, latent: dict, positive: list, negative: list, node: str, controls: list):
+    """(our SDXLModel, whether it was borrowed from a ComfyUI MODEL, ComfyUI's MODEL for the `controls` or None).
+
+    A ComfyUI MODEL is loaded by ComfyUI now (with the controls' networks and room for this latent's activations)
+    and our UNet is built around its loaded weights for this run. ComfyUI's own ControlNet objects need ComfyUI's
+    model of the UNet they steer: the MODEL itself, or for our model the one sharing its weights."""
+    if not comfy_host.is_comfy_model(model):
+        return model, False, (comfy_host.comfy_model_from_core(model, node) if controls else None)
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    memory = comfy_host.control_memory(controls, model.model_dtype())
+    if isinstance(samples, torch.Tensor) and samples.ndim == 4:
+        branches = (len(positive) if isinstance(positive, list) else 1) + \
+            (len(negative) if isinstance(negative, list) else 1)
+        memory += comfy_host.model_memory_required(model, samples.shape, branches)
+    extra = [*comfy_host.control_patchers(controls),
+             *comfy_host.network_patchers(_pack_controlnets(positive, negative), role="unet")]
+    stage = comfy_host.core_stage_from_comfy_model(model, node, memory, extra)
+    return stage, True, model
+
+
+def _pack_controlnets(positive, negative) -> list:
+    """The networks 'SDXL Apply ControlNet' put on well-formed conditioning (malformed ones are refused later, with
+    a sentence, by the conditioning check)."""
+    from sdxl_core.sampling.control import controlnets_in
+
+    def well_formed(conditioning) -> bool:
+        return isinstance(conditioning, list) and all(
+            isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)
+            for entry in conditioning)
+
+    return controlnets_in(positive, negative) if well_formed(positive) and well_formed(negative) else []
+
+
 def _run(model, latent: dict, positive: list, negative: list, total_steps: int, settings: SamplingSettings,
-         **step_range) -> tuple[dict]:
+         borrowed: bool = False, controls: list = (), comfy_model=None, **step_range) -> tuple[dict]:
     """Validate the conditioning, put the UNet on the device, sample with per-step progress and interruption."""
     from sdxl_core.sampling.control import controlnets_in
     from sdxl_core.sampling.ksampler import sample_latent, validate_conditioning_for
@@ -121,20 +159,30 @@ def _run(model, latent: dict, positive: list, negative: list, total_steps: int, 
 
     validate_conditioning_for(model, positive, "positive")
     validate_conditioning_for(model, negative, "negative")
-    # The ControlNets that 'SDXL Apply ControlNet' put on the conditioning run next to the UNet at every step.
-    comfy_host.prepare_networks([model.unet, *controlnets_in(positive, negative)], role="unet",
-                                memory_required=_activation_bytes(model, latent, len(positive) + len(negative)))
+    # The ControlNets that 'SDXL Apply ControlNet' put on the conditioning run next to the UNet at every step; a
+    # borrowed ComfyUI MODEL was loaded with them (_stage), in one call, so neither evicts the other.
+    if not borrowed:
+        memory = _activation_bytes(model, latent, len(positive) + len(negative))
+        if controls:
+            memory += comfy_host.control_memory(controls, comfy_model.model_dtype())
+        comfy_host.prepare_networks([model.unet, *controlnets_in(positive, negative)], role="unet",
+                                    memory_required=memory, extra_patchers=comfy_host.control_patchers(controls))
     progress = comfy_host.StepProgress(total_steps)
 
     def on_step(info: dict) -> None:
         progress.update(info["i"] + 1, info["denoised"])
 
+    if controls:
+        comfy_host.pre_run_controls(controls, comfy_model)
     try:
         out = sample_latent(model, latent, positive, negative, settings, callback=on_step,
                             cancel=comfy_host.interrupted, **step_range)
     except SamplingCancelled:
         comfy_host.raise_if_interrupted()  # ComfyUI's own exception, so the run ends as "interrupted"
         raise
+    finally:
+        if controls:
+            comfy_host.cleanup_controls(controls)
     result = {key: value for key, value in out.items() if key != HANDOFF_KEY}
     return ({**result, "samples": out["samples"].to(comfy_host.output_device())},)
 
@@ -186,6 +234,8 @@ class BaseSampler:
                unique_id=None):
         _check_base(steps, end_at_step, denoise, bool(leftover_noise), cfg)
         check_widgets(BaseSampler, sampler_name=sampler_name, scheduler=scheduler)
+        positive, negative, controls = comfy_host.adapt_comfy_controls(positive, negative)
+        model, borrowed, comfy_model = _stage(model, latent_image, positive, negative, "SDXL Base Sampler", controls)
         require_stage(model, "base", "SDXL Base Sampler")
         end = end_at_step if end_at_step < steps else None
         leftover = bool(leftover_noise) and end is not None
@@ -193,8 +243,8 @@ class BaseSampler:
                                       leftover, _check_refiner)
         settings = SamplingSettings(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
                                     denoise=denoise)
-        (latent,) = _run(model, latent_image, positive, negative, end or steps, settings, end_step=end,
-                         return_with_leftover_noise=leftover)
+        (latent,) = _run(model, latent_image, positive, negative, end or steps, settings, borrowed, controls,
+                         comfy_model, end_step=end, return_with_leftover_noise=leftover)
         if leftover:
             latent[HANDOFF_KEY] = {"steps": steps, "end_at_step": end, "scheduler": scheduler}
         return (latent,)
@@ -237,6 +287,9 @@ class RefinerSampler:
                scheduler: str, start_at_step: int, denoise: float = 1.0):
         _check_refiner(steps, start_at_step, denoise, cfg)
         check_widgets(RefinerSampler, sampler_name=sampler_name, scheduler=scheduler)
+        positive, negative, controls = comfy_host.adapt_comfy_controls(positive, negative)
+        model, borrowed, comfy_model = _stage(model, latent_image, positive, negative, "SDXL Latent Refiner",
+                                              controls)
         require_stage(model, "refiner", "SDXL Latent Refiner")
         _check_handoff(latent_image, steps, start_at_step, scheduler)
         # A handoff continues the base's own noise; a strength-based refine starts from clean pixels and needs fresh
@@ -244,8 +297,8 @@ class RefinerSampler:
         handoff = start_at_step > 0
         settings = SamplingSettings(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
                                     denoise=denoise)
-        return _run(model, latent_image, positive, negative, max(steps - start_at_step, 1), settings,
-                    start_step=start_at_step, add_noise=not handoff)
+        return _run(model, latent_image, positive, negative, max(steps - start_at_step, 1), settings, borrowed,
+                    controls, comfy_model, start_step=start_at_step, add_noise=not handoff)
 
 
 NODE_CLASS_MAPPINGS = {

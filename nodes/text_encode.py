@@ -9,11 +9,26 @@ them explicitly, put an "SDXL Micro-Conditioning" (and, for the refiner, "SDXL A
 from __future__ import annotations
 
 from . import comfy_host
-from ._shared import CATEGORY, SDXL_MODEL, conditioning_on, node_id, require_stage
+from ._shared import CATEGORY, CLIP_INPUT, conditioning_on, node_id, require_stage
 
+_COMFY_CLIP_TOOLTIP = (" ComfyUI's own CLIP of an SDXL checkpoint (Load Checkpoint, with LoRAs) works too; CLIP Set "
+                       "Last Layer and CLIP hooks are refused (SDXL reads the penultimate layer).")
 _EMPTY_PROMPT_TOOLTIP = ("What an empty prompt means. 'encode' (ComfyUI): the empty text is run through the text "
                          "encoders like any other. 'zeros' (the SDXL paper's code for an empty negative): all-zero "
                          "embeddings. Only matters when the text is blank.")
+
+
+def _text_encoders(model, kind: str, node: str):
+    """Our model with its text encoders placed on their device: our SDXL_MODEL, or a ComfyUI CLIP loaded by ComfyUI
+    and read through our encoders built around its tensors."""
+    if comfy_host.is_comfy_clip(model):
+        model = comfy_host.core_text_encoders_from_comfy_clip(model, node)
+        require_stage(model, kind, node)
+        return model
+    require_stage(model, kind, node)
+    networks = [model.clip_g] + ([model.clip_l] if model.clip_l is not None else [])
+    comfy_host.prepare_networks(networks, role="text_encoder")
+    return model
 
 
 class TextEncodeBase:
@@ -36,8 +51,9 @@ class TextEncodeBase:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (SDXL_MODEL, {"tooltip": "The SDXL base from 'Load SDXL Checkpoint'. The refiner cannot encode "
-                                              "for the base: use 'SDXL Refiner Text Encode' for it."}),
+            "model": (CLIP_INPUT, {"tooltip": "The SDXL base from 'Load SDXL Checkpoint'. The refiner cannot encode "
+                                              "for the base: use 'SDXL Refiner Text Encode' for it." +
+                                              _COMFY_CLIP_TOOLTIP}),
             "text_g": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                                   "tooltip": "Prompt for OpenCLIP bigG, the larger encoder: its embedding and its "
                                              "pooled summary drive composition and subject. Put your full prompt "
@@ -51,9 +67,7 @@ class TextEncodeBase:
     def encode(self, model, text_g: str, text_l: str, empty_prompt: str = "encode"):
         from sdxl_core.pipeline import encode_base_conditioning
 
-        require_stage(model, "base", "SDXL Base Text Encode")
-        networks = [model.clip_g] + ([model.clip_l] if model.clip_l is not None else [])
-        comfy_host.prepare_networks(networks, role="text_encoder")
+        model = _text_encoders(model, "base", "SDXL Base Text Encode")
         conditioning = encode_base_conditioning(model, text_g, text_l if text_l.strip() else None,
                                                 empty_prompt=empty_prompt,
                                                 embeddings=comfy_host.embedding_directories())
@@ -77,8 +91,8 @@ class TextEncodeRefiner:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (SDXL_MODEL, {"tooltip": "The SDXL refiner from 'Load SDXL Checkpoint'. The base's encoders "
-                                              "give conditioning the refiner cannot read."}),
+            "model": (CLIP_INPUT, {"tooltip": "The SDXL refiner from 'Load SDXL Checkpoint'. The base's encoders "
+                                              "give conditioning the refiner cannot read." + _COMFY_CLIP_TOOLTIP}),
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                                 "tooltip": "The prompt, usually the same text as the base's text_g (or its "
                                            "negative). Supports (word:1.2) weighting and embedding:name (the "
@@ -89,8 +103,7 @@ class TextEncodeRefiner:
     def encode(self, model, text: str, empty_prompt: str = "encode"):
         from sdxl_core.pipeline import encode_refiner_conditioning
 
-        require_stage(model, "refiner", "SDXL Refiner Text Encode")
-        comfy_host.prepare_networks([model.clip_g], role="text_encoder")
+        model = _text_encoders(model, "refiner", "SDXL Refiner Text Encode")
         conditioning = encode_refiner_conditioning(model, text, empty_prompt=empty_prompt,
                                                    embeddings=comfy_host.embedding_directories())
         return (conditioning_on(conditioning, comfy_host.output_device()),)

@@ -135,7 +135,11 @@ def _input(io: Any, node_id: str, name: str, spec: tuple, optional: bool):
     if kind in _WIDGETS:
         class_name, known = _WIDGETS[kind]
         return getattr(io, class_name).Input(name, optional=optional, **_arguments(node_id, name, options, known))
-    return _socket(io, kind).Input(name, optional=optional, **_arguments(node_id, name, options, _SOCKET_OPTIONS))
+    arguments = _arguments(node_id, name, options, _SOCKET_OPTIONS)
+    if "," in kind:  # a socket taking several types (ours or ComfyUI's own, nodes/_shared.py MODEL_INPUT)
+        return io.MultiType.Input(name, types=[_socket(io, part.strip()) for part in kind.split(",")],
+                                  optional=optional, **arguments)
+    return _socket(io, kind).Input(name, optional=optional, **arguments)
 
 
 def _outputs(io: Any, node_id: str, declared: type) -> list:

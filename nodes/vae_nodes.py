@@ -4,7 +4,7 @@ automatically when memory is short (the core's `vae_decoding` plans tiles and re
 from __future__ import annotations
 
 from . import comfy_host
-from ._shared import CATEGORY, SDXL_VAE, check_widgets, node_id
+from ._shared import CATEGORY, VAE_INPUT, check_widgets, node_id
 
 TILING = {"auto": None, "always": True, "never": False}
 _TILING_TOOLTIP = ("'auto' processes the whole image at once and switches to overlapping tiles when memory would "
@@ -12,12 +12,16 @@ _TILING_TOOLTIP = ("'auto' processes the whole image at once and switches to ove
                    "to tile and fails instead when memory runs out.")
 
 
+_VAE_TOOLTIP = ("The SDXL VAE: the checkpoint loader's vae output or 'Load SDXL VAE'; ComfyUI's own VAE of an SDXL "
+                "checkpoint (Load Checkpoint, Load VAE) works too.")
+
+
 def _vae_module(vae):
     from sdxl_core.models.vae import AutoencoderKL
 
     if not isinstance(vae, AutoencoderKL):
-        raise ValueError(f"expected an SDXL VAE from 'Load SDXL Checkpoint' or 'Load SDXL VAE', got "
-                         f"{type(vae).__name__}; ComfyUI's own VAE goes into ComfyUI's VAE Decode/Encode nodes")
+        raise ValueError(f"expected an SDXL VAE from 'Load SDXL Checkpoint', 'Load SDXL VAE' or ComfyUI's Load "
+                         f"Checkpoint / Load VAE, got {type(vae).__name__}")
     return vae
 
 
@@ -47,7 +51,7 @@ class VAEDecode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": (SDXL_VAE, {"tooltip": "The SDXL VAE: the checkpoint loader's vae output or 'Load SDXL VAE'."}),
+            "vae": (VAE_INPUT, {"tooltip": _VAE_TOOLTIP}),
             "samples": ("LATENT", {"tooltip": "The latent to decode (from a sampler, or any SDXL LATENT)."}),
             "tiling": (list(TILING), {"default": "auto", "tooltip": _TILING_TOOLTIP}),
         }}
@@ -57,6 +61,14 @@ class VAEDecode:
         from sdxl_core.runtime.vae_decoding import estimate_decode_bytes
 
         check_widgets(VAEDecode, tiling=tiling)
+        latents = samples["samples"] if isinstance(samples, dict) and "samples" in samples else None
+        if comfy_host.is_comfy_vae(vae):
+            memory = 0
+            if latents is not None and latents.ndim == 4 and TILING[tiling] is not True:
+                memory = comfy_host.vae_memory_required(vae, latents.shape, decode=True)
+            vae = comfy_host.core_vae_from_comfy_vae(vae, "SDXL VAE Decode", memory)
+            comfy_host.raise_if_interrupted()
+            return (decode(vae, samples, tiled=TILING[tiling]).to(comfy_host.output_device()),)
         vae = _vae_module(vae)
         latents = samples["samples"] if isinstance(samples, dict) and "samples" in samples else None
         memory = 0
@@ -83,7 +95,7 @@ class VAEEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": (SDXL_VAE, {"tooltip": "The SDXL VAE: the checkpoint loader's vae output or 'Load SDXL VAE'."}),
+            "vae": (VAE_INPUT, {"tooltip": _VAE_TOOLTIP}),
             "pixels": ("IMAGE", {"tooltip": "The image(s) to encode, e.g. from Load Image; width and height must be "
                                             "multiples of 8."}),
             "tiling": (list(TILING), {"default": "auto", "tooltip": _TILING_TOOLTIP}),
@@ -94,12 +106,18 @@ class VAEEncode:
         from sdxl_core.runtime.vae_decoding import estimate_encode_bytes
 
         check_widgets(VAEEncode, tiling=tiling)
-        vae = _vae_module(vae)
-        memory = 0
-        if pixels.ndim == 4:
-            memory = _untiled_memory(vae, tiling, estimate_encode_bytes, pixels.shape[0], pixels.shape[1],
-                                     pixels.shape[2])
-        comfy_host.prepare_networks([vae], role="vae", memory_required=memory)
+        if comfy_host.is_comfy_vae(vae):
+            memory = 0
+            if pixels.ndim == 4 and TILING[tiling] is not True:
+                memory = comfy_host.vae_memory_required(vae, pixels.movedim(-1, 1).shape, decode=False)
+            vae = comfy_host.core_vae_from_comfy_vae(vae, "SDXL VAE Encode", memory)
+        else:
+            vae = _vae_module(vae)
+            memory = 0
+            if pixels.ndim == 4:
+                memory = _untiled_memory(vae, tiling, estimate_encode_bytes, pixels.shape[0], pixels.shape[1],
+                                         pixels.shape[2])
+            comfy_host.prepare_networks([vae], role="vae", memory_required=memory)
         comfy_host.raise_if_interrupted()
         # No seed: the posterior mean, as ComfyUI's own VAEEncode returns (one image, one latent, as its cache
         # expects), so the two encode nodes give the same latent.

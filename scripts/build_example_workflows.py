@@ -21,6 +21,8 @@ POSITIVE = ("a majestic lighthouse on a rocky coast at sunset, dramatic clouds, 
             "photograph")
 NEGATIVE = "blurry, low quality, watermark, text"
 BAKED_VAE = "baked into the checkpoint"  # nodes.loaders.BAKED_VAE (this script does not import the pack)
+# The model sockets' types (nodes/_shared.py MODEL_INPUT, CLIP_INPUT, VAE_INPUT): ours or ComfyUI's own.
+MODEL_INPUT, CLIP_INPUT, VAE_INPUT = "SDXL_MODEL,MODEL", "SDXL_MODEL,CLIP", "SDXL_VAE,VAE"
 REFINE_POSITIVE = "a detailed photograph, sharp focus, fine texture"
 
 # Where the frontend's missing-model dialog offers to download each checkpoint the examples name (Stability AI's
@@ -63,13 +65,13 @@ def _checkpoint_loader(id, pos, name, title):
 
 def _base_encode(id, pos, model, text, title, color):
     return Node(id, P + "TextEncodeBase", pos, (400, 275), [text, "", "encode"],
-                {"text_g": text, "text_l": "", "empty_prompt": "encode"}, inputs=[("model", "SDXL_MODEL", model)],
+                {"text_g": text, "text_l": "", "empty_prompt": "encode"}, inputs=[("model", CLIP_INPUT, model)],
                 outputs=[("CONDITIONING", "CONDITIONING")], title=title, **color)
 
 
 def _refiner_encode(id, pos, model, text, title, color):
     return Node(id, P + "TextEncodeRefiner", pos, (400, 265), [text, "encode"],
-                {"text": text, "empty_prompt": "encode"}, inputs=[("model", "SDXL_MODEL", model)],
+                {"text": text, "empty_prompt": "encode"}, inputs=[("model", CLIP_INPUT, model)],
                 outputs=[("CONDITIONING", "CONDITIONING")], title=title, **color)
 
 
@@ -95,7 +97,7 @@ def txt2img() -> tuple[list[Node], list[dict]]:
              [seed, "fixed", steps, cfg, "euler", "normal", handoff, True, 1.0],
              {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
               "end_at_step": handoff, "leftover_noise": True, "denoise": 1.0},
-             inputs=[("model", "SDXL_MODEL", (1, 0)), ("positive", "CONDITIONING", (6, 0)),
+             inputs=[("model", MODEL_INPUT, (1, 0)), ("positive", "CONDITIONING", (6, 0)),
                      ("negative", "CONDITIONING", (5, 0)), ("latent_image", "LATENT", (3, 0))],
              outputs=[("LATENT", "LATENT")]),
         _refiner_encode(8, (440, 800), (2, 0), POSITIVE, "Positive (refiner)", GREEN),
@@ -106,11 +108,11 @@ def txt2img() -> tuple[list[Node], list[dict]]:
              [seed, "fixed", steps, cfg, "euler", "normal", handoff, 1.0],
              {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
               "start_at_step": handoff, "denoise": 1.0},
-             inputs=[("model", "SDXL_MODEL", (2, 0)), ("positive", "CONDITIONING", (8, 0)),
+             inputs=[("model", MODEL_INPUT, (2, 0)), ("positive", "CONDITIONING", (8, 0)),
                      ("negative", "CONDITIONING", (10, 0)), ("latent_image", "LATENT", (7, 0))],
              outputs=[("LATENT", "LATENT")]),
         Node(12, P + "VAEDecode", (1660, 80), (260, 80), ["auto"], {"tiling": "auto"},
-             inputs=[("vae", "SDXL_VAE", (1, 1)), ("samples", "LATENT", (11, 0))], outputs=[("IMAGE", "IMAGE")]),
+             inputs=[("vae", VAE_INPUT, (1, 1)), ("samples", "LATENT", (11, 0))], outputs=[("IMAGE", "IMAGE")]),
         Node(13, "SaveImage", (1660, 220), (520, 560), ["sdxl_two_stage"], {"filename_prefix": "sdxl_two_stage"},
              inputs=[("images", "IMAGE", (12, 0))]),
     ]
@@ -128,18 +130,18 @@ def img2img_refine() -> tuple[list[Node], list[dict]]:
              outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")]),
         _checkpoint_loader(2, (20, 460), "sd_xl_refiner_1.0.safetensors", "Load SDXL Refiner"),
         Node(3, P + "VAEEncode", (440, 80), (260, 80), ["auto"], {"tiling": "auto"},
-             inputs=[("vae", "SDXL_VAE", (2, 1)), ("pixels", "IMAGE", (1, 0))], outputs=[("LATENT", "LATENT")]),
+             inputs=[("vae", VAE_INPUT, (2, 1)), ("pixels", "IMAGE", (1, 0))], outputs=[("LATENT", "LATENT")]),
         _refiner_encode(4, (440, 220), (2, 0), REFINE_POSITIVE, "Positive (refiner)", GREEN),
         _refiner_encode(5, (440, 550), (2, 0), NEGATIVE, "Negative (refiner)", RED),
         Node(6, P + "RefinerSampler", (880, 80), (340, 310),
              [seed, "fixed", steps, cfg, "euler", "normal", 0, denoise],
              {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
               "start_at_step": 0, "denoise": denoise},
-             inputs=[("model", "SDXL_MODEL", (2, 0)), ("positive", "CONDITIONING", (4, 0)),
+             inputs=[("model", MODEL_INPUT, (2, 0)), ("positive", "CONDITIONING", (4, 0)),
                      ("negative", "CONDITIONING", (5, 0)), ("latent_image", "LATENT", (3, 0))],
              outputs=[("LATENT", "LATENT")]),
         Node(7, P + "VAEDecode", (1260, 80), (260, 80), ["auto"], {"tiling": "auto"},
-             inputs=[("vae", "SDXL_VAE", (2, 1)), ("samples", "LATENT", (6, 0))], outputs=[("IMAGE", "IMAGE")]),
+             inputs=[("vae", VAE_INPUT, (2, 1)), ("samples", "LATENT", (6, 0))], outputs=[("IMAGE", "IMAGE")]),
         Node(8, "SaveImage", (1260, 220), (520, 560), ["sdxl_refined"], {"filename_prefix": "sdxl_refined"},
              inputs=[("images", "IMAGE", (7, 0))]),
     ]
@@ -151,7 +153,7 @@ def _base_sampler(id, pos, model, positive, negative, latent, steps, end_at_step
                 [seed, "fixed", steps, cfg, "euler", "normal", end_at_step, True, 1.0],
                 {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
                  "end_at_step": end_at_step, "leftover_noise": True, "denoise": 1.0},
-                inputs=[("model", "SDXL_MODEL", model), ("positive", "CONDITIONING", positive),
+                inputs=[("model", MODEL_INPUT, model), ("positive", "CONDITIONING", positive),
                         ("negative", "CONDITIONING", negative), ("latent_image", "LATENT", latent)],
                 outputs=[("LATENT", "LATENT")])
 
@@ -169,7 +171,7 @@ def inpaint() -> tuple[list[Node], list[dict]]:
              outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
              title="Picture (paint the mask in MaskEditor)"),
         Node(3, P + "VAEEncode", (440, 80), (260, 80), ["auto"], {"tiling": "auto"},
-             inputs=[("vae", "SDXL_VAE", (1, 1)), ("pixels", "IMAGE", (2, 0))], outputs=[("LATENT", "LATENT")]),
+             inputs=[("vae", VAE_INPUT, (1, 1)), ("pixels", "IMAGE", (2, 0))], outputs=[("LATENT", "LATENT")]),
         Node(4, "SetLatentNoiseMask", (440, 220), (260, 50), [], {},
              inputs=[("samples", "LATENT", (3, 0)), ("mask", "MASK", (2, 1))], outputs=[("LATENT", "LATENT")],
              title="Repaint only the masked part"),
@@ -177,7 +179,7 @@ def inpaint() -> tuple[list[Node], list[dict]]:
         _base_encode(6, (440, 650), (1, 0), NEGATIVE, "Negative (base)", RED),
         _base_sampler(7, (880, 80), (1, 0), (5, 0), (6, 0), (4, 0), steps, steps, seed, cfg),
         Node(8, P + "VAEDecode", (1260, 80), (260, 80), ["auto"], {"tiling": "auto"},
-             inputs=[("vae", "SDXL_VAE", (1, 1)), ("samples", "LATENT", (7, 0))], outputs=[("IMAGE", "IMAGE")]),
+             inputs=[("vae", VAE_INPUT, (1, 1)), ("samples", "LATENT", (7, 0))], outputs=[("IMAGE", "IMAGE")]),
         Node(9, "SaveImage", (1260, 220), (520, 560), ["sdxl_inpaint"], {"filename_prefix": "sdxl_inpaint"},
              inputs=[("images", "IMAGE", (8, 0))]),
     ]
@@ -226,11 +228,11 @@ def controlnet() -> tuple[list[Node], list[dict]]:
              [seed, "fixed", steps, cfg, "euler", "normal", handoff, 1.0],
              {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
               "start_at_step": handoff, "denoise": 1.0},
-             inputs=[("model", "SDXL_MODEL", (2, 0)), ("positive", "CONDITIONING", (12, 0)),
+             inputs=[("model", MODEL_INPUT, (2, 0)), ("positive", "CONDITIONING", (12, 0)),
                      ("negative", "CONDITIONING", (14, 0)), ("latent_image", "LATENT", (11, 0))],
              outputs=[("LATENT", "LATENT")]),
         Node(16, P + "VAEDecode", (1660, 80), (260, 80), ["auto"], {"tiling": "auto"},
-             inputs=[("vae", "SDXL_VAE", (1, 1)), ("samples", "LATENT", (15, 0))], outputs=[("IMAGE", "IMAGE")]),
+             inputs=[("vae", VAE_INPUT, (1, 1)), ("samples", "LATENT", (15, 0))], outputs=[("IMAGE", "IMAGE")]),
         Node(17, "SaveImage", (1660, 220), (520, 560), ["sdxl_controlnet"], {"filename_prefix": "sdxl_controlnet"},
              inputs=[("images", "IMAGE", (16, 0))]),
     ]
@@ -262,10 +264,12 @@ def to_ui(nodes: list[Node], groups: list[dict]) -> dict:
     links = []
     out_links: dict[tuple[int, int], list[int]] = {}
     in_links: dict[tuple[int, str], int] = {}
+    by_id = {node.id: node for node in nodes}
     for node in nodes:
-        for slot, (name, type_, (src, src_slot)) in enumerate(node.inputs):
+        for slot, (name, _, (src, src_slot)) in enumerate(node.inputs):
             link_id = len(links) + 1
-            links.append([link_id, src, src_slot, node.id, slot, type_])
+            # A link carries its source's type; the socket it enters may take several (e.g. "SDXL_MODEL,MODEL").
+            links.append([link_id, src, src_slot, node.id, slot, by_id[src].outputs[src_slot][1]])
             out_links.setdefault((src, src_slot), []).append(link_id)
             in_links[(node.id, name)] = link_id
     order = _order(nodes)

@@ -119,9 +119,58 @@ class ControlSchedule:
         self.links = [(link, percent_to_sigma(link.start_percent), percent_to_sigma(link.end_percent))
                       for link in application.chain()]
 
-    def at(self, sigma: float, chunks: int) -> ControlAtStep | None:
+    def at(self, sigma: float, chunks: int, x: torch.Tensor | None = None,
+           sigmas: torch.Tensor | None = None) -> ControlAtStep | None:
+        """The chain at `sigma` for a call of `chunks` batched entries (`x`, `sigmas`: that call's model input and
+        per-item sigma, which an ExternalControl needs and these links do not)."""
         active = [link for link, sigma_start, sigma_end in self.links if sigma_end <= sigma <= sigma_start]
         return ControlAtStep(active, chunks) if active else None
+
+
+class ExternalControl:
+    """A control run by code outside this core, e.g. the ComfyUI pack driving ComfyUI's own ControlNet objects, so
+    the core stays free of that code. It stands under an entry's "control" option like a ControlNetApplication and
+    is used the same way: `prepare` once per sampling run (checks, and what it needs of the UNet), then `at` for
+    every UNet call of the entries that carry it, with that call's unscaled model input `x` and per-item `sigmas`;
+    it returns what the UNet call runs with its own scaled input, timestep, context and ADM vector (or None, when
+    it adds nothing at this sigma: it gates itself). Entries batch together only when they share the object."""
+
+    def prepare(self, schedule, unet_config, where: str) -> ExternalControl:
+        """Ready for a run on `schedule` with a UNet of `unet_config`; `where` names the entry in messages."""
+        raise NotImplementedError
+
+    def at(self, sigma: float, chunks: int, x: torch.Tensor | None = None,
+           sigmas: torch.Tensor | None = None) -> Callable | None:
+        raise NotImplementedError
+
+
+def input_block_count(unet_config) -> int:
+    """How many input blocks (and skip connections) the UNet of `unet_config` has: the input convolution, then per
+    level its res blocks and a downsampler, the deepest level without one."""
+    return len(unet_config.channel_mult) * (unet_config.num_res_blocks + 1)
+
+
+def residuals_from_lists(control: dict, num_input_blocks: int) -> ControlResiduals:
+    """ControlResiduals from the {"input", "middle", "output"} lists of the sgm / ComfyUI convention, where the UNet
+    pops each list from its end (ComfyUI `apply_control`): the input blocks take "input" last entry first, the middle
+    block the last "middle" entry, and the skips, deepest first, "output" last entry first, so a shorter list
+    reaches only the first input blocks, or the deepest skips."""
+    def listed(name: str) -> list:
+        values = control.get(name) or []
+        return list(values)
+
+    output, inputs, middle = listed("output"), listed("input"), listed("middle")
+    for name, values in (("output", output), ("input", inputs)):
+        if len(values) > num_input_blocks:
+            raise ValueError(f"the control gives {len(values)} {name!r} residuals for a UNet with {num_input_blocks} "
+                             "input blocks; it was made for another UNet")
+    skips = ()
+    if output:
+        skips = tuple([None] * (num_input_blocks - len(output)) + output)
+    adds = ()
+    if inputs:
+        adds = tuple(list(reversed(inputs)) + [None] * (num_input_blocks - len(inputs)))
+    return ControlResiduals(skips, middle[-1] if middle else None, adds)
 
 
 def apply_controlnet(positive: list, negative: list, network: ControlNetModel, image: torch.Tensor,
@@ -179,10 +228,12 @@ def control_schedule(control: object, schedule, unet_config, where: str) -> Cont
     """The sampler's view of an entry's "control" option: checked against the UNet and resolved on `schedule`
     (anything with `percent_to_sigma`). Entries that share an application share one ControlSchedule, so they
     still batch together."""
+    if isinstance(control, ExternalControl):
+        return control.prepare(schedule, unet_config, where)
     if not isinstance(control, ControlNetApplication):
         raise ValueError(f"{where} carries a {type(control).__name__} under 'control', which the sdxl_core sampler "
-                         "cannot run (ComfyUI's own ControlNet objects are not supported by these samplers yet); "
-                         "apply the ControlNet with sdxl_core's apply_controlnet, or sample with ComfyUI's KSampler")
+                         "cannot run; apply the ControlNet with sdxl_core's apply_controlnet (in ComfyUI, the pack's "
+                         "samplers adapt ComfyUI's own ControlNet objects)")
     check_control_fits(control, unet_config, where)
     cached = control._schedule
     if cached is None or cached[0] is not schedule:

@@ -40,9 +40,10 @@ class WeightedConditioning:
     strength: float = 1.0
     sigma_start: float = math.inf  # the entry sits out while sigma is above this ...
     sigma_end: float = 0.0  # ... or below this
-    # Model input that is not a tensor: `control.at(sigma, chunks)` gives the denoiser's `control=` argument for one
-    # call of `chunks` batched entries, or None (sampling/control.py `ControlSchedule`). Entries batch together only
-    # when they share the same control object, as in ComfyUI.
+    # Model input that is not a tensor: `control.at(sigma, chunks, x=, sigmas=)` gives the denoiser's `control=`
+    # argument for one call of `chunks` batched entries (x, sigmas: that call's input), or None (sampling/control.py
+    # `ControlSchedule`, `ExternalControl`). Entries batch together only when they share the same control object, as
+    # in ComfyUI.
     control: object | None = None
     # Where the entry applies (sampling/regions.py Region: an area and/or mask); None = the whole latent.
     region: Region | None = None
@@ -138,15 +139,17 @@ class CFGDenoiser:
         x0s: list[torch.Tensor | None] = [None] * len(runs)
         for group in _batchable_groups([cond for _, _, cond in runs], keys):
             control = runs[group[0]][1].control
-            extra = {}
-            if control is not None and (bound := control.at(float(sigma[0]), len(group))) is not None:
-                extra["control"] = bound
             if len(group) == 1:
-                x0s[group[0]] = self.denoiser(inputs[group[0]], sigma, **runs[group[0]][2], **extra)
-                continue
-            x0 = self.denoiser(torch.cat([inputs[i] for i in group]), torch.cat([sigma] * len(group)),
-                               **concat_conditioning(*(runs[i][2] for i in group)), **extra)
-            for i, chunk in zip(group, x0.split(batch)):
+                x_in, sigma_in, cond = inputs[group[0]], sigma, runs[group[0]][2]
+            else:
+                x_in, sigma_in = torch.cat([inputs[i] for i in group]), torch.cat([sigma] * len(group))
+                cond = concat_conditioning(*(runs[i][2] for i in group))
+            extra = {}
+            if control is not None and (bound := control.at(float(sigma[0]), len(group), x=x_in,
+                                                            sigmas=sigma_in)) is not None:
+                extra["control"] = bound
+            x0 = self.denoiser(x_in, sigma_in, **cond, **extra)
+            for i, chunk in zip(group, x0.split(batch) if len(group) > 1 else [x0]):
                 x0s[i] = chunk
         predictions = []
         for index, _side in enumerate(active):

@@ -150,10 +150,10 @@ def test_the_sampler_puts_the_controlnets_on_the_device_with_the_unet(monkeypatc
     prepared = []
     real = comfy_host.prepare_networks
 
-    def record(networks, role="unet", memory_required=0):
+    def record(networks, role="unet", memory_required=0, **options):
         networks = list(networks)
         prepared.append(([id(n) for n in networks], role))
-        real(networks, role, memory_required)
+        real(networks, role, memory_required, **options)
 
     monkeypatch.setattr(comfy_host, "prepare_networks", record)
     _base_sample(base, *steered, _latent())

@@ -147,6 +147,12 @@ def test_ui_workflow_is_valid(ui_file):
     validate_ui_workflow(json.loads(ui_file.read_text()), ui_file.stem)
 
 
+def _types_meet(produced: str, accepted: str) -> bool:
+    """ComfyUI's rule for a link (comfy_execution/validation.py `validate_node_input`): comma-joined types match
+    when they share one."""
+    return bool({t.strip() for t in produced.split(",")} & {t.strip() for t in accepted.split(",")})
+
+
 def validate_ui_workflow(workflow: dict, name: str) -> None:
     assert workflow["version"] == 0.4
     by_id = {node["id"]: node for node in workflow["nodes"]}
@@ -157,7 +163,8 @@ def validate_ui_workflow(workflow: dict, name: str) -> None:
         produced = _definition(source["type"])["outputs"][src_slot]
         socket = target["inputs"][dst_slot]
         expected = _definition(target["type"])["inputs"][socket["name"]][0]
-        assert produced == type_ == expected == socket["type"], f"link {link_id}: {produced} -> {expected}"
+        assert produced == type_ and expected == socket["type"], f"link {link_id}: {produced} -> {expected}"
+        assert _types_meet(produced, expected), f"link {link_id}: {produced} -> {expected}"
         assert socket["link"] == link_id and link_id in source["outputs"][src_slot]["links"]
     for node in workflow["nodes"]:
         definition = _definition(node["type"])
@@ -209,7 +216,7 @@ def test_api_twin_is_valid_and_agrees_with_the_ui_workflow(ui_file):
                 assert not _is_widget(entry), f"node {node_id}.{name}: a widget fed by a link"
                 src_id, slot = value
                 produced = _definition(prompt[src_id]["class_type"])["outputs"][slot]
-                assert produced == entry[0], f"node {node_id}.{name}: {produced} into {entry[0]}"
+                assert _types_meet(produced, entry[0]), f"node {node_id}.{name}: {produced} into {entry[0]}"
             else:
                 widgets[name] = value
         _check_widgets(f"api node {node_id}", definition, widgets)

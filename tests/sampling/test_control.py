@@ -160,3 +160,49 @@ def test_bad_control_input_is_refused_before_sampling(tiny_base, tiny_refiner, c
     with pytest.raises(ValueError, match="made for another UNet"):
         sample_with(tiny_refiner, latent, positive, negative, seed=1, steps=2, cfg=5.0, sampler="euler",
                       scheduler="normal")
+
+
+def test_residual_lists_follow_comfyuis_popping_order():
+    from sdxl_core.config import SDXL_BASE_UNET, TINY_BASE_UNET
+    from sdxl_core.sampling.control import input_block_count, residuals_from_lists
+
+    assert input_block_count(SDXL_BASE_UNET) == 9 and input_block_count(TINY_BASE_UNET) == 9
+    t = [torch.full((1,), float(i)) for i in range(9)]
+    full = residuals_from_lists({"output": t, "middle": [t[0], t[8]]}, 9)
+    assert full.skips == tuple(t) and full.middle is t[8] and full.inputs == ()
+    # A shorter list: the UNet pops from the end, so it reaches the deepest skips, or the first input blocks.
+    short = residuals_from_lists({"output": t[:2], "input": t[:3]}, 9)
+    assert short.skips == (None,) * 7 + (t[0], t[1]) and short.middle is None
+    assert short.inputs == (t[2], t[1], t[0]) + (None,) * 6
+    with pytest.raises(ValueError, match="made for another UNet"):
+        residuals_from_lists({"output": t + t}, 9)
+
+
+def test_an_external_control_gets_each_calls_input_and_is_batched_like_ours(tiny_base, controlnet, conditioning):
+    """The hook the ComfyUI pack drives ComfyUI's ControlNets through: wrapping our own application in it gives the
+    same latents, with every call's unscaled input and per-item sigma handed over."""
+    from sdxl_core.sampling.control import ExternalControl, control_schedule
+
+    class Wrapped(ExternalControl):
+        def __init__(self, application):
+            self.application, self.calls, self.schedule = application, [], None
+
+        def prepare(self, schedule, unet_config, where):
+            self.schedule = control_schedule(self.application, schedule, unet_config, where)
+            return self
+
+        def at(self, sigma, chunks, x=None, sigmas=None):
+            self.calls.append((chunks, tuple(x.shape), tuple(sigmas.shape), float(sigmas[0]) == sigma))
+            return self.schedule.at(sigma, chunks)
+
+    latent = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
+    positive, negative = apply_controlnet(*conditioning, controlnet, control_image(), 0.8, 0.1, 0.9)
+    wrapped = Wrapped(positive[0][1]["control"])
+    assert negative[0][1]["control"] is wrapped.application  # one application, so both sides batch together
+    external = ([[c, {**o, "control": wrapped}] for c, o in positive], [[c, {**o, "control": wrapped}]
+                                                                         for c, o in negative])
+    settings = dict(seed=SEED, steps=4, cfg=CFG, sampler="euler", scheduler="normal")
+    expected = sample_with(tiny_base, latent, positive, negative, **settings)
+    out = sample_with(tiny_base, latent, *external, **settings)
+    assert torch.equal(out["samples"], expected["samples"])
+    assert wrapped.calls == [(2, (2, 4, SIZE // 8, SIZE // 8), (2,), True)] * 4
