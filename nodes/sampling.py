@@ -10,7 +10,7 @@ from sdxl_core.sampling.schedules import SCHEDULERS
 from sdxl_core.sampling.settings import MAX_SEED, MAX_STEPS, TWO_STAGE_HANDOFF, TWO_STAGE_STEPS, SamplingSettings
 
 from . import comfy_host, graph_checks
-from ._shared import CATEGORY, SDXL_MODEL, check_widgets, node_id, require_stage, validation_result
+from ._shared import CATEGORY, SDXL_MODEL, check_widgets, network_stage, node_id, require_stage, validation_result
 
 SAMPLER_NAMES = list(SAMPLERS)
 SCHEDULER_NAMES = list(SCHEDULERS)
@@ -120,19 +120,20 @@ def _run(model, latent: dict, positive: list, negative: list, total_steps: int, 
 
     validate_conditioning_for(model, positive, "positive")
     validate_conditioning_for(model, negative, "negative")
-    comfy_host.prepare_networks([model.unet], role="unet",
-                                memory_required=_activation_bytes(model, latent, len(positive) + len(negative)))
     progress = comfy_host.StepProgress(total_steps)
 
     def on_step(info: dict) -> None:
         progress.update(info["i"] + 1, info["denoised"])
 
-    try:
-        out = sample_latent(model, latent, positive, negative, settings, callback=on_step,
-                            cancel=comfy_host.interrupted, **step_range)
-    except SamplingCancelled:
-        comfy_host.raise_if_interrupted()  # ComfyUI's own exception, so the run ends as "interrupted"
-        raise
+    with network_stage(model, "unet"):  # the UNet is read for these steps and released after them
+        comfy_host.prepare_networks([model.unet], role="unet",
+                                    memory_required=_activation_bytes(model, latent, len(positive) + len(negative)))
+        try:
+            out = sample_latent(model, latent, positive, negative, settings, callback=on_step,
+                                cancel=comfy_host.interrupted, **step_range)
+        except SamplingCancelled:
+            comfy_host.raise_if_interrupted()  # ComfyUI's own exception, so the run ends as "interrupted"
+            raise
     result = {key: value for key, value in out.items() if key != HANDOFF_KEY}
     return ({**result, "samples": out["samples"].to(comfy_host.output_device())},)
 

@@ -9,7 +9,7 @@ them explicitly, put an "SDXL Micro-Conditioning" (and, for the refiner, "SDXL A
 from __future__ import annotations
 
 from . import comfy_host
-from ._shared import CATEGORY, SDXL_MODEL, conditioning_on, node_id, require_stage
+from ._shared import CATEGORY, SDXL_MODEL, conditioning_on, network_stage, node_id, require_stage
 
 _EMPTY_PROMPT_TOOLTIP = ("What an empty prompt means. 'encode' (ComfyUI): the empty text is run through the text "
                          "encoders like any other. 'zeros' (the SDXL paper's code for an empty negative): all-zero "
@@ -51,11 +51,12 @@ class TextEncodeBase:
         from sdxl_core.pipeline import encode_base_conditioning
 
         require_stage(model, "base", "SDXL Base Text Encode")
-        networks = [model.clip_g] + ([model.clip_l] if model.clip_l is not None else [])
-        comfy_host.prepare_networks(networks, role="text_encoder")
-        conditioning = encode_base_conditioning(model, text_g, text_l if text_l.strip() else None,
-                                                empty_prompt=empty_prompt,
-                                                embeddings=comfy_host.embedding_directories())
+        with network_stage(model, "text"):  # the text encoders are read for this encode and released after it
+            networks = [model.clip_g] + ([model.clip_l] if model.clip_l is not None else [])
+            comfy_host.prepare_networks(networks, role="text_encoder")
+            conditioning = encode_base_conditioning(model, text_g, text_l if text_l.strip() else None,
+                                                    empty_prompt=empty_prompt,
+                                                    embeddings=comfy_host.embedding_directories())
         return (conditioning_on(conditioning, comfy_host.output_device()),)
 
 
@@ -88,9 +89,10 @@ class TextEncodeRefiner:
         from sdxl_core.pipeline import encode_refiner_conditioning
 
         require_stage(model, "refiner", "SDXL Refiner Text Encode")
-        comfy_host.prepare_networks([model.clip_g], role="text_encoder")
-        conditioning = encode_refiner_conditioning(model, text, empty_prompt=empty_prompt,
-                                                   embeddings=comfy_host.embedding_directories())
+        with network_stage(model, "text"):
+            comfy_host.prepare_networks([model.clip_g], role="text_encoder")
+            conditioning = encode_refiner_conditioning(model, text, empty_prompt=empty_prompt,
+                                                       embeddings=comfy_host.embedding_directories())
         return (conditioning_on(conditioning, comfy_host.output_device()),)
 
 
