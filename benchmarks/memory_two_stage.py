@@ -197,12 +197,9 @@ def comfyui_graph(base: str, refiner: str, size: int, steps: int, refiner_start:
     return prompt, labels
 
 
-def child_in_comfyui(graph: str, comfyui: Path, base: Path, refiner: Path, size: int, steps: int,
-                     refiner_start: int, device: str, output: Path) -> dict:
-    """One graph ("nodes": the pack's example workflow, "comfyui": ComfyUI's own nodes) run by ComfyUI's own
-    executor in this process (ComfyUI's interpreter), as its server's prompt worker runs a queued prompt: its output
-    cache, its model management, its node instances. Each node's time is labelled with its step; after the run the
-    process is sampled once more for what ComfyUI's cache keeps between runs."""
+def start_comfyui(comfyui: Path, checkpoint_folders: set[Path], device: str, output: Path, *, pack: bool):
+    """ComfyUI set up in this process as its main.py sets it up for the server (its built-in nodes, and the pack
+    when `pack`), with the checkpoints' folders and an output folder of our own; returns its `execution` module."""
     import asyncio
 
     sys.path.insert(0, str(comfyui))  # ComfyUI's `nodes` module, not the pack's `nodes/` folder
@@ -218,16 +215,35 @@ def child_in_comfyui(graph: str, comfyui: Path, base: Path, refiner: Path, size:
     output.mkdir(parents=True, exist_ok=True)
     folder_paths.set_output_directory(str(output))
     folder_paths.set_temp_directory(str(output / "temp"))
-    for folder in {base.parent, refiner.parent}:
+    for folder in checkpoint_folders:
         folder_paths.add_model_folder_path("checkpoints", str(folder))
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    if graph == "nodes" and not asyncio.run(nodes.load_custom_node(str(ROOT))):
+    if pack and not asyncio.run(nodes.load_custom_node(str(ROOT))):
         raise SystemExit(f"ComfyUI could not load the pack from {ROOT} (see the log above)")
+    return execution
+
+
+def validated_graph(execution, graph: str, base: str, refiner: str, size: int, steps: int,
+                    refiner_start: int) -> tuple[dict, dict, list]:
+    """(prompt, step of each node, output nodes) of one graph, accepted by ComfyUI's own prompt validation."""
+    import asyncio
+
     build = pack_graph if graph == "nodes" else comfyui_graph
-    prompt, labels = build(base.name, refiner.name, size, steps, refiner_start)
+    prompt, labels = build(base, refiner, size, steps, refiner_start)
     valid = asyncio.run(execution.validate_prompt("memory_two_stage", prompt, None))
     if not valid[0]:
         raise SystemExit(f"ComfyUI refused the {graph} graph: {valid[1]} {json.dumps(valid[3])[:2000]}")
+    return prompt, labels, valid[2]
+
+
+def child_in_comfyui(graph: str, comfyui: Path, base: Path, refiner: Path, size: int, steps: int,
+                     refiner_start: int, device: str, output: Path) -> dict:
+    """One graph ("nodes": the pack's example workflow, "comfyui": ComfyUI's own nodes) run by ComfyUI's own
+    executor in this process (ComfyUI's interpreter), as its server's prompt worker runs a queued prompt: its output
+    cache, its model management, its node instances. Each node's time is labelled with its step; after the run the
+    process is sampled once more for what ComfyUI's cache keeps between runs."""
+    execution = start_comfyui(comfyui, {base.parent, refiner.parent}, device, output, pack=graph == "nodes")
+    prompt, labels, outputs = validated_graph(execution, graph, base.name, refiner.name, size, steps, refiner_start)
 
     with StepSampler() as sampler:
         class Server:  # what the executor reports to: the step of each node as it starts
@@ -240,7 +256,7 @@ def child_in_comfyui(graph: str, comfyui: Path, base: Path, refiner: Path, size:
 
         executor = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC)
         sampler.enter("start-up")
-        executor.execute(prompt, "memory_two_stage", {"client_id": "memory_two_stage"}, valid[2])
+        executor.execute(prompt, "memory_two_stage", {"client_id": "memory_two_stage"}, outputs)
         sampler.enter("held after the run")
         time.sleep(0.5)
     if not executor.success:

@@ -3,7 +3,11 @@ reads the networks of its step and releases them after it, weights stay in the f
 loader returns (what ComfyUI's output cache keeps) pins a UNet between runs."""
 
 import gc
+import os
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ import sdxl_core.sampling.ksampler
 from nodes import comfy_host
 from tests._nodes_helpers import model_folders, node, use_folders
 
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 64
 STEPS, HANDOFF = 3, 2
 
@@ -144,3 +149,54 @@ def test_a_lora_merge_keeps_its_patched_networks_and_reads_the_rest_per_step(fol
     node("TextEncodeBase").encode(merged, "a red cube", "", "encode")
     assert seen[-1]["held"]["merged"] == ("unet", "vae", "clip_g", "clip_l")
     assert merged.resident_components() == ("unet", "vae")
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to a ComfyUI checkout to run")
+def test_in_comfyui_model_management_places_each_step_and_lets_it_go(tiny_checkpoints):
+    """Inside a real ComfyUI: a step's networks are ComfyUI loaded models while the step runs (so ComfyUI can count
+    and evict them), and once the step has released them ComfyUI holds nothing of them either."""
+    comfyui = os.environ["COMFYUI_PATH"]
+    script = f"""
+import gc, importlib.util, sys, weakref
+sys.path.insert(0, {comfyui!r})
+sys.argv = ["main.py", "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_management as mm
+import folder_paths
+import torch
+folder_paths.add_model_folder_path("checkpoints", {str(tiny_checkpoints["base"].parent)!r})
+spec = importlib.util.spec_from_file_location("pack_under_test", {str(REPO / "__init__.py")!r})
+pack = importlib.util.module_from_spec(spec); sys.modules[spec.name] = pack; spec.loader.exec_module(pack)
+import sdxl_core.sampling.ksampler as ksampler
+nodes = {{name.split(".")[-1]: cls for name, cls in pack.NODE_CLASS_MAPPINGS.items()}}
+
+def alive():
+    gc.collect()
+    return sorted(type(lm.model.model.network).__name__ for lm in mm.current_loaded_models if lm.model is not None)
+
+real = ksampler.sample_latent
+unets = []
+def recording(model, *args, **kwargs):
+    unets.append(weakref.ref(model.unet))
+    print("while sampling", model.resident_components(), alive())
+    return real(model, *args, **kwargs)
+ksampler.sample_latent = recording
+base, vae = nodes["CheckpointLoader"]().load({tiny_checkpoints["base"].name!r}, "default")
+print("after load", base.resident_components(), alive())
+positive = nodes["TextEncodeBase"]().encode(base, "a red cube", "", "encode")[0]
+negative = nodes["TextEncodeBase"]().encode(base, "blurry", "", "encode")[0]
+print("after text", base.resident_components(), alive())
+nodes["BaseSampler"]().sample(base, positive, negative, {{"samples": torch.zeros(1, 4, 8, 8)}}, 1, 2, 5.0, "euler",
+                              "normal", 2, True, 1.0)
+print("after sampling", base.resident_components(), alive(), "unet alive", unets[0]() is not None)
+"""
+    result = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", script], cwd=comfyui,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "after load ('vae',) []" in lines
+    assert "after text ('vae',) []" in lines
+    assert "while sampling ('unet', 'vae') ['UNetModel']" in lines
+    assert "after sampling ('vae',) [] unet alive False" in lines
