@@ -52,8 +52,10 @@ class TextEncodeBase:
 
         require_stage(model, "base", "SDXL Base Text Encode")
         with network_stage(model, "text"):  # the text encoders are read for this encode and released after it
-            networks = [model.clip_g] + ([model.clip_l] if model.clip_l is not None else [])
-            comfy_host.prepare_networks(networks, role="text_encoder")
+            # No local name for the networks: one would keep them alive past the stage's release, and inside
+            # ComfyUI (network and ModelPatcher refer to each other) until some later garbage collection.
+            comfy_host.prepare_networks([model.clip_g] + ([model.clip_l] if model.clip_l is not None else []),
+                                        role="text_encoder")
             conditioning = encode_base_conditioning(model, text_g, text_l if text_l.strip() else None,
                                                     empty_prompt=empty_prompt,
                                                     embeddings=comfy_host.embedding_directories())

@@ -176,6 +176,14 @@ def alive():
     gc.collect()
     return sorted(type(lm.model.model.network).__name__ for lm in mm.current_loaded_models if lm.model is not None)
 
+gc.disable()  # what the stages free must go without waiting for a garbage collection
+import sdxl_core.pipeline as pipeline
+real_encode = pipeline.encode_base_conditioning
+encoders = []
+def recording_encode(model, *args, **kwargs):
+    encoders.append(weakref.ref(model.clip_g))
+    return real_encode(model, *args, **kwargs)
+pipeline.encode_base_conditioning = recording_encode
 real = ksampler.sample_latent
 unets = []
 def recording(model, *args, **kwargs):
@@ -187,10 +195,12 @@ base, vae = nodes["CheckpointLoader"]().load({tiny_checkpoints["base"].name!r}, 
 print("after load", base.resident_components(), alive())
 positive = nodes["TextEncodeBase"]().encode(base, "a red cube", "", "encode")[0]
 negative = nodes["TextEncodeBase"]().encode(base, "blurry", "", "encode")[0]
+print("text encoders freed", [encoder() is None for encoder in encoders])
 print("after text", base.resident_components(), alive())
 nodes["BaseSampler"]().sample(base, positive, negative, {{"samples": torch.zeros(1, 4, 8, 8)}}, 1, 2, 5.0, "euler",
                               "normal", 2, True, 1.0)
-print("after sampling", base.resident_components(), alive(), "unet alive", unets[0]() is not None)
+freed = unets[0]() is None
+print("after sampling", base.resident_components(), alive(), "unet freed", freed)
 """
     result = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", script], cwd=comfyui,
                             capture_output=True, text=True, timeout=300)
@@ -199,4 +209,5 @@ print("after sampling", base.resident_components(), alive(), "unet alive", unets
     assert "after load ('vae',) []" in lines
     assert "after text ('vae',) []" in lines
     assert "while sampling ('unet', 'vae') ['UNetModel']" in lines
-    assert "after sampling ('vae',) [] unet alive False" in lines
+    assert "text encoders freed [True, True]" in lines
+    assert "after sampling ('vae',) [] unet freed True" in lines
