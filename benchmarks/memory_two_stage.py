@@ -12,16 +12,23 @@ folded counters put VmHWM a few pages lower).
                                                                   # ~13 GB of files), 256x256, 6 steps, refiner from 4
     python benchmarks/memory_two_stage.py --full-size /data/sdxl --size 1024 --json memory.json
     COMFYUI_PATH=~/ComfyUI COMFYUI_PYTHON=~/ComfyUI/venv/bin/python \\
-        python benchmarks/memory_two_stage.py --full-size /data/sdxl   # and ComfyUI's own nodes on the same graph
-    python benchmarks/memory_two_stage.py --full-size /data/sdxl --dry-run  # what would run; writes and runs nothing
+        python benchmarks/memory_two_stage.py --full-size /data/sdxl   # cli, nodes and comfyui, one after another
+    ... --paths nodes            # one path alone (cli, nodes, comfyui); the tiny default runs cli and nodes
+    python benchmarks/memory_two_stage.py --full-size /data/sdxl --dry-run  # commands and estimates; runs nothing
 
 Paths:
 - cli: `python -m sdxl_core generate --base ... --refiner ...` at its defaults (checkpoints opened stage by stage,
   weights held in the file's precision where that is exact: sdxl_core/runtime/stages.py, sdxl_core/operations.py).
-- comfyui (with COMFYUI_PATH and COMFYUI_PYTHON): ComfyUI's CheckpointLoaderSimple x2, CLIPTextEncodeSDXL,
-  CLIPTextEncodeSDXLRefiner, EmptyLatentImage, KSamplerAdvanced x2 and VAEDecode, called in that order in one
-  process with ComfyUI's CPU/GPU choice. ComfyUI recognises models by their full-size shapes, so this path needs
-  --full-size.
+- nodes (with COMFYUI_PATH and COMFYUI_PYTHON): the pack's two-stage example workflow
+  (example_workflows/api/sdxl_two_stage_txt2img_api.json at this size and step split) inside ComfyUI.
+- comfyui (with COMFYUI_PATH and COMFYUI_PYTHON): the same graph with ComfyUI's own nodes: CheckpointLoaderSimple
+  x2, CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner, EmptyLatentImage, KSamplerAdvanced x2, VAEDecode, SaveImage.
+  ComfyUI recognises models by their full-size shapes, so this path needs --full-size.
+Both ComfyUI paths are run by ComfyUI's own executor (`execution.PromptExecutor`, as its server's prompt worker
+runs a queued prompt: output cache, model management, node instances) in a child that set ComfyUI up as its
+main.py does (`--cpu` for --device cpu, its built-in nodes, the pack from this checkout); each node's time counts
+towards its step, and after the run the child is sampled again for what ComfyUI keeps between runs (raw, and once
+the C heap has returned its free pages).
 
 Full-size checkpoints are random weights in the original single-file layout with exactly the published keys,
 shapes and dtypes (tests/data/manifests), written by the tests' own helper `write_from_manifest`. Memory does not
@@ -104,6 +111,17 @@ class StepSampler:
         # The kernel's per-CPU RSS counters are folded into VmHWM lazily, so a sample may exceed it by a few pages.
         return {"steps": [{"step": step, "peak_rss": self.peaks[step]} for step in self.order],
                 "peak_rss": max(_status_bytes("VmHWM"), *self.peaks.values())}
+
+
+def _trim_heap() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator returns large blocks itself
+        pass
 
 
 def child_cli(argv: list[str]) -> dict:
@@ -258,6 +276,11 @@ def child_in_comfyui(graph: str, comfyui: Path, base: Path, refiner: Path, size:
         sampler.enter("start-up")
         executor.execute(prompt, "memory_two_stage", {"client_id": "memory_two_stage"}, outputs)
         sampler.enter("held after the run")
+        time.sleep(0.5)
+        # The same once the C heap has handed its free pages back: what the cache and the loaded models keep alive,
+        # without the freed working memory glibc keeps for the next run.
+        sampler.enter("held, heap trimmed")
+        _trim_heap()
         time.sleep(0.5)
     if not executor.success:
         errors = [data for event, data in executor.status_messages if event == "execution_error"]
