@@ -1,4 +1,8 @@
-"""ComfyUI entry point of the SDXL two-stage node pack: the node mappings and the web extension folder.
+"""ComfyUI entry point of the SDXL two-stage node pack: its nodes and the web extension folder.
+
+Inside ComfyUI the nodes are registered in the V3 schema through `comfy_entrypoint` (nodes/v3.py); ComfyUI takes
+`NODE_CLASS_MAPPINGS` over `comfy_entrypoint` when a pack has both, so the V1 mappings are handed out only outside
+a V3-capable ComfyUI (scripts, tests, tools that read a pack's mappings).
 
 ComfyUI imports this folder as a package. The pack's model core, `sdxl_core`, lives in this folder and the nodes
 import it by its top-level name; it is loaded here from this folder explicitly, without putting the folder on
@@ -57,7 +61,18 @@ else:
     try:
         _import_own_core()
         from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+        from .nodes import comfy_host as _comfy_host
     except ImportError as _error:  # e.g. torch missing: report it, and still let ComfyUI start
         _logger.error("SDXL two-stage nodes could not be loaded: %s", _error)
+    else:
+        if _comfy_host.v3_capable():
+            _V3_NODES, _V3_NAMES = NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+            del NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+            async def comfy_entrypoint():
+                from .nodes import v3
+
+                return v3.extension(_V3_NODES, _V3_NAMES)
+
+__all__ = [name for name in ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "comfy_entrypoint")
+           if name in globals()] + ["WEB_DIRECTORY"]

@@ -18,6 +18,7 @@ from sdxl_core.dtypes import DTYPES_BY_NAME
 # IMAGE, LATENT and CONDITIONING are ComfyUI's own, so core nodes connect on either side of ours.
 SDXL_MODEL = "SDXL_MODEL"
 SDXL_VAE = "SDXL_VAE"
+SDXL_CONTROL_NET = "SDXL_CONTROL_NET"  # an sdxl_core ControlNetModel (ComfyUI's CONTROL_NET runs in its own sampler)
 
 NODE_ID_PREFIX = "SDXLTwoStage."
 CATEGORY = "sdxl_two_stage"

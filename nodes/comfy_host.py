@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import types
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -266,3 +267,26 @@ def _comfy_taesd_previewer():
     if previewer is None:
         return None
     return previewer.decode_latent_to_preview
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The V3 node schema
+
+# The comfy_api version the pack's V3 nodes are written against: a pinned alias, not `latest`, so a ComfyUI update
+# that changes the newest API does not change these nodes (ComfyUI keeps old aliases importable).
+V3_API_VERSION = "v0_0_2"
+
+
+def v3_capable() -> bool:
+    """True inside a ComfyUI that serves V3 nodes: its node loader has imported comfy_api before loading packs
+    (ComfyUI 0.3.47 and later). Nothing is imported to find out, so the pack's import stays light elsewhere."""
+    return "comfy_api.latest" in sys.modules
+
+
+def v3_api() -> types.ModuleType:
+    """ComfyUI's V3 API at the pinned version (its `io` schema module and `ComfyExtension`)."""
+    try:
+        return importlib.import_module(f"comfy_api.{V3_API_VERSION}")
+    except ImportError as error:
+        raise RuntimeError(f"this ComfyUI has no comfy_api.{V3_API_VERSION} ({error}); the pack needs ComfyUI "
+                           "0.3.64 or later (see requires-comfyui in pyproject.toml)") from error

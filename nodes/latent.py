@@ -25,6 +25,7 @@ def _check(resolution: str | None, width: int | None, height: int | None, batch_
 class EmptyLatent:
     """An empty SDXL latent at one of the 40 training buckets (about one megapixel each) or at a free size."""
 
+    SEARCH_ALIASES = ('empty latent image', 'resolution', 'aspect ratio', 'bucket')
     DESCRIPTION = ("Makes the empty latent a text-to-image run starts from. SDXL was trained on 40 aspect buckets "
                    "of about one megapixel (SDXL paper, appendix I); picking one of them gives the best "
                    "composition at that aspect ratio. Choose 'custom' to type any size (multiples of 8). The width "

@@ -65,6 +65,7 @@ def _dtypes(choice: str):
 class CheckpointLoader:
     """Load an SDXL base or refiner single-file checkpoint from ComfyUI's checkpoints folder."""
 
+    SEARCH_ALIASES = ('load checkpoint', 'sdxl loader', 'refiner loader', 'ckpt')
     DESCRIPTION = ("Loads an SDXL base or refiner checkpoint (.safetensors) with this pack's own SDXL core. The file "
                    "is checked before any weight is read: SD 1.x/2.x, Flux, LoRAs and VAE-only files are refused "
                    "with a message. Connect MODEL to this pack's text-encode and sampler nodes and VAE to its "
@@ -110,6 +111,7 @@ class CheckpointLoader:
 class VAELoader:
     """Load a separate SDXL VAE (e.g. the fp16-fix VAE) from ComfyUI's vae folder."""
 
+    SEARCH_ALIASES = ('load vae', 'sdxl vae')
     DESCRIPTION = ("Loads a separate SDXL VAE file (original or diffusers layout), e.g. sdxl_vae.safetensors or "
                    "the fp16-fix VAE, to use instead of a checkpoint's own VAE in this pack's decode/encode nodes.")
     CATEGORY = f"{CATEGORY}/loaders"

@@ -14,6 +14,7 @@ _SIZE_TOOLTIP = ("During training SDXL was told each photo's size before it was 
 class MicroConditioning:
     """Set SDXL's size micro-conditioning (original size, crop, target size) on a conditioning."""
 
+    SEARCH_ALIASES = ('original size', 'crop', 'target size', 'size conditioning')
     DESCRIPTION = ("Sets SDXL's micro-conditioning on a conditioning: the original size, the crop and the target "
                    "size the model should believe its training image had. Without this node they follow the "
                    "latent size (crop 0), which is what the paper does at inference. Wire the same values into "
@@ -60,6 +61,7 @@ class MicroConditioning:
 class AestheticScore:
     """Set the refiner's aesthetic-score conditioning."""
 
+    SEARCH_ALIASES = ('aesthetic score', 'ascore', 'refiner conditioning')
     DESCRIPTION = ("Sets the SDXL refiner's aesthetic score: the refiner was trained with each photo's rating from "
                    "an aesthetic predictor (roughly 1 = poor to 10 = excellent). Ask for a high score on the "
                    "positive (6 by default) and a low one on the negative (2.5 by default), so guidance pushes "

@@ -115,6 +115,7 @@ def _activation_bytes(model, latent: dict, branches: int = 2) -> int:
 def _run(model, latent: dict, positive: list, negative: list, total_steps: int, settings: SamplingSettings,
          **step_range) -> tuple[dict]:
     """Validate the conditioning, put the UNet on the device, sample with per-step progress and interruption."""
+    from sdxl_core.sampling.control import controlnets_in
     from sdxl_core.sampling.ksampler import sample_latent, validate_conditioning_for
     from sdxl_core.sampling.samplers import SamplingCancelled
 
@@ -126,7 +127,8 @@ def _run(model, latent: dict, positive: list, negative: list, total_steps: int, 
         progress.update(info["i"] + 1, info["denoised"])
 
     with network_stage(model, "unet"):  # the UNet is read for these steps and released after them
-        comfy_host.prepare_networks([model.unet], role="unet",
+        # The ControlNets that 'SDXL Apply ControlNet' put on the conditioning run next to the UNet at every step.
+        comfy_host.prepare_networks([model.unet, *controlnets_in(positive, negative)], role="unet",
                                     memory_required=_activation_bytes(model, latent, len(positive) + len(negative)))
         try:
             out = sample_latent(model, latent, positive, negative, settings, callback=on_step,
@@ -141,6 +143,7 @@ def _run(model, latent: dict, positive: list, negative: list, total_steps: int, 
 class BaseSampler:
     """Run the SDXL base over steps 0..K of an N-step schedule and hand its latent on with the noise left in."""
 
+    SEARCH_ALIASES = ('ksampler', 'ksampler advanced', 'sampler', 'base sampler')
     DESCRIPTION = ("Denoises with the SDXL base. In the two-stage setup it runs the first K of N steps "
                    "(end_at_step) and passes a still-noisy latent to the SDXL Latent Refiner, which runs steps K..N "
                    "with the same seed, N, sampler and scheduler. With end_at_step = steps it finishes the image "
@@ -201,6 +204,7 @@ class BaseSampler:
 class RefinerSampler:
     """Run the SDXL refiner over steps K..N of the base's schedule, or refine a finished image by a strength."""
 
+    SEARCH_ALIASES = ('ksampler advanced', 'refiner', 'img2img', 'refine')
     DESCRIPTION = ("Denoises with the SDXL refiner, which was trained only on the last, low-noise part of the "
                    "schedule. Two-stage: wire in the base sampler's latent and set start_at_step to the base's "
                    "end_at_step K (no new noise is added). Refining a finished image: start_at_step 0 and a denoise "

@@ -19,6 +19,7 @@ _EMPTY_PROMPT_TOOLTIP = ("What an empty prompt means. 'encode' (ComfyUI): the em
 class TextEncodeBase:
     """Encode a prompt for the SDXL base with both of its text encoders."""
 
+    SEARCH_ALIASES = ('clip text encode sdxl', 'prompt', 'text_g text_l', 'positive negative')
     DESCRIPTION = ("Encodes a prompt for the SDXL base. SDXL has two text encoders: OpenCLIP bigG (text_g), the "
                    "large one that carries most of the meaning and also gives the pooled embedding, and CLIP-L "
                    "(text_l). Most people put the same prompt in both (leave text_l empty for that). Supports "
@@ -65,6 +66,7 @@ class TextEncodeBase:
 class TextEncodeRefiner:
     """Encode a prompt for the SDXL refiner (OpenCLIP bigG only)."""
 
+    SEARCH_ALIASES = ('clip text encode sdxl refiner', 'refiner prompt')
     DESCRIPTION = ("Encodes a prompt for the SDXL refiner, which has only the bigG text encoder. Base conditioning "
                    "does not fit the refiner (the embeddings are 2048 wide there, 1280 here), so the refiner needs "
                    "its own encode of the same prompt. Its aesthetic score defaults to 6 for the positive and 2.5 "

@@ -34,6 +34,7 @@ def _untiled_memory(vae, tiling: str, estimate, batch: int, height: int, width: 
 class VAEDecode:
     """Decode latents to images with an SDXL VAE."""
 
+    SEARCH_ALIASES = ('vae decode', 'latent to image', 'decode')
     DESCRIPTION = ("Turns a latent into pixels with the SDXL VAE. Runs in bf16 or fp32 (never fp16, which turns the "
                    "original SDXL VAE's output black) and redoes a decode in higher precision if it ever produces "
                    "NaNs.")
@@ -71,6 +72,7 @@ class VAEDecode:
 class VAEEncode:
     """Encode images to latents with an SDXL VAE (for image-to-image refining)."""
 
+    SEARCH_ALIASES = ('vae encode', 'image to latent', 'encode', 'img2img')
     DESCRIPTION = ("Turns an image into an SDXL latent, e.g. to refine a finished picture with the SDXL Latent "
                    "Refiner. Image sides must be multiples of 8 pixels. An alpha channel is ignored.")
     CATEGORY = f"{CATEGORY}/vae"

@@ -31,6 +31,9 @@ MODEL_DOWNLOADS = {
     "sd_xl_refiner_1.0.safetensors":
         "https://huggingface.co/stabilityai/stable-diffusion-xl-refiner-1.0/resolve/main/"
         "sd_xl_refiner_1.0.safetensors",
+    # diffusers' SDXL canny ControlNet as one file (lllyasviel's collection of SDXL control models).
+    "diffusers_xl_canny_full.safetensors":
+        "https://huggingface.co/lllyasviel/sd_control_collection/resolve/main/diffusers_xl_canny_full.safetensors",
 }
 
 
@@ -43,6 +46,7 @@ class Node:
     widgets: list  # widget values in the frontend's order (seed widgets carry their control value after them)
     api_widgets: dict  # the same values by input name, as the API format has them
     inputs: list[tuple[str, str, tuple[int, int]]] = field(default_factory=list)  # (name, type, (src id, slot))
+    open_inputs: list[tuple[str, str]] = field(default_factory=list)  # optional sockets left unconnected
     outputs: list[tuple[str, str]] = field(default_factory=list)  # (name, type)
     title: str | None = None
     color: str | None = None
@@ -142,6 +146,101 @@ def img2img_refine() -> tuple[list[Node], list[dict]]:
     return nodes, []
 
 
+def _base_sampler(id, pos, model, positive, negative, latent, steps, end_at_step, seed, cfg):
+    return Node(id, P + "BaseSampler", pos, (340, 330),
+                [seed, "fixed", steps, cfg, "euler", "normal", end_at_step, True, 1.0],
+                {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+                 "end_at_step": end_at_step, "leftover_noise": True, "denoise": 1.0},
+                inputs=[("model", "SDXL_MODEL", model), ("positive", "CONDITIONING", positive),
+                        ("negative", "CONDITIONING", negative), ("latent_image", "LATENT", latent)],
+                outputs=[("LATENT", "LATENT")])
+
+
+INPAINT_POSITIVE = "a weathered wooden rowing boat on the shore, highly detailed photograph"
+
+
+def inpaint() -> tuple[list[Node], list[dict]]:
+    """Repaint the part of a picture painted over in the mask editor: the base samples only there (ComfyUI's
+    SetLatentNoiseMask), keeping the rest of the latent."""
+    steps, seed, cfg = 25, 3, 7.0
+    nodes = [
+        _checkpoint_loader(1, (20, 80), "sd_xl_base_1.0.safetensors", "Load SDXL Base"),
+        Node(2, "LoadImage", (20, 290), (340, 380), ["example.png", "image"], {"image": "example.png"},
+             outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+             title="Picture (paint the mask in MaskEditor)"),
+        Node(3, P + "VAEEncode", (440, 80), (260, 80), ["auto"], {"tiling": "auto"},
+             inputs=[("vae", "SDXL_VAE", (1, 1)), ("pixels", "IMAGE", (2, 0))], outputs=[("LATENT", "LATENT")]),
+        Node(4, "SetLatentNoiseMask", (440, 220), (260, 50), [], {},
+             inputs=[("samples", "LATENT", (3, 0)), ("mask", "MASK", (2, 1))], outputs=[("LATENT", "LATENT")],
+             title="Repaint only the masked part"),
+        _base_encode(5, (440, 330), (1, 0), INPAINT_POSITIVE, "Positive: what goes in the masked part", GREEN),
+        _base_encode(6, (440, 650), (1, 0), NEGATIVE, "Negative (base)", RED),
+        _base_sampler(7, (880, 80), (1, 0), (5, 0), (6, 0), (4, 0), steps, steps, seed, cfg),
+        Node(8, P + "VAEDecode", (1260, 80), (260, 80), ["auto"], {"tiling": "auto"},
+             inputs=[("vae", "SDXL_VAE", (1, 1)), ("samples", "LATENT", (7, 0))], outputs=[("IMAGE", "IMAGE")]),
+        Node(9, "SaveImage", (1260, 220), (520, 560), ["sdxl_inpaint"], {"filename_prefix": "sdxl_inpaint"},
+             inputs=[("images", "IMAGE", (8, 0))]),
+    ]
+    return nodes, []
+
+
+CONTROL_POSITIVE = "a lighthouse on a rocky coast at dusk, oil painting, rich colours"
+
+
+def controlnet() -> tuple[list[Node], list[dict]]:
+    """The two-stage text to image with a canny ControlNet on the base: edges from a picture fix the layout, the
+    refiner finishes without it (SDXL ControlNets are trained for the base)."""
+    steps, handoff, seed, cfg = 25, 20, 42, 7.0
+    strength, start, end = 0.7, 0.0, 0.8
+    nodes = [
+        _checkpoint_loader(1, (20, 80), "sd_xl_base_1.0.safetensors", "Load SDXL Base"),
+        _checkpoint_loader(2, (20, 1080), "sd_xl_refiner_1.0.safetensors", "Load SDXL Refiner"),
+        Node(3, P + "EmptyLatent", (20, 290), (380, 150), ["1024x1024 (1:1)", 1024, 1024, 1],
+             {"resolution": "1024x1024 (1:1)", "width": 1024, "height": 1024, "batch_size": 1},
+             outputs=[("latent", "LATENT"), ("width", "INT"), ("height", "INT")]),
+        _base_encode(4, (440, 80), (1, 0), CONTROL_POSITIVE, "Positive (base)", GREEN),
+        _base_encode(5, (440, 400), (1, 0), NEGATIVE, "Negative (base)", RED),
+        Node(6, P + "MicroConditioning", (880, 80), (340, 230), [1024, 1024, 0, 0, 1024, 1024],
+             {"width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0, "target_width": 1024, "target_height": 1024},
+             inputs=[("conditioning", "CONDITIONING", (4, 0))], outputs=[("CONDITIONING", "CONDITIONING")]),
+        Node(7, "LoadImage", (20, 520), (340, 380), ["example.png", "image"], {"image": "example.png"},
+             outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title="Picture whose edges set the layout"),
+        Node(8, "Canny", (440, 720), (340, 82), [0.4, 0.8], {"low_threshold": 0.4, "high_threshold": 0.8},
+             inputs=[("image", "IMAGE", (7, 0))], outputs=[("IMAGE", "IMAGE")]),
+        Node(9, P + "ControlNetLoader", (440, 860), (400, 82), ["diffusers_xl_canny_full.safetensors", "default"],
+             {"control_net_name": "diffusers_xl_canny_full.safetensors", "weight_dtype": "default"},
+             outputs=[("control_net", "SDXL_CONTROL_NET")], title="Load SDXL ControlNet (canny)",
+             models=[{"name": "diffusers_xl_canny_full.safetensors",
+                      "url": MODEL_DOWNLOADS["diffusers_xl_canny_full.safetensors"], "directory": "controlnet"}]),
+        Node(10, P + "ApplyControlNet", (880, 400), (340, 190), [strength, start, end],
+             {"strength": strength, "start_percent": start, "end_percent": end},
+             inputs=[("positive", "CONDITIONING", (6, 0)), ("negative", "CONDITIONING", (5, 0)),
+                     ("control_net", "SDXL_CONTROL_NET", (9, 0)), ("image", "IMAGE", (8, 0))],
+             open_inputs=[("vae", "SDXL_VAE")], outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+        _base_sampler(11, (1260, 80), (1, 0), (10, 0), (10, 1), (3, 0), steps, handoff, seed, cfg),
+        _refiner_encode(12, (440, 1080), (2, 0), CONTROL_POSITIVE, "Positive (refiner)", GREEN),
+        _refiner_encode(13, (440, 1390), (2, 0), NEGATIVE, "Negative (refiner)", RED),
+        Node(14, P + "AestheticScore", (880, 1390), (340, 82), [2.5], {"aesthetic_score": 2.5},
+             inputs=[("conditioning", "CONDITIONING", (13, 0))], outputs=[("CONDITIONING", "CONDITIONING")]),
+        Node(15, P + "RefinerSampler", (1260, 1080), (340, 310),
+             [seed, "fixed", steps, cfg, "euler", "normal", handoff, 1.0],
+             {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+              "start_at_step": handoff, "denoise": 1.0},
+             inputs=[("model", "SDXL_MODEL", (2, 0)), ("positive", "CONDITIONING", (12, 0)),
+                     ("negative", "CONDITIONING", (14, 0)), ("latent_image", "LATENT", (11, 0))],
+             outputs=[("LATENT", "LATENT")]),
+        Node(16, P + "VAEDecode", (1660, 80), (260, 80), ["auto"], {"tiling": "auto"},
+             inputs=[("vae", "SDXL_VAE", (1, 1)), ("samples", "LATENT", (15, 0))], outputs=[("IMAGE", "IMAGE")]),
+        Node(17, "SaveImage", (1660, 220), (520, 560), ["sdxl_controlnet"], {"filename_prefix": "sdxl_controlnet"},
+             inputs=[("images", "IMAGE", (16, 0))]),
+    ]
+    groups = [
+        {"title": "Base with a canny ControlNet: steps 0..K", "bounding": [0, 0, 1620, 1000], "color": "#3f789e"},
+        {"title": "Refiner: steps K..N, no ControlNet", "bounding": [0, 1000, 1620, 680], "color": "#8A8"},
+    ]
+    return nodes, groups
+
+
 def _order(nodes: list[Node]) -> dict[int, int]:
     """Execution order (a topological order), which the frontend stores per node."""
     done: dict[int, int] = {}
@@ -176,7 +275,8 @@ def to_ui(nodes: list[Node], groups: list[dict]) -> dict:
             "id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size), "flags": {},
             "order": order[node.id], "mode": 0,
             "inputs": [{"name": name, "type": type_, "link": in_links[(node.id, name)]}
-                       for name, type_, _ in node.inputs],
+                       for name, type_, _ in node.inputs]
+                      + [{"name": name, "type": type_, "shape": 7, "link": None} for name, type_ in node.open_inputs],
             "outputs": [{"name": name, "type": type_, "links": out_links.get((node.id, slot), []),
                          "slot_index": slot} for slot, (name, type_) in enumerate(node.outputs)],
             "properties": {"Node name for S&R": node.type,
@@ -211,6 +311,8 @@ def to_api(nodes: list[Node]) -> dict:
 EXAMPLES = {
     "sdxl_two_stage_txt2img": ("SDXL two-stage text to image", txt2img),
     "sdxl_refiner_img2img": ("SDXL refiner image polish", img2img_refine),
+    "sdxl_inpaint": ("SDXL inpainting", inpaint),
+    "sdxl_controlnet_two_stage": ("SDXL ControlNet two-stage (canny)", controlnet),
 }
 
 

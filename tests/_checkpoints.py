@@ -217,3 +217,15 @@ def write_from_manifest(manifest: Path, path: Path, seed: int = 0) -> int:
         total += numel * torch.empty((), dtype=dtype).element_size()
     write_safetensors(path, tensors)
     return total
+
+
+def write_tiny_controlnet(path: Path, seed: int = 3) -> Path:
+    """A ControlNet for the tiny base (random weights, zero convolutions included, so it visibly steers) as an
+    original-layout single file (`control_model.` names), with the head width its shapes cannot show."""
+    from sdxl_core.checkpoints.detect import HINT_UNET_HEAD_CHANNELS
+    from sdxl_core.config import TINY_BASE_UNET
+    from tests.models.test_controlnet import random_controlnet
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"control_model." + key: value for key, value in random_controlnet(seed=seed).state_dict().items()}
+    return write_tensors(path, state, {HINT_UNET_HEAD_CHANNELS: str(TINY_BASE_UNET.num_head_channels)})

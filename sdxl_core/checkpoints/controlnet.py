@@ -3,8 +3,8 @@ original single-file layout (sgm/ComfyUI names, with or without `control_model.`
 
 Everything is decided from names and shapes before a byte of tensor data is read: the architecture (widths, depths,
 context and ADM widths, hint-encoder stages) is read from the shapes, ControlNets for SD 1.x / 2.x and other kinds
-of control files (control-LoRAs, multi-condition "union" models, T2I adapters) are refused with a sentence, and the
-tensors then stream into a meta-built `ControlNetModel` one at a time.
+of control files (control-LoRAs, multi-condition "union" models such as xinsir's controlnet-union-sdxl-1.0, T2I
+adapters) are refused with a sentence, and the tensors then stream into a meta-built `ControlNetModel` one at a time.
 """
 
 from __future__ import annotations
@@ -71,8 +71,14 @@ def _refuse_other_kinds(name: str, shapes: Mapping[str, tuple]) -> None:
                                   "these nodes do not load; use a full SDXL ControlNet file")
     if any(k.startswith(("task_embedding", "control_model.task_embedding", "control_add_embedding.",
                          "control_model.control_add_embedding.", "transformer_layes.")) for k in keys):
-        raise WrongComponentError(f"{name} is a multi-condition (union) ControlNet, which these nodes do not run "
-                                  "yet; use a single-condition SDXL ControlNet (canny, depth, ...)")
+        # The union's fusion step cannot be run to one reference: its attention head count is not in the file,
+        # and diffusers (ControlNetUnionModel) feeds the latent's mean to the fusion transformer as an extra token
+        # where ComfyUI (cldm.union_controlnet_merge) does not, so the two give different residuals.
+        raise WrongComponentError(f"{name} is a multi-condition \"union\" ControlNet (xinsir "
+                                  "controlnet-union-sdxl-1.0 or its ProMax version), which sdxl_core does not run: "
+                                  "diffusers and ComfyUI run its condition-fusion step differently, so there is no "
+                                  "one result to match; use a single-condition SDXL ControlNet (canny, depth, ...), "
+                                  "or ComfyUI's own ControlNet nodes for the union model")
     if _DIFFUSERS_MARKER in keys or _ORIGINAL_MARKER in keys or ORIGINAL_PREFIX + _ORIGINAL_MARKER in keys:
         return
     if any(k.startswith("model.diffusion_model.") for k in keys):

@@ -107,7 +107,6 @@ class SafetensorsHeader:
     path: Path
     tensors: dict[str, LazyTensor]
     metadata: dict[str, str]
-    file_size: int
 
 
 def read_header(path: Path | str) -> SafetensorsHeader:
@@ -148,8 +147,7 @@ def read_header(path: Path | str) -> SafetensorsHeader:
             f"{path.name} is truncated: its header places tensor data up to byte {data_start + data_end}, but the "
             f"file ends at byte {size} ({data_start + data_end - size} bytes missing; an interrupted download or "
             "copy?). Download the file again.")
-    return SafetensorsHeader(path=path, tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()},
-                             file_size=size)
+    return SafetensorsHeader(path=path, tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()})
 
 
 def _parse_entry(path: Path, name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from ..models.controlnet import ControlNetModel
 from ..models.unet import ControlResiduals
+from .resize import center_crop_resize
 
 CONTROL_OPTION = "control"
 # ComfyUI resizes the control image with this torch interpolation mode (`ControlBase.upscale_algorithm`).
@@ -75,15 +75,7 @@ class ControlNetApplication:
 def resize_hint(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[B, C, h, w] -> [B, C, height, width]: cut the longer side's excess equally from both ends so the aspect
     ratio matches, then resize with nearest-exact sampling."""
-    old_h, old_w = image.shape[-2:]
-    old_aspect, new_aspect = old_w / old_h, width / height
-    top = left = 0
-    if old_aspect > new_aspect:
-        left = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        top = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-    cropped = image[..., top:old_h - top, left:old_w - left]
-    return F.interpolate(cropped, size=(height, width), mode=HINT_RESIZE_MODE)
+    return center_crop_resize(image, height, width, HINT_RESIZE_MODE)
 
 
 def broadcast_hint(hint: torch.Tensor, batch: int, chunks: int) -> torch.Tensor:
@@ -155,6 +147,20 @@ def apply_controlnet(positive: list, negative: list, network: ControlNetModel, i
             entries.append([context, {**options, CONTROL_OPTION: made[key]}])
         outputs.append(entries)
     return outputs[0], outputs[1]
+
+
+def controlnets_in(*conditionings: list) -> list[ControlNetModel]:
+    """The ControlNet networks the entries of these CONDITIONINGs will run (each once, in chain order), so a caller
+    can put them on the compute device next to the UNet before sampling. Controls of other kinds are left to the
+    sampler, which refuses them with a sentence (`control_schedule`)."""
+    found: dict[int, ControlNetModel] = {}
+    for conditioning in conditionings:
+        for _, options in conditioning:
+            control = options.get(CONTROL_OPTION)
+            if isinstance(control, ControlNetApplication):
+                for link in control.chain():
+                    found.setdefault(id(link.network), link.network)
+    return list(found.values())
 
 
 def check_control_fits(application: ControlNetApplication, unet_config, where: str) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .denoiser import broadcastable_sigma, per_item_sigma
+from .resize import center_crop_resize
 
 NOISE_MASK = "noise_mask"
 Denoiser = Callable[..., torch.Tensor]
@@ -81,7 +82,6 @@ class InpaintingDenoiser:
 # Inpainting UNets (the diffusers "SDXL inpainting 0.1" layout) read 9 channels: the noisy latent, then the mask and
 # the latent of the masked image (ComfyUI `BaseModel.set_inpaint`: concat keys "mask", "masked_image").
 INPAINT_UNET_CHANNELS = 9
-CONCAT_OPTIONS = frozenset({"concat_latent_image", "concat_mask"})  # from InpaintModelConditioning
 # The SDXL latent of a mid-grey picture (pixels 0.5, which is "zero" in the VAE's [-1, 1] space), per channel,
 # scaled: what an inpainting UNet sees as the masked image when no mask is given at all (ComfyUI's values).
 BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
@@ -89,16 +89,7 @@ BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
 
 def _to_latent_grid(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bilinear resize after a centre crop to the latent's aspect ratio (ComfyUI `common_upscale(..., "center")`)."""
-    if tuple(tensor.shape[-2:]) == (height, width):
-        return tensor
-    old_h, old_w = tensor.shape[-2:]
-    old_aspect, new_aspect = old_w / old_h, width / height
-    top = left = 0
-    if old_aspect > new_aspect:
-        left = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        top = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-    return F.interpolate(tensor[..., top:old_h - top, left:old_w - left], size=(height, width), mode="bilinear")
+    return center_crop_resize(tensor, height, width, "bilinear")
 
 
 def _to_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:

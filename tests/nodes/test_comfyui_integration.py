@@ -37,6 +37,9 @@ API_DIR = REPO / "example_workflows" / "api"
 PACK_FOLDER = "sdxl_two_stage"
 TINY = {"sd_xl_base_1.0.safetensors": "tiny_sdxl_base.safetensors",
         "sd_xl_refiner_1.0.safetensors": "tiny_sdxl_refiner.safetensors"}
+# The examples' ControlNet, replaced by a tiny one for the tiny base (random weights, so it visibly steers).
+TINY_CONTROLNETS = {"diffusers_xl_canny_full.safetensors": "tiny_controlnet.safetensors"}
+INPAINT_PICTURE = "inpaint.png"  # RGBA: the transparent right half is what LoadImage's MASK repaints
 W, H, STEPS, HANDOFF = 64, 96, 4, 3
 LORA = "tiny_style.safetensors"
 STARTUP_TIMEOUT = 240
@@ -90,10 +93,18 @@ def server(tiny_checkpoints, tmp_path_factory):
     Image.fromarray(pixels).save(root / "input" / "example.png")
     _write_tiny_embedding(root / "models" / "embeddings" / "shiny.safetensors")
     _write_tiny_lora(root / "models" / "loras" / LORA, tiny_checkpoints["base"])
+    from tests._checkpoints import write_tiny_controlnet
+
+    for tiny in TINY_CONTROLNETS.values():
+        write_tiny_controlnet(root / "models" / "controlnet" / tiny)
+    # What the mask editor saves: the painted-over part transparent (LoadImage's MASK is 1 - alpha).
+    rgba = np.dstack([pixels[..., ::-1], np.full((H, W), 255, np.uint8)])
+    rgba[:, W // 2:, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(root / "input" / INPAINT_PICTURE)
     (root / "extra_model_paths.yaml").write_text(
         f"sdxl_two_stage_test:\n  base_path: {root}\n  custom_nodes: custom_nodes\n"
         "  checkpoints: models/checkpoints\n  vae: models/vae\n  embeddings: models/embeddings\n"
-        "  loras: models/loras\n")
+        "  loras: models/loras\n  controlnet: models/controlnet\n")
     port = _free_port()
     log = open(root / "comfyui.log", "w")
     command = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
@@ -138,6 +149,8 @@ def _example(name: str, **overrides) -> dict:
     for node in prompt.values():
         if "ckpt_name" in node["inputs"]:
             node["inputs"]["ckpt_name"] = TINY[node["inputs"]["ckpt_name"]]
+        if "control_net_name" in node["inputs"]:
+            node["inputs"]["control_net_name"] = TINY_CONTROLNETS[node["inputs"]["control_net_name"]]
     for key, value in overrides.items():
         node_id, name_ = key.split(".")
         prompt[node_id]["inputs"][name_] = value
@@ -170,14 +183,18 @@ def test_pack_loads_and_object_info_lists_every_node(server):
         assert entry["display_name"] == nodes.NODE_DISPLAY_NAME_MAPPINGS[name]
         for input_name, spec in entry["input"]["required"].items():
             assert spec[1]["tooltip"], f"{name}.{input_name}"
-    loader = info["SDXLTwoStage.CheckpointLoader"]["input"]["required"]["ckpt_name"][0]
+    # The V3 schema states a combo as ("COMBO", {"options": [...]}), which both frontends read.
+    kind, options = info["SDXLTwoStage.CheckpointLoader"]["input"]["required"]["ckpt_name"]
+    assert kind == "COMBO"
+    loader = options["options"]
     assert set(TINY.values()) <= set(loader)
     extensions = _get(server, "/extensions")
     assert f"/extensions/{PACK_FOLDER}/sdxl_two_stage.js" in extensions, extensions
     with urllib.request.urlopen(server["url"] + f"/extensions/{PACK_FOLDER}/sdxl_buckets.js", timeout=30) as reply:
         assert b"export function parseBucketLabel" in reply.read()
     templates = _get(server, "/workflow_templates")
-    assert sorted(templates[PACK_FOLDER]) == ["SDXL refiner image polish", "SDXL two-stage text to image"]
+    assert sorted(templates[PACK_FOLDER]) == ["SDXL ControlNet two-stage (canny)", "SDXL inpainting",
+                                              "SDXL refiner image polish", "SDXL two-stage text to image"]
     quoted = urllib.parse.quote("SDXL two-stage text to image.json")  # the browser fetches it by its title
     with urllib.request.urlopen(server["url"] + f"/api/workflow_templates/{PACK_FOLDER}/{quoted}", timeout=30) as r:
         assert json.loads(r.read())["models"][0]["name"] == "sd_xl_base_1.0.safetensors"
@@ -257,6 +274,115 @@ def test_lora_node_in_the_two_stage_example_matches_the_nodes_in_process(server)
         prompt[consumer]["inputs"]["model"] = ["1", 0]
     with pytest.raises(client.WorkflowError, match="SDXL LoRAs are trained for the base model"):
         _run(server, prompt)
+
+
+def _nodes_in_process(root: Path, prompt: dict, core_nodes: dict) -> dict:
+    """Run an API prompt in this process: the pack's nodes through their classes (what the server runs), each core
+    node through `core_nodes[class_type](**inputs)`, which stands in for it. Returns every node's outputs."""
+    import nodes
+    from nodes import comfy_host
+
+    comfy_host.set_standalone_model_folders({folder: [str(root / "models" / folder)]
+                                             for folder in ("checkpoints", "vae", "loras", "controlnet")})
+    outputs: dict[str, tuple] = {}
+
+    def run(node_id: str) -> tuple:
+        if node_id not in outputs:
+            entry = prompt[node_id]
+            inputs = {name: run(value[0])[value[1]] if isinstance(value, list) else value
+                      for name, value in entry["inputs"].items()}
+            if entry["class_type"] in core_nodes:
+                outputs[node_id] = core_nodes[entry["class_type"]](**inputs)
+            else:
+                cls = nodes.NODE_CLASS_MAPPINGS[entry["class_type"]]
+                outputs[node_id] = getattr(cls(), cls.FUNCTION)(**inputs)
+        return outputs[node_id]
+
+    try:
+        for node_id in prompt:
+            run(node_id)
+    finally:
+        comfy_host.set_standalone_model_folders({})
+    return outputs
+
+
+def _load_image_like_comfyui(path: Path):
+    """ComfyUI's LoadImage on a single-frame picture: RGB in 0..1, and the MASK as 1 - alpha (64x64 zeros
+    without an alpha channel)."""
+    import torch
+
+    with Image.open(path) as picture:
+        rgb = torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)[None]
+        if "A" in picture.getbands():
+            mask = 1.0 - torch.from_numpy(np.asarray(picture.getchannel("A"), dtype=np.float32) / 255.0)[None]
+        else:
+            mask = torch.zeros(1, 64, 64)
+    return rgb, mask
+
+
+def _save_image_stand_in(images, filename_prefix):
+    return (np.clip(255.0 * images[0].numpy(), 0, 255).astype(np.uint8),)
+
+
+def _served(images: list[Path], prefix: str) -> np.ndarray:
+    (path,) = [image for image in images if image.name.startswith(prefix)]
+    with Image.open(path) as png:
+        return np.asarray(png.convert("RGB"))
+
+
+def test_inpainting_example_runs_and_matches_the_nodes_in_process(server):
+    """LoadImage's painted mask -> SDXL VAE Encode -> core SetLatentNoiseMask -> SDXL Base Sampler: the server's
+    picture equals the same graph run here, and the mask made a difference."""
+    prompt = _example("sdxl_inpaint", **{"2.image": INPAINT_PICTURE, "7.steps": STEPS, "7.end_at_step": STEPS})
+    images, _ = _run(server, prompt)
+    served = _served(images, "sdxl_inpaint")
+    assert served.shape == (H, W, 3)
+
+    def set_latent_noise_mask(samples, mask):  # ComfyUI's SetLatentNoiseMask
+        return ({**samples, "noise_mask": mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1])},)
+
+    core = {"LoadImage": lambda image: _load_image_like_comfyui(server["root"] / "input" / image),
+            "SetLatentNoiseMask": set_latent_noise_mask, "SaveImage": _save_image_stand_in}
+    (expected,) = _nodes_in_process(server["root"], prompt, core)["9"]
+    assert np.abs(served.astype(int) - expected.astype(int)).max() <= 2
+    core["SetLatentNoiseMask"] = lambda samples, mask: (samples,)
+    (unmasked,) = _nodes_in_process(server["root"], prompt, core)["9"]
+    assert np.abs(served.astype(int) - unmasked.astype(int)).max() > 2
+
+
+def test_controlnet_example_runs_and_matches_the_nodes_in_process(server):
+    """Core LoadImage -> Canny -> SDXL Apply ControlNet (with Load SDXL ControlNet) -> the two-stage samplers: the
+    server's picture equals the same graph run here on the server's edge map, and the ControlNet made a
+    difference."""
+    prompt = _example("sdxl_controlnet_two_stage", **{
+        "3.resolution": "custom", "3.width": W, "3.height": H, "11.steps": STEPS, "11.end_at_step": HANDOFF,
+        "15.steps": STEPS, "15.start_at_step": HANDOFF})
+    prompt["30"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "canny_edges"}}
+    images, _ = _run(server, prompt)
+    served, edges = _served(images, "sdxl_controlnet"), _served(images, "canny_edges")
+    assert served.shape == (H, W, 3) and edges.shape == (H, W, 3) and edges.max() > 0
+
+    import torch
+
+    control = torch.from_numpy(edges.astype(np.float32) / 255.0)[None]
+    core = {"LoadImage": lambda image: (None, None), "Canny": lambda image, **_: (control,),
+            "SaveImage": _save_image_stand_in}
+    (expected,) = _nodes_in_process(server["root"], prompt, core)["17"]
+    assert np.abs(served.astype(int) - expected.astype(int)).max() <= 2
+    prompt["10"]["inputs"]["strength"] = 0.0
+    (plain,) = _nodes_in_process(server["root"], prompt, core)["17"]
+    assert np.abs(served.astype(int) - plain.astype(int)).max() > 2
+
+
+def test_controlnet_on_the_refiner_is_refused_with_a_sentence(server):
+    prompt = _example("sdxl_controlnet_two_stage", **{
+        "3.resolution": "custom", "3.width": W, "3.height": H, "11.steps": STEPS, "11.end_at_step": HANDOFF,
+        "15.steps": STEPS, "15.start_at_step": HANDOFF})
+    prompt["10"]["inputs"].update(positive=["12", 0], negative=["14", 0])  # refiner conditioning into Apply
+    prompt["11"]["inputs"].update(positive=["6", 0], negative=["5", 0])
+    prompt["15"]["inputs"].update(positive=["10", 0], negative=["10", 1])
+    node, message = _failure(server, prompt)
+    assert node == "10" and "SDXL ControlNets steer the base" in message
 
 
 def test_refiner_img2img_example_runs(server):

@@ -170,7 +170,8 @@ folder_paths.add_model_folder_path("checkpoints", {str(tiny_checkpoints["base"].
 spec = importlib.util.spec_from_file_location("pack_under_test", {str(REPO / "__init__.py")!r})
 pack = importlib.util.module_from_spec(spec); sys.modules[spec.name] = pack; spec.loader.exec_module(pack)
 import sdxl_core.sampling.ksampler as ksampler
-nodes = {{name.split(".")[-1]: cls for name, cls in pack.NODE_CLASS_MAPPINGS.items()}}
+# The V1 declarations (inside a V3-capable ComfyUI the pack registers them through comfy_entrypoint instead).
+nodes = {{name.split(".")[-1]: cls for name, cls in sys.modules["pack_under_test.nodes"].NODE_CLASS_MAPPINGS.items()}}
 
 def alive():
     gc.collect()

@@ -63,6 +63,8 @@ def test_every_node_follows_the_v1_contract():
         assert isinstance(cls.RETURN_TYPES, tuple) and cls.RETURN_TYPES
         assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
         assert cls.DESCRIPTION
+        # Words the node search finds it by (V3 schemas that carry search aliases show them).
+        assert cls.SEARCH_ALIASES and all(isinstance(word, str) and word for word in cls.SEARCH_ALIASES), name
         for input_name, entry in _all_inputs(cls).items():
             assert len(entry) == 2, f"{name}.{input_name}"
             assert len(entry[1].get("tooltip", "")) > 20, f"{name}.{input_name} needs a tooltip"
@@ -549,6 +551,26 @@ def test_lora_node_chains_and_leaves_its_input_alone(loaded, loras):
     assert not torch.equal(two.unet.out[2].weight, one.unet.out[2].weight)
     with pytest.raises(ValueError, match="strength_model must be at most 10.0"):
         node("LoraLoader").apply(base, "style.safetensors", 10.5, 1.0)
+
+
+def test_lora_node_reads_a_file_once_per_node_and_keeps_only_the_latest_prompts_nodes(loaded, loras, monkeypatch):
+    """The V3 node keeps nothing on its class: what each LoRA node read lives in nodes/lora.py, per node id, as
+    ComfyUI's LoraLoader keeps it per node object, and only for the nodes of the prompt being run."""
+    from nodes import lora as lora_nodes
+    from sdxl_core.checkpoints import lora as core_lora
+
+    reads = []
+    real_read = core_lora.read_lora_file
+    monkeypatch.setattr(core_lora, "read_lora_file", lambda path: reads.append(path.name) or real_read(path))
+    monkeypatch.setattr(lora_nodes, "_last_read", {})
+    base = loaded[0]
+    prompt = {"20": {}, "21": {}}
+    for _ in range(2):  # a re-queued prompt
+        node("LoraLoader").apply(base, "style.safetensors", 1.0, 1.0, prompt=prompt, unique_id="20")
+        node("LoraLoader").apply(base, "sub/detail.safetensors", 1.0, 1.0, prompt=prompt, unique_id="21")
+    assert reads == ["style.safetensors", "detail.safetensors"]
+    node("LoraLoader").apply(base, "sub/detail.safetensors", 1.0, 1.0, prompt={"20": {}}, unique_id="20")
+    assert reads[2:] == ["detail.safetensors"] and set(lora_nodes._last_read) == {"20"}
 
 
 def test_lora_node_refuses_a_base_lora_on_the_refiner(loaded, loras):

@@ -17,7 +17,7 @@ UI_FILES = sorted(UI_DIR.glob("*.json"))  # exactly what ComfyUI's template brow
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}
 # Combos whose options are the files of this machine's model/input folders: any file name is fine in an example.
-FILE_COMBOS = {"ckpt_name", "vae_name", "image"}
+FILE_COMBOS = {"ckpt_name", "vae_name", "image", "control_net_name"}
 
 # Core ComfyUI nodes the examples may use, with their inputs and outputs (ComfyUI nodes.py, v0.3.64).
 CORE_NODES = {
@@ -25,6 +25,12 @@ CORE_NODES = {
                   "outputs": ()},
     "PreviewImage": {"inputs": {"images": ("IMAGE", {})}, "outputs": ()},
     "LoadImage": {"inputs": {"image": (["example.png"], {"image_upload": True})}, "outputs": ("IMAGE", "MASK")},
+    "SetLatentNoiseMask": {"inputs": {"samples": ("LATENT", {}), "mask": ("MASK", {})}, "outputs": ("LATENT",)},
+    # comfy_extras/nodes_canny.py
+    "Canny": {"inputs": {"image": ("IMAGE", {}),
+                         "low_threshold": ("FLOAT", {"default": 0.4, "min": 0.01, "max": 0.99, "step": 0.01}),
+                         "high_threshold": ("FLOAT", {"default": 0.8, "min": 0.01, "max": 0.99, "step": 0.01})},
+              "outputs": ("IMAGE",)},
 }
 
 
@@ -41,7 +47,7 @@ def _definition(class_type: str) -> dict:
     assert cls is not None, f"unknown node type {class_type!r}"
     spec = cls.INPUT_TYPES()
     return {"inputs": {**spec.get("required", {}), **spec.get("optional", {})}, "outputs": cls.RETURN_TYPES,
-            "class": cls}
+            "class": cls, "optional": set(spec.get("optional", {}))}
 
 
 def _is_widget(entry) -> bool:
@@ -114,10 +120,14 @@ def ui_to_api(workflow: dict) -> dict:
 
 
 # The template browser shows a pack's template by its file name: readable titles, with short names for the API twins.
-TWINS = {"SDXL two-stage text to image": "sdxl_two_stage_txt2img", "SDXL refiner image polish": "sdxl_refiner_img2img"}
+TWINS = {"SDXL two-stage text to image": "sdxl_two_stage_txt2img", "SDXL refiner image polish": "sdxl_refiner_img2img",
+         "SDXL inpainting": "sdxl_inpaint", "SDXL ControlNet two-stage (canny)": "sdxl_controlnet_two_stage"}
 # The files the examples load and where the missing-model dialog may download them from.
 DOWNLOADS = {"sd_xl_base_1.0.safetensors": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/",
-             "sd_xl_refiner_1.0.safetensors": "https://huggingface.co/stabilityai/stable-diffusion-xl-refiner-1.0/"}
+             "sd_xl_refiner_1.0.safetensors": "https://huggingface.co/stabilityai/stable-diffusion-xl-refiner-1.0/",
+             "diffusers_xl_canny_full.safetensors": "https://huggingface.co/lllyasviel/sd_control_collection/"}
+# The loader nodes, the widget naming the file each loads, and the models folder it is read from.
+MODEL_LOADERS = {"SDXLTwoStage.CheckpointLoader": "checkpoints", "SDXLTwoStage.ControlNetLoader": "controlnet"}
 
 
 def _api_twin(ui_file: Path) -> Path:
@@ -154,8 +164,13 @@ def validate_ui_workflow(workflow: dict, name: str) -> None:
         widgets = _ui_widget_values(f"{name} node {node['id']}", definition, node["widgets_values"])
         _check_widgets(f"{name} node {node['id']}", definition, widgets)
         connected = {socket["name"] for socket in node.get("inputs", []) if socket.get("link") is not None}
-        sockets = {name for name, entry in definition["inputs"].items() if not _is_widget(entry)}
+        sockets = {name for name, entry in definition["inputs"].items()
+                   if not _is_widget(entry) and name not in definition.get("optional", ())}
         assert sockets <= connected, f"node {node['id']} ({node['type']}): unconnected {sockets - connected}"
+        for socket in node.get("inputs", []):  # an unconnected socket is an optional one the node has
+            assert socket["name"] in definition["inputs"], f"node {node['id']}: no input {socket['name']!r}"
+            if socket.get("link") is None:
+                assert socket["name"] in definition.get("optional", ()), f"node {node['id']}.{socket['name']}"
         for slot, output in enumerate(node.get("outputs", [])):
             assert output["type"] == definition["outputs"][slot]
 
@@ -167,11 +182,11 @@ def test_every_loaded_checkpoint_has_a_download_entry(ui_file):
     workflow = json.loads(ui_file.read_text())
     listed = []
     for node in workflow["nodes"]:
-        if node["type"] != "SDXLTwoStage.CheckpointLoader":
+        if node["type"] not in MODEL_LOADERS:
             assert "models" not in node["properties"], node["id"]
             continue
         (entry,) = node["properties"]["models"]
-        assert entry["name"] == node["widgets_values"][0] and entry["directory"] == "checkpoints"
+        assert entry["name"] == node["widgets_values"][0] and entry["directory"] == MODEL_LOADERS[node["type"]]
         assert entry["url"].startswith(DOWNLOADS[entry["name"]]) and entry["url"].endswith("/" + entry["name"])
         listed.append(entry)
     assert listed and workflow["models"] == listed
@@ -182,7 +197,11 @@ def test_api_twin_is_valid_and_agrees_with_the_ui_workflow(ui_file):
     prompt = json.loads(_api_twin(ui_file).read_text())
     for node_id, node in prompt.items():
         definition = _definition(node["class_type"])
-        assert set(node["inputs"]) == set(definition["inputs"]), f"node {node_id}: inputs differ"
+        # Every input but the optional sockets left unconnected (which the API format leaves out).
+        left_out = set(definition["inputs"]) - set(node["inputs"])
+        assert set(node["inputs"]) <= set(definition["inputs"]), f"node {node_id}: unknown inputs"
+        assert left_out <= {name for name in definition.get("optional", ())
+                            if not _is_widget(definition["inputs"][name])}, f"node {node_id}: missing {left_out}"
         widgets = {}
         for name, value in node["inputs"].items():
             entry = definition["inputs"][name]
