@@ -11,8 +11,8 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("loaders", "lora", "text_encode", "micro_conditioning", "latent", "sampling", "vae_nodes",
-            "controlnet")
+FAMILIES = ("loaders", "lora", "model_sampling", "text_encode", "micro_conditioning", "latent", "sampling",
+            "vae_nodes", "controlnet")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -24,7 +24,7 @@ from .conditioning import (
     make_base_conditioning,
     make_refiner_conditioning,
 )
-from .config import VAE_DOWNSCALE, require_stage
+from .config import PREDICTION_TYPES, VAE_DOWNSCALE, require_stage
 from .models.bundle import SDXLModel
 from .models.vae import AutoencoderKL
 from .runtime.memory_estimate import check_generation_fits
@@ -34,6 +34,7 @@ from .runtime.vae_decoding import comfy_to_images, decode_latents, encode_images
 from .sampling.control import ControlNetUse, apply_controlnets
 from .sampling.inpaint import NOISE_MASK, noise_mask_for_image
 from .sampling.ksampler import sample_latent
+from .sampling.model_sampling import rescale_cfg_for, with_prediction
 from .sampling.settings import TWO_STAGE_HANDOFF, TWO_STAGE_STEPS, SamplingSettings
 from .text.embeddings import EmbeddingLibrary
 from .text.prompt_encoding import encode_base_prompt, encode_refiner_prompt
@@ -136,12 +137,19 @@ class GenerationRequest:
     scheduler: str = SamplingSettings.scheduler
     seed: int = SamplingSettings.seed
     batch_size: int = 1
+    rescale_cfg: float = SamplingSettings.rescale_cfg  # RescaleCFG's multiplier (0: plain CFG)
+    # Overrides of the base's prediction type / zero terminal SNR, as ComfyUI's ModelSamplingDiscrete (None: the
+    # checkpoint's own, from its markers); the refiner keeps its own.
+    prediction: str | None = None
+    zsnr: bool | None = None
     sampling: SamplingSettings = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_image_size(self.width, self.height)
         object.__setattr__(self, "sampling", SamplingSettings(seed=self.seed, steps=self.steps, cfg=self.cfg,
-                                                              sampler=self.sampler, scheduler=self.scheduler))
+                                                              sampler=self.sampler, scheduler=self.scheduler,
+                                                              rescale_cfg=self.rescale_cfg))
+        _check_prediction_override(self.prediction, self.zsnr)
         if not 0 < self.refiner_start <= self.steps:
             raise ValueError(f"the refiner start step must lie in 1..{self.steps} (the total steps), "
                              f"got {self.refiner_start}")
@@ -176,6 +184,9 @@ class ImageToImageRequest:
     sampler: str = SamplingSettings.sampler
     scheduler: str = SamplingSettings.scheduler
     seed: int = SamplingSettings.seed
+    rescale_cfg: float = SamplingSettings.rescale_cfg
+    prediction: str | None = None  # the model's prediction type / zsnr overridden (None: the checkpoint's own)
+    zsnr: bool | None = None
     sampling: SamplingSettings = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -184,10 +195,33 @@ class ImageToImageRequest:
                              f"{self.strength}")
         object.__setattr__(self, "sampling", SamplingSettings(seed=self.seed, steps=self.steps, cfg=self.cfg,
                                                               sampler=self.sampler, scheduler=self.scheduler,
-                                                              denoise=self.strength))
+                                                              denoise=self.strength, rescale_cfg=self.rescale_cfg))
+        _check_prediction_override(self.prediction, self.zsnr)
 
     def parameters(self) -> dict:
         return _plain(self)
+
+
+def _check_prediction_override(prediction: str | None, zsnr: bool | None) -> None:
+    if prediction is not None and prediction not in PREDICTION_TYPES:
+        raise ValueError(f"prediction must be one of {', '.join(PREDICTION_TYPES)} (or None for the checkpoint's "
+                         f"own), got {prediction!r}")
+    if zsnr is not None and not isinstance(zsnr, bool):
+        raise ValueError(f"zsnr must be True, False or None (the checkpoint's own), got {zsnr!r}")
+
+
+def with_request_prediction(model: SDXLModel, request: GenerationRequest | ImageToImageRequest) -> SDXLModel:
+    """The model sampled with the request's prediction-type / zsnr override, if it has one (weights shared)."""
+    if request.prediction is None and request.zsnr is None:
+        return model
+    return with_prediction(model, request.prediction, request.zsnr)
+
+
+def model_sampling_parameters(model: SDXLModel, request: GenerationRequest | ImageToImageRequest) -> dict:
+    """How a stage was sampled, for the PNG text chunk: its prediction type, zero terminal SNR and the RescaleCFG
+    multiplier it ran with (the request's or one patched onto the model)."""
+    return {"prediction": model.config.prediction, "zsnr": model.config.noise_schedule.zsnr,
+            "rescale_cfg": rescale_cfg_for(model, request.rescale_cfg)}
 
 
 def _plain(request) -> dict:
@@ -199,7 +233,7 @@ def _plain(request) -> dict:
 class GenerationResult:
     images: torch.Tensor  # [B, H, W, 3] float32 in 0..1
     latent: dict
-    parameters: dict = field(default_factory=dict)
+    parameters: dict = field(default_factory=dict)  # the request's settings and how the (base) model sampled
 
 
 def generate(base: SDXLModel | str | os.PathLike, refiner: SDXLModel | str | os.PathLike | None,
@@ -218,6 +252,8 @@ def generate(base: SDXLModel | str | os.PathLike, refiner: SDXLModel | str | os.
     the UNet is read, the base UNet before the refiner's. Networks already in memory (`load_checkpoint`, LoRA
     merges) stay as they are (sdxl_core/runtime/stages.py)."""
     base, refiner = _opened(base, "base"), _opened(refiner, "refiner")
+    if base is not None:
+        base = with_request_prediction(base, request)
     embeddings = EmbeddingLibrary.from_source(embeddings)  # one library: each file is read once
     stage = functools.partial(pipeline_stage, residency=residency)
     require_stage(base, "base", "generate's base")
@@ -253,7 +289,8 @@ def generate(base: SDXLModel | str | os.PathLike, refiner: SDXLModel | str | os.
     # Both checkpoints carry the same SDXL VAE; diffusers' refiner example shares the base's too.
     with stage(base, "vae"):
         images = decode(base, latent)
-    return GenerationResult(images=images, latent=latent, parameters=request.parameters())
+    return GenerationResult(images=images, latent=latent,
+                            parameters={**request.parameters(), **model_sampling_parameters(base, request)})
 
 
 def _opened(model: SDXLModel | str | os.PathLike | None, kind: str) -> SDXLModel | None:
@@ -286,6 +323,7 @@ def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImage
     check_image_size(width, height)
     _refuse_settings_for_the_other_stage(model, request)
     noise_mask = None if mask is None else noise_mask_for_image(mask, (height, width))  # refused before encoding
+    model = with_request_prediction(model, request)
     with stage(model, "vae"):
         latent = encode(model, images)
     if noise_mask is not None:
@@ -305,7 +343,8 @@ def image_to_image(model: SDXLModel, images: torch.Tensor, request: ImageToImage
                                callback=None if on_step is None else (lambda _info: on_step(model.kind)))
     with stage(model, "vae"):
         out = decode(model, latent)
-    return GenerationResult(images=out, latent=latent, parameters=request.parameters())
+    return GenerationResult(images=out, latent=latent,
+                            parameters={**request.parameters(), **model_sampling_parameters(model, request)})
 
 
 def _refiner_pair(refiner: SDXLModel, request: GenerationRequest | ImageToImageRequest, width: int, height: int,

@@ -137,7 +137,7 @@ def _write(outcome: JobOutcome, out: Path) -> list[Path]:
     """The job's PNGs as `generate` writes them (same pixels, same text chunks), each renamed into place whole."""
     request = outcome.job.request
     details = f"Size: {request.width}x{request.height}, Refiner start: {request.refiner_start}"
-    text = _png_text(request, details, outcome.job.sources())
+    text = _png_text(outcome.parameters, details, outcome.job.sources())
     return save_png(outcome.images, outcome.job.outputs(out)[0], text)
 
 

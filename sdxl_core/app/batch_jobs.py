@@ -23,6 +23,8 @@ from .options import _add_generation_arguments, _request_from_args
 
 # Settings of the whole run (where and in what precision it computes, where it writes): the command line sets them.
 RUN_WIDE = {"out": "--out DIR", "device": "--device", "dtype": "--dtype", "low_vram": "--low-vram"}
+# Request settings left out of a job's name while they hold these values (see JobReader._name).
+_UNSET_BY_DEFAULT = {"prediction": None, "zsnr": None, "rescale_cfg": 0.0}
 # Bump when the naming recipe changes: names from an older recipe would otherwise be mistaken for other jobs.
 _NAME_RECIPE = 1
 
@@ -187,7 +189,11 @@ class JobReader:
         def absolute(path: Path | None) -> str | None:
             return str(path.resolve()) if path is not None else None  # links resolved: one file, one name
 
-        content = {"recipe": _NAME_RECIPE, "request": request.parameters(), "base": absolute(models.base),
+        # The model-sampling overrides count only when set, so the jobs of a batch file written before they existed
+        # keep their names (and a rerun still skips their finished images).
+        settings = {key: value for key, value in request.parameters().items()
+                    if not (key in _UNSET_BY_DEFAULT and value == _UNSET_BY_DEFAULT[key])}
+        content = {"recipe": _NAME_RECIPE, "request": settings, "base": absolute(models.base),
                    "refiner": absolute(models.refiner), "vae": absolute(models.vae),
                    "loras": [[absolute(path), model, clip] for path, model, clip in models.loras],
                    "embeddings": [absolute(folder) for folder in embeddings], "dtype": self._dtype}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import logging
 import math
 import os
@@ -120,6 +121,7 @@ class BatchWorker:
             "seconds": pa.array([outcome.seconds for outcome in outcomes], type=pa.float64()),
             "started_at": pa.array([outcome.started_at for outcome in outcomes], type=pa.float64()),
             "images": pa.array([_array_bytes(outcome.images) for outcome in outcomes], type=pa.binary()),
+            "parameters": pa.array([json.dumps(outcome.parameters) for outcome in outcomes], type=pa.string()),
             "worker": pa.array([self._name] * len(outcomes), type=pa.string()),
         })
 
@@ -164,7 +166,8 @@ def run_on_ray(jobs: list[Job], settings: RunSettings, options: RayOptions,
         try:
             for row in results.iter_rows():
                 images = _images(row["images"]) if row["error"] is None else None
-                yield JobOutcome(by_name[row["name"]], images, row["error"], row["seconds"], row["started_at"])
+                yield JobOutcome(by_name[row["name"]], images, row["error"], row["seconds"], row["started_at"],
+                                 json.loads(row["parameters"]))
         except ray.exceptions.RayError as error:
             raise RuntimeError(f"the Ray run stopped: {str(error).splitlines()[0]}; the images written so far are "
                                "kept and a rerun skips them") from error

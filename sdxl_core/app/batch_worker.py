@@ -47,6 +47,7 @@ class JobOutcome:
     error: str | None
     seconds: float  # loading (when this job loaded the checkpoints) and sampling
     started_at: float  # wall-clock time.time() the job started, for the benchmark's overhead accounting
+    parameters: dict | None = None  # the GenerationResult's: the settings and how the base sampled (for the PNG)
 
 
 class JobRunner:
@@ -86,4 +87,4 @@ class JobRunner:
                               embeddings=list(job.embeddings) or None)
         except Exception as error:  # one job's failure is recorded; the batch goes on with the others
             return JobOutcome(job, None, job_error_text(error), time.perf_counter() - started, started_at)
-        return JobOutcome(job, result.images, None, time.perf_counter() - started, started_at)
+        return JobOutcome(job, result.images, None, time.perf_counter() - started, started_at, result.parameters)

@@ -60,6 +60,9 @@ class CheckpointReport:
         data = asdict(self)
         data["config"] = repr(self.config) if self.config is not None else None
         data["parameters"] = self.parameters
+        if isinstance(self.config, SDXLConfig):
+            data["prediction"] = self.config.prediction
+            data["zsnr"] = self.config.noise_schedule.zsnr
         return data
 
 
@@ -145,6 +148,15 @@ def _format_config(config: SDXLConfig | VAEConfig) -> list[str]:
     return lines
 
 
+def _format_prediction(config: SDXLConfig) -> str:
+    """The prediction type and schedule as read from the markers, and how to override them."""
+    markers = ("the v_pred and ztsnr markers" if config.noise_schedule.zsnr else "the v_pred marker"
+               if config.prediction == "v_prediction" else "no v_pred marker")
+    zsnr = "zero terminal SNR" if config.noise_schedule.zsnr else "no zero terminal SNR"
+    return (f"{config.prediction}, {zsnr} (from {markers}; override with --prediction / --zsnr or the Model "
+            "Sampling node)")
+
+
 def _human_size(count: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if count >= scale:
@@ -168,6 +180,8 @@ def format_report(report: CheckpointReport) -> str:
         lines.append(f"  {'total:':<28}{report.parameters:>15,} parameters")
     if report.config is not None:
         lines.extend(f"  config:     {line}" for line in _format_config(report.config))
+    if isinstance(report.config, SDXLConfig):
+        lines.append(f"  prediction: {_format_prediction(report.config)}")
     lines.extend(f"  note:       {note}" for note in report.notes)
     lines.extend(f"  problem:    {problem}" for problem in report.problems)
     what = "as a separate VAE" if report.kind == "sdxl-vae" else "as an SDXL checkpoint"

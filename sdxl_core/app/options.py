@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from ..buckets import bucket_for_ratio
+from ..config import PREDICTION_TYPES
 from ..dtypes import DTYPES_BY_NAME
 from . import arguments
 from .control_args import add_control_arguments, add_mask_argument
@@ -50,6 +51,22 @@ def _lora(text: str) -> tuple[Path, float, float]:
     return path, model_strength, clip_strength
 
 
+def _rescale_multiplier(text: str) -> float:
+    value = arguments.finite_float("the RescaleCFG multiplier", minimum=0.0)(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"the RescaleCFG multiplier is a share in [0, 1] (0.7 is usual for "
+                                         f"v-prediction models), got {text}")
+    return value
+
+
+def prediction_override(args: argparse.Namespace) -> dict:
+    """--prediction and --zsnr as the requests' `prediction` / `zsnr` overrides (None: the checkpoint's own).
+    An explicit prediction type sets zsnr too, as ComfyUI's ModelSamplingDiscrete node does."""
+    if args.prediction == "auto":
+        return {"prediction": None, "zsnr": True if args.zsnr else None}
+    return {"prediction": args.prediction, "zsnr": bool(args.zsnr)}
+
+
 def _add_prompt_arguments(parser: argparse.ArgumentParser, *, prompt_default: str | None) -> None:
     if prompt_default is None:
         parser.add_argument("--prompt", required=True, help="the prompt (both text encoders)")
@@ -84,6 +101,18 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, *, steps_help: str)
     parser.add_argument("--seed", type=arguments.seed, default=0,
                         help="noise seed, 0 to 2^64-1; same seed, same image. 'random' (or -1) draws one, which is "
                              "printed and recorded in the PNG")
+    parser.add_argument("--rescale-cfg", type=_rescale_multiplier, default=0.0, metavar="MULTIPLIER",
+                        help="RescaleCFG (Lin et al. 2024, as ComfyUI's RescaleCFG node): blend this share, in "
+                             "[0, 1], of the guided prediction rescaled to the conditional one's spread; 0.7 for "
+                             "v-prediction zsnr models such as NoobAI-XL, 0 (default) is plain CFG")
+    parser.add_argument("--prediction", choices=["auto", *PREDICTION_TYPES], default="auto",
+                        help="what the model predicts, as ComfyUI's ModelSamplingDiscrete sets it (generate: the "
+                             "base; img2img: --model): auto (default) reads the checkpoint's v_pred marker; give "
+                             "eps or v_prediction for a file that lacks it")
+    parser.add_argument("--zsnr", action="store_true",
+                        help="sample on the zero-terminal-SNR schedule (ComfyUI's ModelSamplingDiscrete zsnr): with "
+                             "--prediction auto it turns zsnr on for a file without the ztsnr marker; with "
+                             "--prediction eps or v_prediction zsnr is off unless this is given, as in that node")
 
 
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -187,7 +216,7 @@ def _request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             negative_aesthetic_score=args.negative_aesthetic_score, steps=steps, refiner_start=refiner_start,
             cfg=args.cfg if args.cfg is not None else defaults["cfg"],
             sampler=args.sampler or defaults["sampler"], scheduler=args.scheduler or defaults["scheduler"],
-            seed=args.seed, batch_size=args.batch_size,
+            seed=args.seed, batch_size=args.batch_size, rescale_cfg=args.rescale_cfg, **prediction_override(args),
         )
     except ValueError as error:
         parser.error(str(error))
@@ -204,6 +233,7 @@ def _img2img_request_from_args(args: argparse.Namespace, parser: argparse.Argume
             steps=args.steps if args.steps is not None else defaults.steps,
             aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
             cfg=args.cfg if args.cfg is not None else defaults.cfg, sampler=args.sampler or defaults.sampler,
-            scheduler=args.scheduler or defaults.scheduler, seed=args.seed)
+            scheduler=args.scheduler or defaults.scheduler, seed=args.seed, rescale_cfg=args.rescale_cfg,
+            **prediction_override(args))
     except ValueError as error:
         parser.error(str(error))

@@ -38,13 +38,16 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _png_text(request: GenerationRequest | ImageToImageRequest, details: str, sources: dict) -> dict[str, str]:
-    """PNG text chunks: a summary in the common `parameters` style (prompt, negative, settings, then `details`)
-    and the full settings as JSON."""
-    summary = (f"{request.prompt}\nNegative prompt: {request.negative}\nSteps: {request.steps}, "
-               f"Sampler: {request.sampler}, Scheduler: {request.scheduler}, CFG scale: {request.cfg}, "
-               f"Seed: {request.seed}, {details}")
-    return {"parameters": summary, "sdxl_core": json.dumps({**request.parameters(), **sources}, sort_keys=True)}
+def _png_text(parameters: dict, details: str, sources: dict) -> dict[str, str]:
+    """PNG text chunks: a summary in the common `parameters` style (prompt, negative, settings, how the model
+    sampled, then `details`) and the full settings as JSON. `parameters`: a GenerationResult's (the request's
+    settings with the prediction type and zsnr the model was sampled with)."""
+    p = parameters
+    summary = (f"{p['prompt']}\nNegative prompt: {p['negative']}\nSteps: {p['steps']}, "
+               f"Sampler: {p['sampler']}, Scheduler: {p['scheduler']}, CFG scale: {p['cfg']}, "
+               f"Seed: {p['seed']}, Prediction: {p['prediction']}, ZSNR: {p['zsnr']}, "
+               f"RescaleCFG: {p['rescale_cfg']}, {details}")
+    return {"parameters": summary, "sdxl_core": json.dumps({**parameters, **sources}, sort_keys=True)}
 
 
 class OutputError(ValueError):
@@ -207,7 +210,7 @@ def _run_text_to_image(request: GenerationRequest, base_path: Path, refiner_path
                    "vae": str(vae_path) if vae_path else None, "embeddings": _embedding_sources(args),
                    "loras": _lora_sources(args), **_control_sources(args)}
         details = f"Size: {request.width}x{request.height}, Refiner start: {request.refiner_start}"
-        return result, _png_text(request, details, sources)
+        return result, _png_text(result.parameters, details, sources)
 
     return _run(args, request.steps, produce)
 
@@ -247,7 +250,7 @@ def run_img2img(request: ImageToImageRequest, args: argparse.Namespace) -> int:
         details = f"Denoising strength: {request.strength}, Model: SDXL {model.kind}"
         if mask is not None:
             details += f", Mask: {args.mask.name}"
-        return result, _png_text(request, details, sources)
+        return result, _png_text(result.parameters, details, sources)
 
     return _run(args, request.steps, produce)
 

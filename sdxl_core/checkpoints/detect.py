@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..config import (
     BASE_ADM_SCALARS,
+    PREDICTION_TYPES,
     REFINER_ADM_SCALARS,
     SDXL_VAE,
     NoiseScheduleConfig,
@@ -47,23 +48,48 @@ DEFAULT_HEAD_WIDTH = 64
 DEFAULT_NORM_GROUPS = 32
 
 
-# Marker keys of SDXL-architecture models with a noise schedule these nodes do not run (the markers ComfyUI's
-# `supported_models.SDXL.model_type` reads). Rectified-flow SDXL variants carry no marker ComfyUI knows either.
-_SCHEDULE_MARKERS = (("edm_mean", "the EDM schedule of Playground v2.5 (continuous sigmas, sigma_data 0.5)"),
-                     ("edm_vpred", "v-prediction on an EDM schedule (CosXL)"))
+# Marker keys of SDXL-architecture models with a noise schedule these nodes do not run: the keys ComfyUI 0.3.64's
+# `supported_models.SDXL.model_type` reads (`edm_mean` + `edm_std`: Playground v2.5, sampled as EDM with
+# sigma_data 0.5 and a latent format of its own; `edm_vpred.sigma_max`: CosXL, v-prediction on a continuous EDM
+# schedule). Either key of a pair is enough to refuse: without the other ComfyUI would sample the file as eps, which
+# is no more right. Rectified-flow SDXL variants carry no key ComfyUI knows (it runs them through a ModelSamplingSD3
+# node the user adds), so single files of them cannot be told apart; diffusers folders name their scheduler.
+_SCHEDULE_MARKERS = (
+    (("edm_mean", "edm_std"), "Playground v2.5's EDM schedule (continuous sigmas 0.002-80 with sigma_data 0.5, and "
+                              "its own latent mean and scale)"),
+    (("edm_vpred.sigma_max", "edm_vpred.sigma_min"), "CosXL's v-prediction on a continuous EDM schedule"),
+)
 # The empty marker tensors of a v-prediction checkpoint, and of one trained with zero terminal SNR (read only
 # together with v_pred, as ComfyUI reads them). `save_checkpoint` writes them back.
 V_PRED_MARKER = "v_pred"
 ZTSNR_MARKER = "ztsnr"
 PREDICTION_MARKERS = (V_PRED_MARKER, ZTSNR_MARKER)
+# The same two facts from a diffusers folder's scheduler/scheduler_config.json (`prediction_type`,
+# `rescale_betas_zero_snr`), carried as hints (diffusers_layout.py) since such a folder has no marker tensors.
+HINT_PREDICTION = "sdxl_core.scheduler.prediction"
+HINT_ZSNR = "sdxl_core.scheduler.zsnr"
 
 
-def prediction_from_keys(keys) -> tuple[str, bool]:
-    """(prediction type, zero terminal SNR) of an SDXL checkpoint from its marker keys, as ComfyUI detects them."""
+def prediction_from_keys(keys, hints: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """(prediction type, zero terminal SNR) of an SDXL checkpoint from its marker keys, as ComfyUI detects them,
+    else from a diffusers folder's scheduler hints."""
     keys = set(keys)
     if V_PRED_MARKER in keys:
         return "v_prediction", ZTSNR_MARKER in keys
+    hints = hints or {}
+    if hints.get(HINT_PREDICTION) in PREDICTION_TYPES:
+        return hints[HINT_PREDICTION], hints.get(HINT_ZSNR) == "true"
     return "eps", False
+
+
+def schedule_marker(keys) -> tuple[str, str] | None:
+    """(the marker key found, what it marks) when an SDXL-architecture file is trained for another schedule."""
+    keys = set(keys)
+    for markers, what in _SCHEDULE_MARKERS:
+        for marker in markers:
+            if marker in keys:
+                return marker, what
+    return None
 
 
 @dataclass(frozen=True)
@@ -125,10 +151,10 @@ def identify(shapes: Shapes) -> Identification:
     if is_base or is_refiner:
         # Fine-tunes that keep the SDXL architecture but change the noise schedule mark it with a key (the markers
         # ComfyUI's `supported_models.SDXL.model_type` reads); sampled as eps-prediction they give broken images.
-        for marker, what in _SCHEDULE_MARKERS:
-            if any(key == marker or key.startswith(marker + ".") for key in keys):
-                return Identification("sdxl-other-schedule", f"an SDXL-architecture checkpoint trained for {what} "
-                                                             f"(marker key {marker!r})")
+        if (found := schedule_marker(keys)) is not None:
+            marker, what = found
+            return Identification("sdxl-other-schedule", f"an SDXL-architecture checkpoint trained for {what} "
+                                                         f"(marker key {marker!r})")
         return Identification("sdxl-base", "an SDXL base checkpoint") if is_base else \
             Identification("sdxl-refiner", "an SDXL refiner checkpoint")
     if has_unet:
@@ -290,7 +316,7 @@ def infer_config(shapes: Shapes, hints: Mapping[str, str] | None = None, *,
     prefixes = component_prefixes(kind)
     if vae is None:
         vae = infer_vae_config(_strip(shapes, VAE_PREFIX), hints)
-    prediction, zsnr = prediction_from_keys(shapes.keys())
+    prediction, zsnr = prediction_from_keys(shapes.keys(), hints)
     config = dict(
         prediction=prediction, noise_schedule=NoiseScheduleConfig(zsnr=zsnr),
         unet=infer_unet_config(_strip(shapes, UNET_PREFIX), hints), vae=vae,

@@ -21,9 +21,11 @@ from .detect import (
     BASE_CLIP_L_PREFIX,
     HINT_CLIP_G_HEADS,
     HINT_CLIP_L_HEADS,
+    HINT_PREDICTION,
     HINT_UNET_HEAD_CHANNELS,
     HINT_UNET_NORM_GROUPS,
     HINT_VAE_NORM_GROUPS,
+    HINT_ZSNR,
     REFINER_CLIP_G_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
@@ -197,6 +199,42 @@ def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and (path / "model_index.json").is_file()
 
 
+# diffusers' scheduler `prediction_type` values -> ours ("sample", x0 prediction, has no denoiser here).
+_DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v_prediction"}
+
+
+def scheduler_hints(folder: Path) -> dict[str, str]:
+    """The prediction type and zero terminal SNR a diffusers SDXL folder's scheduler/scheduler_config.json declares
+    (its counterpart of ComfyUI's marker keys), as hints for `detect.infer_config`; a scheduler for another kind of
+    schedule is refused by name, as the EDM and CosXL marker keys of single files are (detect.py)."""
+    config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    if not config:
+        return {}
+    name = str(config.get("_class_name", ""))
+    if name.startswith("EDM"):
+        what = ("CosXL's v-prediction on an EDM schedule" if config.get("prediction_type") == "v_prediction" else
+                "an EDM schedule (Playground v2.5)")
+        raise WrongArchitectureError(
+            f"{folder.name} is a diffusers SDXL folder whose scheduler is {name}: it was trained for {what}, with "
+            "continuous noise levels. This project samples SDXL's discrete schedule (eps or v-prediction, with or "
+            "without zero terminal SNR), which would turn its output into noise; use ComfyUI's own loader for it.")
+    if name.startswith("FlowMatch"):
+        raise WrongArchitectureError(
+            f"{folder.name} is a diffusers SDXL folder whose scheduler is {name}: a rectified-flow fine-tune, which "
+            "predicts a velocity along straight paths from data to noise rather than SDXL's discrete-schedule "
+            "noise. These samplers run SDXL's discrete schedule only; use ComfyUI's loader with its "
+            "ModelSamplingSD3 node for it.")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in _DIFFUSERS_PREDICTIONS:
+        raise WrongArchitectureError(
+            f"{folder.name}'s scheduler predicts {prediction!r}; these samplers run eps and v-prediction models "
+            "(scheduler_config.json prediction_type 'epsilon' or 'v_prediction')")
+    hints = {HINT_PREDICTION: _DIFFUSERS_PREDICTIONS[prediction]}
+    if config.get("rescale_betas_zero_snr") is True:
+        hints[HINT_ZSNR] = "true"
+    return hints
+
+
 def read_diffusers_folder(folder: Path) -> tuple[dict[str, LazyTensor], dict[str, str], list[Path]]:
     """A diffusers SDXL pipeline folder -> (original-layout lazy tensors, config hints, the weight files used)."""
     index = _read_json(folder / "model_index.json")
@@ -216,7 +254,7 @@ def read_diffusers_folder(folder: Path) -> tuple[dict[str, LazyTensor], dict[str
     kind = "base" if "text_encoder" in parts else "refiner"
     tensors: dict[str, LazyTensor] = {}
     used: list[Path] = []
-    hints = _unet_hints(_read_json(folder / "unet" / "config.json"))
+    hints = {**_unet_hints(_read_json(folder / "unet" / "config.json")), **scheduler_hints(folder)}
 
     def load(part: str, names: tuple[str, ...], what: str) -> dict[str, LazyTensor]:
         found, _, path = read_sharded(folder / part, names, what)

@@ -53,8 +53,11 @@ class SDXLModel:
                  clip_g: TextEncoder | None = None, clip_l: TextEncoder | None = None,
                  tokenizer: SDXLTokenizer | None = None, source: Path | None = None,
                  dtype: torch.dtype = torch.float32, *, reader: ComponentReader | None = None,
-                 rereadable: frozenset[str] = frozenset()):
+                 rereadable: frozenset[str] = frozenset(), rescale_cfg: float = 0.0):
         self.config = config
+        # RescaleCFG's multiplier patched onto the model, as ComfyUI's RescaleCFG node patches its MODEL (0: plain
+        # CFG); the sampler applies it (sampling/model_sampling.py `with_rescale_cfg`, sampling/ksampler.py).
+        self.rescale_cfg = rescale_cfg
         self.tokenizer = tokenizer if tokenizer is not None else SDXLTokenizer()
         self.source = source  # the checkpoint file or diffusers folder, None for a model built in memory
         self.dtype = dtype  # what the UNet and text encoders compute in (the VAE may differ: `vae.dtype`)
@@ -165,13 +168,16 @@ class SDXLModel:
         parts = {**self._parts, **networks}
         # Networks not in memory stay with the reader; the copy reads its own when it needs them.
         return SDXLModel(self.config, **parts, tokenizer=self.tokenizer, source=self.source, dtype=self.dtype,
-                         reader=self._reader, rereadable=frozenset(self._rereadable - set(networks)))
+                         reader=self._reader, rereadable=frozenset(self._rereadable - set(networks)),
+                         rescale_cfg=self.rescale_cfg)
 
-    def with_config(self, config) -> SDXLModel:
+    def with_config(self, config, *, rescale_cfg: float | None = None) -> SDXLModel:
         """A new model sharing this one's networks and reader under another config of the same architecture (e.g. a
-        prediction-type override, sampling/model_sampling.py `with_prediction`)."""
+        prediction-type override, sampling/model_sampling.py `with_prediction`) and/or another RescaleCFG multiplier
+        (None keeps this one's)."""
         return SDXLModel(config, **self._parts, tokenizer=self.tokenizer, source=self.source, dtype=self.dtype,
-                         reader=self._reader, rereadable=self._rereadable)
+                         reader=self._reader, rereadable=self._rereadable,
+                         rescale_cfg=self.rescale_cfg if rescale_cfg is None else rescale_cfg)
 
     def modules(self) -> dict[str, nn.Module]:
         """The networks by component name (no `clip_l` for the refiner); reads any that are not in memory."""

@@ -19,7 +19,7 @@ from ..operations import compute_dtype_of
 from .control import CONTROL_OPTION, control_schedule
 from .guidance import CFGDenoiser, WeightedConditioning
 from .inpaint import INPAINT_UNET_CHANNELS, NOISE_MASK, InpaintConcat, InpaintingDenoiser, prepare_denoise_mask
-from .model_sampling import model_sampling_for
+from .model_sampling import model_sampling_for, rescale_cfg_for
 from .noise import prepare_noise
 from .regions import resolve_region
 from .samplers import integrate, run_sampler
@@ -63,7 +63,7 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
     if model.config.unet.in_channels == INPAINT_UNET_CHANNELS:
         concat = InpaintConcat(start, None if mask is None else mask.to(device), scale)
     denoiser = guided_denoiser(model, positive, negative, settings.cfg, tuple(samples.shape[-2:]),
-                               rescale=settings.rescale_cfg, concat=concat)
+                               rescale=rescale_cfg_for(model, settings.rescale_cfg), concat=concat)
     if mask is not None:  # inpainting: only the masked region is sampled (sampling/inpaint.py)
         denoiser = InpaintingDenoiser(denoiser, start, noise.to(device), mask.to(device))
     with torch.inference_mode():

@@ -8,6 +8,8 @@ samplers see only `denoiser(x, sigma) -> x0`, and this module decides how a netw
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from functools import cache
 
@@ -55,3 +57,24 @@ def with_prediction(model, prediction: str | None = None, zsnr: bool | None = No
         noise_schedule=config.noise_schedule if zsnr is None else
         dataclasses.replace(config.noise_schedule, zsnr=bool(zsnr)))
     return model.with_config(config)
+
+
+def with_rescale_cfg(model, multiplier: float):
+    """The same networks with RescaleCFG (Lin et al. 2024) patched on, as ComfyUI's RescaleCFG node patches a MODEL:
+    every sampler that runs this model blends `multiplier` of the rescaled guided prediction into plain CFG (0
+    removes the patch; a second patch replaces the first, as in ComfyUI). A new model object; weights shared."""
+    if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real) or not math.isfinite(multiplier) \
+            or not 0.0 <= multiplier <= 1.0:
+        raise ValueError(f"the RescaleCFG multiplier must be a number in [0, 1] (0.7 is usual for v-prediction "
+                         f"models), got {multiplier!r}")
+    return model.with_config(model.config, rescale_cfg=float(multiplier))
+
+
+def rescale_cfg_for(model, settings_multiplier: float) -> float:
+    """The one RescaleCFG multiplier a run uses: the sampler settings' (the command line's --rescale-cfg) or the
+    model's patch (the RescaleCFG node). Two different non-zero values would leave one silently unused: refused."""
+    patched = getattr(model, "rescale_cfg", 0.0)
+    if patched and settings_multiplier and patched != settings_multiplier:
+        raise ValueError(f"RescaleCFG is set twice: {settings_multiplier} in the sampler settings and {patched} "
+                         "patched onto the model; keep one of them")
+    return settings_multiplier or patched
