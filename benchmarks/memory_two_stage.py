@@ -12,16 +12,23 @@ folded counters put VmHWM a few pages lower).
                                                                   # ~13 GB of files), 256x256, 6 steps, refiner from 4
     python benchmarks/memory_two_stage.py --full-size /data/sdxl --size 1024 --json memory.json
     COMFYUI_PATH=~/ComfyUI COMFYUI_PYTHON=~/ComfyUI/venv/bin/python \\
-        python benchmarks/memory_two_stage.py --full-size /data/sdxl   # and ComfyUI's own nodes on the same graph
-    python benchmarks/memory_two_stage.py --full-size /data/sdxl --dry-run  # what would run; writes and runs nothing
+        python benchmarks/memory_two_stage.py --full-size /data/sdxl   # cli, nodes and comfyui, one after another
+    ... --paths nodes            # one path alone (cli, nodes, comfyui); the tiny default runs cli and nodes
+    python benchmarks/memory_two_stage.py --full-size /data/sdxl --dry-run  # commands and estimates; runs nothing
 
 Paths:
 - cli: `python -m sdxl_core generate --base ... --refiner ...` at its defaults (checkpoints opened stage by stage,
   weights held in the file's precision where that is exact: sdxl_core/runtime/stages.py, sdxl_core/operations.py).
-- comfyui (with COMFYUI_PATH and COMFYUI_PYTHON): ComfyUI's CheckpointLoaderSimple x2, CLIPTextEncodeSDXL,
-  CLIPTextEncodeSDXLRefiner, EmptyLatentImage, KSamplerAdvanced x2 and VAEDecode, called in that order in one
-  process with ComfyUI's CPU/GPU choice. ComfyUI recognises models by their full-size shapes, so this path needs
-  --full-size.
+- nodes (with COMFYUI_PATH and COMFYUI_PYTHON): the pack's two-stage example workflow
+  (example_workflows/api/sdxl_two_stage_txt2img_api.json at this size and step split) inside ComfyUI.
+- comfyui (with COMFYUI_PATH and COMFYUI_PYTHON): the same graph with ComfyUI's own nodes: CheckpointLoaderSimple
+  x2, CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner, EmptyLatentImage, KSamplerAdvanced x2, VAEDecode, SaveImage.
+  ComfyUI recognises models by their full-size shapes, so this path needs --full-size.
+Both ComfyUI paths are run by ComfyUI's own executor (`execution.PromptExecutor`, as its server's prompt worker
+runs a queued prompt: output cache, model management, node instances) in a child that set ComfyUI up as its
+main.py does (`--cpu` for --device cpu, its built-in nodes, the pack from this checkout); each node's time counts
+towards its step, and after the run the child is sampled again for what ComfyUI keeps between runs (raw, and once
+the C heap has returned its free pages).
 
 Full-size checkpoints are random weights in the original single-file layout with exactly the published keys,
 shapes and dtypes (tests/data/manifests), written by the tests' own helper `write_from_manifest`. Memory does not
@@ -106,6 +113,17 @@ class StepSampler:
                 "peak_rss": max(_status_bytes("VmHWM"), *self.peaks.values())}
 
 
+def _trim_heap() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator returns large blocks itself
+        pass
+
+
 def child_cli(argv: list[str]) -> dict:
     """The command line in this process, each pipeline step labelled (`sdxl_core.pipeline.pipeline_stage`)."""
     import contextlib
@@ -132,49 +150,143 @@ def child_cli(argv: list[str]) -> dict:
     return sampler.result()
 
 
-def child_comfyui(comfyui: Path, base: Path, refiner: Path, size: int, steps: int, refiner_start: int,
-                  device: str) -> dict:
-    """ComfyUI's own nodes on the two-stage graph, in this process (ComfyUI's interpreter)."""
-    sys.path.insert(0, str(comfyui))
-    import comfy.cli_args
+CFG = 7.0
+SEED = 42
 
-    if device == "cpu":
-        comfy.cli_args.args.cpu = True  # before comfy.model_management reads it
+
+def pack_graph(base: str, refiner: str, size: int, steps: int, refiner_start: int) -> tuple[dict, dict]:
+    """The pack's two-stage example workflow (example_workflows/api) at this size and step split, and the step
+    each node belongs to."""
+    prompt = json.loads((ROOT / "example_workflows" / "api" / "sdxl_two_stage_txt2img_api.json").read_text())
+    by_type: dict[str, list[str]] = {}
+    for node_id, node in sorted(prompt.items(), key=lambda item: int(item[0])):
+        by_type.setdefault(node["class_type"].removeprefix("SDXLTwoStage."), []).append(node_id)
+
+    def inputs(kind: str, index: int = 0) -> dict:
+        return prompt[by_type[kind][index]]["inputs"]
+
+    inputs("CheckpointLoader", 0)["ckpt_name"], inputs("CheckpointLoader", 1)["ckpt_name"] = base, refiner
+    inputs("EmptyLatent").update(resolution="custom", width=size, height=size)
+    inputs("MicroConditioning").update(width=size, height=size, target_width=size, target_height=size)
+    for index, text in enumerate((PROMPT, NEGATIVE)):
+        inputs("TextEncodeBase", index)["text_g"] = text
+        inputs("TextEncodeRefiner", index)["text"] = text
+    inputs("SaveImage")["filename_prefix"] = "memory_two_stage"
+    inputs("BaseSampler").update(steps=steps, end_at_step=refiner_start, cfg=CFG, seed=SEED)
+    inputs("RefinerSampler").update(steps=steps, start_at_step=refiner_start, cfg=CFG, seed=SEED)
+    steps_of = {"EmptyLatent": "latent", "TextEncodeBase": "base text", "MicroConditioning": "base text",
+                "TextEncodeRefiner": "refiner text", "AestheticScore": "refiner text", "BaseSampler": "base unet",
+                "RefinerSampler": "refiner unet", "VAEDecode": "base vae", "SaveImage": "write PNG"}
+    labels = {node_id: steps_of[kind] for kind, ids in by_type.items() if kind in steps_of for node_id in ids}
+    labels[by_type["CheckpointLoader"][0]], labels[by_type["CheckpointLoader"][1]] = "base load", "refiner load"
+    return prompt, labels
+
+
+def comfyui_graph(base: str, refiner: str, size: int, steps: int, refiner_start: int) -> tuple[dict, dict]:
+    """The same two-stage graph with ComfyUI's own nodes (CheckpointLoaderSimple x2, CLIPTextEncodeSDXL,
+    CLIPTextEncodeSDXLRefiner, KSamplerAdvanced x2, VAEDecode), and the step each node belongs to."""
+    def sampler(model: str, positive: str, negative: str, latent: str, first: bool) -> dict:
+        return {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": [model, 0], "add_noise": "enable" if first else "disable", "noise_seed": SEED, "steps": steps,
+            "cfg": CFG, "sampler_name": "euler", "scheduler": "normal", "positive": [positive, 0],
+            "negative": [negative, 0], "latent_image": [latent, 0], "start_at_step": 0 if first else refiner_start,
+            "end_at_step": refiner_start if first else 10000,
+            "return_with_leftover_noise": "enable" if first else "disable"}}
+
+    sizes = {"width": size, "height": size}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": base}},
+        "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": refiner}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {**sizes, "batch_size": 1}},
+        **{node_id: {"class_type": "CLIPTextEncodeSDXL", "inputs": {
+            "clip": ["1", 1], **sizes, "crop_w": 0, "crop_h": 0, "target_width": size, "target_height": size,
+            "text_g": text, "text_l": text}} for node_id, text in (("4", PROMPT), ("5", NEGATIVE))},
+        **{node_id: {"class_type": "CLIPTextEncodeSDXLRefiner", "inputs": {
+            "clip": ["2", 1], "ascore": score, **sizes, "text": text}}
+           for node_id, text, score in (("6", PROMPT, 6.0), ("7", NEGATIVE, 2.5))},
+        "8": sampler("1", "4", "5", "3", True),
+        "9": sampler("2", "6", "7", "8", False),
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "memory_two_stage"}},
+    }
+    labels = {"1": "base load", "2": "refiner load", "3": "latent", "4": "base text", "5": "base text",
+              "6": "refiner text", "7": "refiner text", "8": "base unet", "9": "refiner unet", "10": "base vae",
+              "11": "write PNG"}
+    return prompt, labels
+
+
+def start_comfyui(comfyui: Path, checkpoint_folders: set[Path], device: str, output: Path, *, pack: bool):
+    """ComfyUI set up in this process as its main.py sets it up for the server (its built-in nodes, and the pack
+    when `pack`), with the checkpoints' folders and an output folder of our own; returns its `execution` module."""
+    import asyncio
+
+    sys.path.insert(0, str(comfyui))  # ComfyUI's `nodes` module, not the pack's `nodes/` folder
+    sys.argv = ["main.py", *(["--cpu"] if device == "cpu" else [])]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import execution
     import folder_paths
-    from comfy_extras.nodes_clip_sdxl import CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner
 
     import nodes
 
-    for folder in {base.parent, refiner.parent}:
+    output.mkdir(parents=True, exist_ok=True)
+    folder_paths.set_output_directory(str(output))
+    folder_paths.set_temp_directory(str(output / "temp"))
+    for folder in checkpoint_folders:
         folder_paths.add_model_folder_path("checkpoints", str(folder))
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if pack and not asyncio.run(nodes.load_custom_node(str(ROOT))):
+        raise SystemExit(f"ComfyUI could not load the pack from {ROOT} (see the log above)")
+    return execution
 
-    def first(output):
-        values = getattr(output, "result", output)  # v3 nodes return a NodeOutput, v1 nodes a tuple
-        return values[0]
+
+def validated_graph(execution, graph: str, base: str, refiner: str, size: int, steps: int,
+                    refiner_start: int) -> tuple[dict, dict, list]:
+    """(prompt, step of each node, output nodes) of one graph, accepted by ComfyUI's own prompt validation."""
+    import asyncio
+
+    build = pack_graph if graph == "nodes" else comfyui_graph
+    prompt, labels = build(base, refiner, size, steps, refiner_start)
+    valid = asyncio.run(execution.validate_prompt("memory_two_stage", prompt, None))
+    if not valid[0]:
+        raise SystemExit(f"ComfyUI refused the {graph} graph: {valid[1]} {json.dumps(valid[3])[:2000]}")
+    return prompt, labels, valid[2]
+
+
+def child_in_comfyui(graph: str, comfyui: Path, base: Path, refiner: Path, size: int, steps: int,
+                     refiner_start: int, device: str, output: Path) -> dict:
+    """One graph ("nodes": the pack's example workflow, "comfyui": ComfyUI's own nodes) run by ComfyUI's own
+    executor in this process (ComfyUI's interpreter), as its server's prompt worker runs a queued prompt: its output
+    cache, its model management, its node instances. Each node's time is labelled with its step; after the run the
+    process is sampled once more for what ComfyUI's cache keeps between runs."""
+    execution = start_comfyui(comfyui, {base.parent, refiner.parent}, device, output, pack=graph == "nodes")
+    prompt, labels, outputs = validated_graph(execution, graph, base.name, refiner.name, size, steps, refiner_start)
 
     with StepSampler() as sampler:
-        sampler.enter("base load")
-        base_model, base_clip, base_vae = nodes.CheckpointLoaderSimple().load_checkpoint(base.name)[:3]
-        sampler.enter("refiner load")
-        refiner_model, refiner_clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(refiner.name)[:3]
-        sampler.enter("base text")
-        positive, negative = (first(CLIPTextEncodeSDXL.execute(base_clip, size, size, 0, 0, size, size, text, text))
-                              for text in (PROMPT, NEGATIVE))
-        sampler.enter("refiner text")
-        refiner_positive, refiner_negative = (
-            first(CLIPTextEncodeSDXLRefiner.execute(refiner_clip, score, size, size, text))
-            for text, score in ((PROMPT, 6.0), (NEGATIVE, 2.5)))
-        latent = first(nodes.EmptyLatentImage().generate(size, size, 1))
-        sampler.enter("base unet")
-        latent = first(nodes.KSamplerAdvanced().sample(base_model, "enable", 0, steps, 8.0, "euler", "normal",
-                                                       positive, negative, latent, 0, refiner_start, "enable"))
-        sampler.enter("refiner unet")
-        latent = first(nodes.KSamplerAdvanced().sample(refiner_model, "disable", 0, steps, 8.0, "euler", "normal",
-                                                       refiner_positive, refiner_negative, latent, refiner_start,
-                                                       10000, "disable"))
-        sampler.enter("base vae")
-        first(nodes.VAEDecode().decode(base_vae, latent))
-        sampler.enter("done")
+        class Server:  # what the executor reports to: the step of each node as it starts
+            client_id = None
+            last_node_id = None
+
+            def send_sync(self, event, data, sid=None):
+                if event == "executing" and data.get("node") is not None:
+                    sampler.enter(labels.get(str(data["node"]), str(data["node"])))
+
+        executor = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC)
+        sampler.enter("start-up")
+        executor.execute(prompt, "memory_two_stage", {"client_id": "memory_two_stage"}, outputs)
+        sampler.enter("held after the run")
+        time.sleep(0.5)
+        # The same once the C heap has handed its free pages back: what the cache and the loaded models keep alive,
+        # without the freed working memory glibc keeps for the next run.
+        sampler.enter("held, heap trimmed")
+        _trim_heap()
+        time.sleep(0.5)
+    if not executor.success:
+        errors = [data for event, data in executor.status_messages if event == "execution_error"]
+        raise SystemExit(f"the {graph} graph failed in ComfyUI: {json.dumps(errors)[:3000]}")
+    if not list(output.glob("memory_two_stage*.png")):
+        raise SystemExit(f"the {graph} graph ran but wrote no image into {output}")
     return sampler.result()
 
 
@@ -262,6 +374,25 @@ def report(results: dict, held: dict) -> str:
     return "\n".join(lines)
 
 
+PATHS = ("cli", "nodes", "comfyui")
+
+
+def estimated_peak(paths: dict[str, Path], size: int, device: str, path: str) -> int:
+    """What the largest step of `path` adds to the process's start-up memory, from the headers alone: the core's
+    own estimate (sdxl_core/runtime/memory_estimate.py) of the CLI's steps; the pack's nodes hold, in addition, the
+    VAE each checkpoint loader returns (both read at load, kept with ComfyUI's cached output)."""
+    import torch
+
+    from sdxl_core.checkpoints.loading import open_checkpoint
+    from sdxl_core.runtime.memory_estimate import estimate_generation
+
+    models = {kind: open_checkpoint(p, device=torch.device(device), expect=kind) for kind, p in paths.items()}
+    estimate = estimate_generation(models["base"], models["refiner"], size, size, 1, device=torch.device(device),
+                                   uses_refiner=True)
+    extra = sum(model.weight_bytes("vae") for model in models.values()) if path == "nodes" else 0
+    return estimate.peak.total + extra
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full-size", type=Path, metavar="DIR",
@@ -270,22 +401,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--refiner-start", type=int, default=4)
     parser.add_argument("--device", default="cpu", help="cpu (the issue's case) or cuda")
+    parser.add_argument("--paths", nargs="+", choices=PATHS,
+                        help="which runs to measure (default: cli; with COMFYUI_PATH and COMFYUI_PYTHON also nodes, "
+                             "and with --full-size also comfyui)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     parser.add_argument("--dry-run", action="store_true", help="say what would run; write and run nothing")
-    parser.add_argument("--child", choices=["cli", "comfyui"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("child_args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child == "cli":
         print(RESULT_MARK + json.dumps(child_cli(args.child_args)))
         return 0
-    if args.child == "comfyui":
-        comfyui, base, refiner = (Path(value) for value in args.child_args[:3])
-        print(RESULT_MARK + json.dumps(child_comfyui(comfyui, base, refiner, args.size, args.steps,
-                                                     args.refiner_start, args.device)))
+    if args.child in ("nodes", "comfyui"):
+        comfyui, base, refiner, output = (Path(value) for value in args.child_args[:4])
+        print(RESULT_MARK + json.dumps(child_in_comfyui(args.child, comfyui, base, refiner, args.size, args.steps,
+                                                        args.refiner_start, args.device, output)))
         return 0
     if not Path("/proc/self/status").exists():
         parser.error("this benchmark reads /proc/self/status (Linux) for per-step resident memory")
+
+    comfyui, comfy_python = os.environ.get("COMFYUI_PATH"), os.environ.get("COMFYUI_PYTHON")
+    if bool(comfyui) != bool(comfy_python):
+        parser.error("give both COMFYUI_PATH (the checkout) and COMFYUI_PYTHON (its interpreter) for the paths in "
+                     "ComfyUI")
+    chosen = args.paths or ["cli", *(["nodes"] if comfyui else []), *(["comfyui"] if comfyui and args.full_size
+                                                                       else [])]
+    if not comfyui and set(chosen) & {"nodes", "comfyui"}:
+        parser.error("the nodes and comfyui paths run inside ComfyUI: set COMFYUI_PATH and COMFYUI_PYTHON")
+    if "comfyui" in chosen and not args.full_size:
+        parser.error("ComfyUI recognises SDXL by its full-size shapes: add --full-size DIR for its own nodes' path")
 
     size = args.size or (256 if args.full_size else 64)
     with tempfile.TemporaryDirectory(prefix="memory_two_stage_") as scratch:
@@ -294,28 +439,29 @@ def main(argv: list[str] | None = None) -> int:
             paths = full_size_checkpoints(args.full_size.expanduser(), write=not args.dry_run)
         else:
             paths = tiny_checkpoints(scratch / "tiny")
-        me = [sys.executable, str(Path(__file__).resolve()), "--size", str(size), "--steps", str(args.steps),
-              "--refiner-start", str(args.refiner_start), "--device", args.device]
+        settings = ["--size", str(size), "--steps", str(args.steps), "--refiner-start", str(args.refiner_start),
+                    "--device", args.device]
+        me = [sys.executable, str(Path(__file__).resolve()), *settings]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        children = {"cli": ([*me, "--child", "cli", "--",
-                             *cli_argv(paths, size, args.steps, args.refiner_start, args.device,
-                                       scratch / "cli.png")], env)}
-        comfyui, comfy_python = os.environ.get("COMFYUI_PATH"), os.environ.get("COMFYUI_PYTHON")
-        if comfyui and comfy_python:
-            if not args.full_size:
-                parser.error("ComfyUI recognises SDXL by its full-size shapes: add --full-size DIR for its path")
-            children["comfyui"] = ([comfy_python, str(Path(__file__).resolve()), "--size", str(size), "--steps",
-                                    str(args.steps), "--refiner-start", str(args.refiner_start), "--device",
-                                    args.device, "--child", "comfyui", "--", str(Path(comfyui).expanduser()),
-                                    str(paths["base"]), str(paths["refiner"])], None)
-        elif comfyui or comfy_python:
-            parser.error("give both COMFYUI_PATH (the checkout) and COMFYUI_PYTHON (its interpreter) for ComfyUI's "
-                         "path")
+        children = {}
+        for path in chosen:
+            if path == "cli":
+                children[path] = ([*me, "--child", "cli", "--",
+                                   *cli_argv(paths, size, args.steps, args.refiner_start, args.device,
+                                             scratch / "cli.png")], env)
+            else:
+                children[path] = ([comfy_python, str(Path(__file__).resolve()), *settings, "--child", path, "--",
+                                   str(Path(comfyui).expanduser()), str(paths["base"]), str(paths["refiner"]),
+                                   str(scratch / path)], None)
         if args.dry_run:
             for name, (command, _) in children.items():
                 print(f"{name}: {' '.join(command)}")
             if all(path.exists() for path in paths.values()):
                 print(json.dumps(weights_held(paths, args.device), indent=2))
+                for name in children:
+                    if name != "comfyui":
+                        print(f"{name}: its largest step adds an estimated "
+                              f"{_size(estimated_peak(paths, size, args.device, name))} to start-up memory")
             return 0
         held = weights_held(paths, args.device)
         results = {}

@@ -118,6 +118,16 @@ def conditioning_on(conditioning: list, device: torch.device) -> list:
     return [[move(context), {key: move(value) for key, value in options.items()}] for context, options in conditioning]
 
 
+def network_stage(model: Any, part: str):
+    """A context for one node's work with `part`'s networks ("text", "unet", "vae") of an SDXL model: those the
+    loader left in the file are read as it starts and released as it ends (sdxl_core/runtime/stages.py), so
+    ComfyUI's cache of the loader's output pins no UNet or text encoder between runs; networks already in memory
+    (a LoRA merge, a model built in memory) stay."""
+    from sdxl_core.runtime.stages import pipeline_stage
+
+    return pipeline_stage(model, part)
+
+
 def require_stage(model: Any, kind: str, slot: str) -> None:
     """Refuse, in a sentence, an SDXL model of the other stage wired into a slot meant for `kind`."""
     from sdxl_core.config import require_stage as core_require_stage

@@ -1,10 +1,18 @@
 """Loader nodes: an SDXL checkpoint (base or refiner) and a separate SDXL VAE.
 
-Memory: the loaded networks live on ComfyUI's offload device (system RAM) and are moved onto the GPU by ComfyUI's
-model management right before each use (`comfy_host.prepare_networks`), so ComfyUI evicts them like its own models.
+Memory: the checkpoint loader reads no UNet or text-encoder weight. It validates the file from its header and
+returns a model backed by it (`sdxl_core.checkpoints.loading.open_checkpoint`); the text-encode, sampler and decode
+nodes read the networks their step needs when it starts and release them when it ends (`_shared.network_stage`,
+the core's `sdxl_core/runtime/stages.py`). So what ComfyUI's output cache keeps between runs is the file's header
+and the VAE, never the base's and the refiner's UNets and text encoders, and a two-stage run holds one stage's
+networks at a time. Weights are held in the file's precision wherever that is exact for the compute precision (an
+fp16 file computed in fp32 on the CPU holds fp16 weights and casts them layer by layer, as ComfyUI's manual cast
+does: sdxl_core/operations.py). The price is reading a network from the file (usually the page cache) each time its
+step runs again. While a step runs, ComfyUI's model management places the networks (`comfy_host.prepare_networks`);
+it tracks them by weak reference, so a released network leaves ComfyUI's loaded models with it.
 Loaded files are shared through a weak-valued cache: two loader nodes naming the same file (or a re-queued prompt)
 get the same object while ComfyUI's output cache still holds it, and once ComfyUI drops it (another file chosen,
-"Free model and node cache", `POST /free {"free_memory": true}`) the RAM is released with no second copy held here.
+"Free model and node cache", `POST /free {"free_memory": true}`) nothing of it is held here.
 """
 
 from __future__ import annotations
@@ -86,15 +94,17 @@ class CheckpointLoader:
         }}
 
     def load(self, ckpt_name: str, weight_dtype: str = "default", vae_name: str = BAKED_VAE):
-        from sdxl_core.checkpoints.loading import load_checkpoint
+        from sdxl_core.checkpoints.loading import open_checkpoint
 
         path = comfy_host.model_path("checkpoints", ckpt_name)
         vae_path = None if vae_name == BAKED_VAE else comfy_host.model_path("vae", vae_name)
         dtype, vae_dtype = _dtypes(weight_dtype)
         key = file_identity(path, "checkpoint", str(dtype), str(vae_dtype),
                         *(file_identity(vae_path) if vae_path is not None else ()))
-        model = _cached(key, lambda: load_checkpoint(path, dtype=dtype, vae_dtype=vae_dtype, vae_path=vae_path,
+        model = _cached(key, lambda: open_checkpoint(path, dtype=dtype, vae_dtype=vae_dtype, vae_path=vae_path,
                                                      device=comfy_host.storage_device()))
+        # The VAE is read now and stays with the output, as ComfyUI's own loader keeps its VAE: it is small (about
+        # 0.2 GB in fp16) and the VAE nodes take the network itself.
         return (model, model.vae)
 
 

@@ -10,7 +10,7 @@ from sdxl_core.sampling.schedules import SCHEDULERS
 from sdxl_core.sampling.settings import MAX_SEED, MAX_STEPS, TWO_STAGE_HANDOFF, TWO_STAGE_STEPS, SamplingSettings
 
 from . import comfy_host, graph_checks
-from ._shared import CATEGORY, MODEL_INPUT, check_widgets, node_id, require_stage, validation_result
+from ._shared import CATEGORY, MODEL_INPUT, check_widgets, network_stage, node_id, require_stage, validation_result
 
 SAMPLER_NAMES = list(SAMPLERS)
 SCHEDULER_NAMES = list(SCHEDULERS)
@@ -124,7 +124,7 @@ def _stage(model, latent: dict, positive: list, negative: list, node: str, contr
     and our UNet is built around its loaded weights for this run. ComfyUI's own ControlNet objects need ComfyUI's
     model of the UNet they steer: the MODEL itself, or for our model the one sharing its weights."""
     if not comfy_host.is_comfy_model(model):
-        return model, False, (comfy_host.comfy_model_from_core(model, node) if controls else None)
+        return model, False, None  # ComfyUI's model of our UNet, for the controls, is made in _run's stage
     samples = latent.get("samples") if isinstance(latent, dict) else None
     memory = comfy_host.control_memory(controls, model.model_dtype())
     if isinstance(samples, torch.Tensor) and samples.ndim == 4:
@@ -151,7 +151,8 @@ def _pack_controlnets(positive, negative) -> list:
 
 
 def _run(model, latent: dict, positive: list, negative: list, total_steps: int, settings: SamplingSettings,
-         borrowed: bool = False, controls: list = (), comfy_model=None, **step_range) -> tuple[dict]:
+         borrowed: bool = False, controls: list = (), comfy_model=None, node: str = "SDXL Base Sampler",
+         **step_range) -> tuple[dict]:
     """Validate the conditioning, put the UNet on the device, sample with per-step progress and interruption."""
     from sdxl_core.sampling.control import controlnets_in
     from sdxl_core.sampling.ksampler import sample_latent, validate_conditioning_for
@@ -159,30 +160,35 @@ def _run(model, latent: dict, positive: list, negative: list, total_steps: int, 
 
     validate_conditioning_for(model, positive, "positive")
     validate_conditioning_for(model, negative, "negative")
-    # The ControlNets that 'SDXL Apply ControlNet' put on the conditioning run next to the UNet at every step; a
-    # borrowed ComfyUI MODEL was loaded with them (_stage), in one call, so neither evicts the other.
-    if not borrowed:
-        memory = _activation_bytes(model, latent, len(positive) + len(negative))
-        if controls:
-            memory += comfy_host.control_memory(controls, comfy_model.model_dtype())
-        comfy_host.prepare_networks([model.unet, *controlnets_in(positive, negative)], role="unet",
-                                    memory_required=memory, extra_patchers=comfy_host.control_patchers(controls))
     progress = comfy_host.StepProgress(total_steps)
 
     def on_step(info: dict) -> None:
         progress.update(info["i"] + 1, info["denoised"])
 
-    if controls:
-        comfy_host.pre_run_controls(controls, comfy_model)
-    try:
-        out = sample_latent(model, latent, positive, negative, settings, callback=on_step,
-                            cancel=comfy_host.interrupted, **step_range)
-    except SamplingCancelled:
-        comfy_host.raise_if_interrupted()  # ComfyUI's own exception, so the run ends as "interrupted"
-        raise
-    finally:
+    with network_stage(model, "unet"):  # our UNet is read for these steps and released after them
+        if controls and comfy_model is None:
+            # ComfyUI's ControlNet objects steer ComfyUI's model of the UNet: one sharing our UNet's tensors, made
+            # inside the stage so it goes with the UNet when the stage releases it.
+            comfy_model = comfy_host.comfy_model_from_core(model, node)
+        # The ControlNets that 'SDXL Apply ControlNet' put on the conditioning run next to the UNet at every step;
+        # a borrowed ComfyUI MODEL was loaded with them (_stage), in one call, so neither evicts the other.
+        if not borrowed:
+            memory = _activation_bytes(model, latent, len(positive) + len(negative))
+            if controls:
+                memory += comfy_host.control_memory(controls, comfy_model.model_dtype())
+            comfy_host.prepare_networks([model.unet, *controlnets_in(positive, negative)], role="unet",
+                                        memory_required=memory, extra_patchers=comfy_host.control_patchers(controls))
         if controls:
-            comfy_host.cleanup_controls(controls)
+            comfy_host.pre_run_controls(controls, comfy_model)
+        try:
+            out = sample_latent(model, latent, positive, negative, settings, callback=on_step,
+                                cancel=comfy_host.interrupted, **step_range)
+        except SamplingCancelled:
+            comfy_host.raise_if_interrupted()  # ComfyUI's own exception, so the run ends as "interrupted"
+            raise
+        finally:
+            if controls:
+                comfy_host.cleanup_controls(controls)
     result = {key: value for key, value in out.items() if key != HANDOFF_KEY}
     return ({**result, "samples": out["samples"].to(comfy_host.output_device())},)
 
@@ -227,8 +233,8 @@ class BaseSampler:
         # one input per check so the sentence appears once; a non-finite denoise is refused before sampling.
         return validation_result(check_widgets, cls, cfg=cfg)
 
-    # No VALIDATE_INPUTS: ComfyUI repeats its sentence once per input in its signature, so the checks that combine
-    # inputs run here, once, before any sampling; ComfyUI's own range checks stay on each input.
+    # The checks that combine inputs run here, once, before any sampling (ComfyUI repeats a VALIDATE_INPUTS
+    # sentence once per input in its signature); ComfyUI's own range checks stay on each input.
     def sample(self, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
                scheduler: str, end_at_step: int, leftover_noise: bool = True, denoise: float = 1.0, prompt=None,
                unique_id=None):
@@ -298,7 +304,8 @@ class RefinerSampler:
         settings = SamplingSettings(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
                                     denoise=denoise)
         return _run(model, latent_image, positive, negative, max(steps - start_at_step, 1), settings, borrowed,
-                    controls, comfy_model, start_step=start_at_step, add_noise=not handoff)
+                    controls, comfy_model, node="SDXL Latent Refiner", start_step=start_at_step,
+                    add_noise=not handoff)
 
 
 NODE_CLASS_MAPPINGS = {

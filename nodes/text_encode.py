@@ -8,8 +8,10 @@ them explicitly, put an "SDXL Micro-Conditioning" (and, for the refiner, "SDXL A
 
 from __future__ import annotations
 
+import contextlib
+
 from . import comfy_host
-from ._shared import CATEGORY, CLIP_INPUT, conditioning_on, node_id, require_stage
+from ._shared import CATEGORY, CLIP_INPUT, conditioning_on, network_stage, node_id, require_stage
 
 _COMFY_CLIP_TOOLTIP = (" ComfyUI's own CLIP of an SDXL checkpoint (Load Checkpoint, with LoRAs) works too; CLIP Set "
                        "Last Layer and CLIP hooks are refused (SDXL reads the penultimate layer).")
@@ -18,17 +20,23 @@ _EMPTY_PROMPT_TOOLTIP = ("What an empty prompt means. 'encode' (ComfyUI): the em
                          "embeddings. Only matters when the text is blank.")
 
 
-def _text_encoders(model, kind: str, node: str):
-    """Our model with its text encoders placed on their device: our SDXL_MODEL, or a ComfyUI CLIP loaded by ComfyUI
-    and read through our encoders built around its tensors."""
+@contextlib.contextmanager
+def _text_stage(model, kind: str, node: str):
+    """Our model with its text encoders in memory and on their device for one encode: our SDXL_MODEL (encoders
+    read from the file for this encode and released after it), or a ComfyUI CLIP loaded by ComfyUI and read through
+    our encoders built around its tensors."""
     if comfy_host.is_comfy_clip(model):
         model = comfy_host.core_text_encoders_from_comfy_clip(model, node)
         require_stage(model, kind, node)
-        return model
+        yield model
+        return
     require_stage(model, kind, node)
-    networks = [model.clip_g] + ([model.clip_l] if model.clip_l is not None else [])
-    comfy_host.prepare_networks(networks, role="text_encoder")
-    return model
+    with network_stage(model, "text"):
+        # No local name for the networks: one would keep them alive past the stage's release, and inside ComfyUI
+        # (network and ModelPatcher refer to each other) until some later garbage collection.
+        comfy_host.prepare_networks([model.clip_g] + ([model.clip_l] if model.clip_l is not None else []),
+                                    role="text_encoder")
+        yield model
 
 
 class TextEncodeBase:
@@ -67,10 +75,10 @@ class TextEncodeBase:
     def encode(self, model, text_g: str, text_l: str, empty_prompt: str = "encode"):
         from sdxl_core.pipeline import encode_base_conditioning
 
-        model = _text_encoders(model, "base", "SDXL Base Text Encode")
-        conditioning = encode_base_conditioning(model, text_g, text_l if text_l.strip() else None,
-                                                empty_prompt=empty_prompt,
-                                                embeddings=comfy_host.embedding_directories())
+        with _text_stage(model, "base", "SDXL Base Text Encode") as model:
+            conditioning = encode_base_conditioning(model, text_g, text_l if text_l.strip() else None,
+                                                    empty_prompt=empty_prompt,
+                                                    embeddings=comfy_host.embedding_directories())
         return (conditioning_on(conditioning, comfy_host.output_device()),)
 
 
@@ -103,9 +111,9 @@ class TextEncodeRefiner:
     def encode(self, model, text: str, empty_prompt: str = "encode"):
         from sdxl_core.pipeline import encode_refiner_conditioning
 
-        model = _text_encoders(model, "refiner", "SDXL Refiner Text Encode")
-        conditioning = encode_refiner_conditioning(model, text, empty_prompt=empty_prompt,
-                                                   embeddings=comfy_host.embedding_directories())
+        with _text_stage(model, "refiner", "SDXL Refiner Text Encode") as model:
+            conditioning = encode_refiner_conditioning(model, text, empty_prompt=empty_prompt,
+                                                       embeddings=comfy_host.embedding_directories())
         return (conditioning_on(conditioning, comfy_host.output_device()),)
 
 
