@@ -1,6 +1,6 @@
 """What every node family of the pack shares: type names, categories, widget checks and value plumbing.
 
-Kept free of ComfyUI (see comfy_host.py) and of heavy core imports, so the pack imports in milliseconds.
+Kept free of ComfyUI (see comfy_host/) and of heavy core imports, so the pack imports in milliseconds.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 positive/negative CONDITIONING pair for this pack's samplers (the math is sdxl_core.sampling.control's).
 
 ComfyUI's own ControlNet loader gives ComfyUI's CONTROL_NET objects, which run inside ComfyUI's sampler (and in this
-pack's samplers too, driven through nodes/comfy_host.py); these nodes are their counterpart read by this pack's SDXL
+pack's samplers too, driven through nodes/comfy_host/); these nodes are their counterpart read by this pack's SDXL
 core, with the widgets of ComfyUI's Apply ControlNet (Advanced). The
 entries they write carry an `sdxl_core` ControlNetApplication under ComfyUI's own "control" option, chained to any
 ControlNet applied before, which the SDXL Base Sampler runs at every step inside its range (docs/comfyui.md).

@@ -1,4 +1,4 @@
-"""nodes/comfy_host.py inside a stand-in ComfyUI: the same module names and the few functions the pack calls.
+"""nodes/comfy_host/ inside a stand-in ComfyUI: the same module names and the few functions the pack calls.
 
 The stand-in records what the pack asks of ComfyUI (model folders, model management, progress, interruption) so
 the tests can check the conversation; tests/nodes/test_comfyui_integration.py runs the pack in the real thing.
