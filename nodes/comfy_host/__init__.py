@@ -11,8 +11,8 @@ separated), the device is the CPU, progress and previews are dropped and nothing
 in the pack imports ComfyUI, and nothing here imports it at module load.
 
 This module holds ComfyUI's services (model files, devices and memory, interruption, progress and previews, the V3
-API); its two parts on ComfyUI's own objects are `core_types` (MODEL / CLIP / VAE in and out) and `controls`
-(ComfyUI's ControlNet objects on CONDITIONING). The nodes reach all three through this one name.
+API); `host` finds ComfyUI, and its two parts on ComfyUI's own objects are `core_types` (MODEL / CLIP / VAE in and
+out) and `controls` (ComfyUI's ControlNet objects on CONDITIONING). The nodes reach all of it through this one name.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .host import _PATCHER_ATTRIBUTE, _load_host, comfy_available
+
 logger = logging.getLogger(__name__)
 
 # File extensions ComfyUI lists for model folders; only safetensors and diffusers folders are loadable here,
@@ -34,32 +36,6 @@ logger = logging.getLogger(__name__)
 _STANDALONE_EXTENSIONS = (".safetensors",)
 _ENV_PREFIX = "SDXL_TWOSTAGE_"
 _standalone_folders: dict[str, list[Path]] = {}
-_host: types.SimpleNamespace | None = None
-_host_checked = False
-# Attribute under which a network's ModelPatcher is kept on the network itself, so it lives exactly as long as
-# the network (a side table keyed by the network would keep it alive forever: the patcher references it).
-_PATCHER_ATTRIBUTE = "_sdxl_twostage_patcher"
-
-
-def _load_host() -> types.SimpleNamespace | None:
-    """ComfyUI's modules, or None when this process is not running inside ComfyUI."""
-    global _host, _host_checked
-    if _host_checked:
-        return _host
-    _host_checked = True
-    try:
-        modules = {name.rsplit(".", 1)[-1]: importlib.import_module(name) for name in (
-            "folder_paths", "comfy.model_management", "comfy.model_patcher", "comfy.utils", "comfy.cli_args")}
-    except ImportError:
-        _host = None
-    else:
-        _host = types.SimpleNamespace(**modules)
-    return _host
-
-
-def comfy_available() -> bool:
-    """True inside a ComfyUI process."""
-    return _load_host() is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _PATCHER_ATTRIBUTE, _load_host
+from .host import _PATCHER_ATTRIBUTE, _load_host
 
 # Attribute under which a network of ours keeps the ComfyUI object made from it (MODEL patcher, CLIP or VAE).
 _COMFY_ATTRIBUTE = "_sdxl_twostage_comfy"

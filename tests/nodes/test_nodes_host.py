@@ -83,12 +83,12 @@ def comfy(monkeypatch):
     fake = FakeComfy()
     for name, module in fake.modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(comfy_host, "_host", None)
-    monkeypatch.setattr(comfy_host, "_host_checked", False)
+    monkeypatch.setattr(comfy_host.host, "_host", None)
+    monkeypatch.setattr(comfy_host.host, "_host_checked", False)
     yield fake
-    comfy_host._host, comfy_host._host_checked = None, False
+    comfy_host.host._host, comfy_host.host._host_checked = None, False
     for patcher in fake.patchers:  # the stand-in's patchers must not outlive it on the shared tiny model
-        patcher.model.network.__dict__.pop(comfy_host._PATCHER_ATTRIBUTE, None)
+        patcher.model.network.__dict__.pop(comfy_host.host._PATCHER_ATTRIBUTE, None)
 
 
 @pytest.fixture(scope="module")
