@@ -1,8 +1,20 @@
-"""Pieces the sampler families share: the ODE derivative, the ancestral split and grid flags read once per run."""
+"""Pieces the sampler families share: the exponential solvers' time, the ODE derivative, the ancestral split and grid
+flags read once per run."""
 
 from __future__ import annotations
 
 import torch
+
+
+def lambda_of(sigma: torch.Tensor) -> torch.Tensor:
+    """lambda = log(alpha / sigma) = -log(sigma), the time of the exponential solvers (DPM-Solver and its kin) for a
+    discrete (eps or v) model in the VE parameterisation."""
+    return sigma.log().neg()
+
+
+def sigma_of(lam: torch.Tensor) -> torch.Tensor:
+    """The sigma at time lambda (the inverse of `lambda_of`)."""
+    return lam.neg().exp()
 
 
 def derivative(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:

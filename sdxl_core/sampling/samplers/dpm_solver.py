@@ -9,15 +9,8 @@ import math
 
 import torch
 
+from ._math import lambda_of, sigma_of
 from ._registry import register
-
-
-def _t(sigma: torch.Tensor) -> torch.Tensor:
-    return -sigma.log()
-
-
-def _sigma(t: torch.Tensor) -> torch.Tensor:
-    return t.neg().exp()
 
 
 class _EpsCache:
@@ -31,37 +24,37 @@ class _EpsCache:
 
     def eps(self, key: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if key not in self.values:
-            x0 = self.denoiser(x, _sigma(t) * self.s_in)
+            x0 = self.denoiser(x, sigma_of(t) * self.s_in)
             if key == "eps":
                 self.denoised = x0
-            self.values[key] = (x - x0) / _sigma(t)
+            self.values[key] = (x - x0) / sigma_of(t)
         return self.values[key]
 
 
 def _step_1(cache: _EpsCache, x, t, t_next):
     h = t_next - t
-    return x - _sigma(t_next) * h.expm1() * cache.eps("eps", x, t)
+    return x - sigma_of(t_next) * h.expm1() * cache.eps("eps", x, t)
 
 
 def _step_2(cache: _EpsCache, x, t, t_next, r1=1 / 2):
     h = t_next - t
     eps = cache.eps("eps", x, t)
     s1 = t + r1 * h
-    u1 = x - _sigma(s1) * (r1 * h).expm1() * eps
+    u1 = x - sigma_of(s1) * (r1 * h).expm1() * eps
     eps_r1 = cache.eps("eps_r1", u1, s1)
-    return x - _sigma(t_next) * h.expm1() * eps - _sigma(t_next) / (2 * r1) * h.expm1() * (eps_r1 - eps)
+    return x - sigma_of(t_next) * h.expm1() * eps - sigma_of(t_next) / (2 * r1) * h.expm1() * (eps_r1 - eps)
 
 
 def _step_3(cache: _EpsCache, x, t, t_next, r1=1 / 3, r2=2 / 3):
     h = t_next - t
     eps = cache.eps("eps", x, t)
     s1, s2 = t + r1 * h, t + r2 * h
-    u1 = x - _sigma(s1) * (r1 * h).expm1() * eps
+    u1 = x - sigma_of(s1) * (r1 * h).expm1() * eps
     eps_r1 = cache.eps("eps_r1", u1, s1)
-    u2 = (x - _sigma(s2) * (r2 * h).expm1() * eps
-          - _sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps))
+    u2 = (x - sigma_of(s2) * (r2 * h).expm1() * eps
+          - sigma_of(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps))
     eps_r2 = cache.eps("eps_r2", u2, s2)
-    return x - _sigma(t_next) * h.expm1() * eps - _sigma(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)
+    return x - sigma_of(t_next) * h.expm1() * eps - sigma_of(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)
 
 
 def _end_sigma(sigmas: torch.Tensor) -> torch.Tensor:
@@ -77,7 +70,7 @@ def sample_dpm_fast(denoiser, x, sigmas, loop):
     sigma_end = _end_sigma(sigmas)
     if float(sigma_end) <= 0 or float(sigmas[0]) <= 0:
         raise ValueError(f"dpm_fast needs positive first and last sigmas, got {sigmas.tolist()}")
-    t_start, t_end = _t(sigmas[0].clone()), _t(sigma_end.clone())
+    t_start, t_end = lambda_of(sigmas[0].clone()), lambda_of(sigma_end.clone())
     m = math.floor(nfe / 3) + 1
     ts = torch.linspace(t_start, t_end, m + 1, device=x.device)
     orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
@@ -85,7 +78,7 @@ def sample_dpm_fast(denoiser, x, sigmas, loop):
     for i in loop.count(len(orders)):
         cache = _EpsCache(denoiser, x)
         cache.eps("eps", x, ts[i])
-        loop.report(i, x, _sigma(ts[i]), cache.denoised)
+        loop.report(i, x, sigma_of(ts[i]), cache.denoised)
         x = steps[orders[i]](cache, x, ts[i], ts[i + 1])
     return x
 
@@ -130,8 +123,8 @@ def sample_dpm_adaptive(denoiser, x, sigmas, loop, *, order=3, rtol=0.05, atol=0
     sigma_end = _end_sigma(sigmas)
     if float(sigma_end) <= 0 or float(sigmas[0]) <= 0:
         raise ValueError(f"dpm_adaptive needs positive first and last sigmas, got {sigmas.tolist()}")
-    t_end = _t(sigma_end.clone())
-    s = _t(sigmas[0].clone())
+    t_end = lambda_of(sigma_end.clone())
+    s = lambda_of(sigmas[0].clone())
     atol_t, rtol_t = torch.tensor(atol), torch.tensor(rtol)
     x_prev = x
     pid = _PIDStepSize(abs(h_init), pcoeff, icoeff, dcoeff, order, accept_safety)
@@ -150,6 +143,6 @@ def sample_dpm_adaptive(denoiser, x, sigmas, loop, *, order=3, rtol=0.05, atol=0
         if pid.propose(float(error)):
             x_prev, x, s = x_low, x_high, t
         loop.total = step + 1
-        loop.report(step, x, _sigma(s), cache.denoised)
+        loop.report(step, x, sigma_of(s), cache.denoised)
         step += 1
     return x

@@ -9,16 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ._math import ancestral_lands_on_zero, ancestral_step, derivative, zero_flags
+from ._math import ancestral_lands_on_zero, ancestral_step, derivative, lambda_of, sigma_of, zero_flags
 from ._registry import NoiseKind, register
-
-
-def _lambda(sigma: torch.Tensor) -> torch.Tensor:
-    return sigma.log().neg()
-
-
-def _sigma(lam: torch.Tensor) -> torch.Tensor:
-    return lam.neg().exp()
 
 
 @register("dpmpp_2m")
@@ -31,10 +23,10 @@ def sample_dpmpp_2m(denoiser, x, sigmas, loop):
     for i in loop.steps(sigmas):
         denoised = denoiser(x, sigmas[i] * s_in)
         loop.report(i, x, sigmas[i], denoised)
-        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        t, t_next = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
         h = t_next - t
         if old_denoised is not None and not zero[i + 1]:
-            r = (t + sigmas[i - 1].log()) / h
+            r = (t - lambda_of(sigmas[i - 1])) / h
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
         else:
             denoised_d = denoised
@@ -55,8 +47,7 @@ def sample_dpmpp_sde(denoiser, x, sigmas, loop, noise, *, eta=1.0, s_noise=1.0, 
         if zero[i + 1]:
             x = denoised
             continue
-        # lambda = log(alpha/sigma) = -log(sigma) in the VE parameterisation of an eps model.
-        lambda_s, lambda_t = -sigmas[i].log(), -sigmas[i + 1].log()
+        lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
         h = lambda_t - lambda_s
         lambda_s_1 = lambda_s + r * h
         sigma_s_1 = (-lambda_s_1).exp()
@@ -64,14 +55,14 @@ def sample_dpmpp_sde(denoiser, x, sigmas, loop, noise, *, eta=1.0, s_noise=1.0, 
         alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
 
         sd, su = ancestral_step((-lambda_s).exp(), (-lambda_s_1).exp(), eta)
-        h_ = -sd.log() - lambda_s
+        h_ = lambda_of(sd) - lambda_s
         x_2 = (alpha_s_1 / alpha_s) * (-h_).exp() * x - alpha_s_1 * (-h_).expm1() * denoised
         if eta > 0 and s_noise > 0:
             x_2 = x_2 + alpha_s_1 * noise(sigmas[i], sigma_s_1) * s_noise * su
         denoised_2 = denoiser(x_2, sigma_s_1 * s_in)
 
         sd, su = ancestral_step((-lambda_s).exp(), (-lambda_t).exp(), eta)
-        h_ = -sd.log() - lambda_s
+        h_ = lambda_of(sd) - lambda_s
         fac = 1 / (2 * r)
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (alpha_t / alpha_s) * (-h_).exp() * x - alpha_t * (-h_).expm1() * denoised_d
@@ -101,7 +92,7 @@ def _dpmpp_2m_sde(denoiser, x, sigmas, loop, noise, *, eta=1.0, s_noise=1.0, sol
         if zero[i + 1]:
             x = denoised
         else:
-            lambda_s, lambda_t = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+            lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
             h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
             alpha_t = sigmas[i + 1] * lambda_t.exp()
@@ -160,7 +151,7 @@ def _dpmpp_3m_sde(denoiser, x, sigmas, loop, noise, *, eta=1.0, s_noise=1.0):
         if zero[i + 1]:
             x = denoised
         else:
-            lambda_s, lambda_t = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+            lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
             h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
             alpha_t = sigmas[i + 1] * lambda_t.exp()
@@ -215,12 +206,12 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, loop, noise, *, eta=1.0, s_no
         if lands_on_zero[i]:
             x = x + derivative(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
-            t, t_next = _lambda(sigmas[i]), _lambda(sigma_down)
+            t, t_next = lambda_of(sigmas[i]), lambda_of(sigma_down)
             h = t_next - t
             s = t + 0.5 * h
-            x_2 = (_sigma(s) / _sigma(t)) * x - (-h * 0.5).expm1() * denoised
-            denoised_2 = denoiser(x_2, _sigma(s) * s_in)
-            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_2
+            x_2 = (sigma_of(s) / sigma_of(t)) * x - (-h * 0.5).expm1() * denoised
+            denoised_2 = denoiser(x_2, sigma_of(s) * s_in)
+            x = (sigma_of(t_next) / sigma_of(t)) * x - (-h).expm1() * denoised_2
         if not zero[i + 1]:
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
@@ -241,13 +232,13 @@ def sample_dpmpp_2s_ancestral_cfg_pp(denoiser, x, sigmas, loop, noise, *, eta=1.
         if lands_on_zero[i]:
             x = denoised + derivative(x, sigmas[i], uncond) * sigma_down
         else:
-            t, t_next = _lambda(sigmas[i]), _lambda(sigma_down)
+            t, t_next = lambda_of(sigmas[i]), lambda_of(sigma_down)
             h = t_next - t
             s = t + 0.5 * h
-            x_2 = (_sigma(s) / _sigma(t)) * (x + (denoised - uncond)) - (-h * 0.5).expm1() * denoised
-            denoised_2, uncond = denoiser(x_2, _sigma(s) * s_in)
+            x_2 = (sigma_of(s) / sigma_of(t)) * (x + (denoised - uncond)) - (-h * 0.5).expm1() * denoised
+            denoised_2, uncond = denoiser(x_2, sigma_of(s) * s_in)
             # ComfyUI's update reads the unconditional prediction of the latest call, the midpoint's.
-            x = (_sigma(t_next) / _sigma(t)) * (x + (denoised - uncond)) - (-h).expm1() * denoised_2
+            x = (sigma_of(t_next) / sigma_of(t)) * (x + (denoised - uncond)) - (-h).expm1() * denoised_2
         if not zero[i + 1]:
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
@@ -265,12 +256,12 @@ def sample_dpmpp_2m_cfg_pp(denoiser, x, sigmas, loop):
     for i in loop.steps(sigmas):
         denoised, uncond = denoiser(x, sigmas[i] * s_in)
         loop.report(i, x, sigmas[i], denoised)
-        t, t_next = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+        t, t_next = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
         h = t_next - t
         if old_uncond is None or zero[i + 1]:
             mix = -torch.exp(-h) * uncond
         else:
-            r = (t - _lambda(sigmas[i - 1])) / h
+            r = (t - lambda_of(sigmas[i - 1])) / h
             mix = -torch.exp(-h) * uncond - torch.expm1(-h) * (1 / (2 * r)) * (denoised - old_uncond)
         x = denoised + mix + torch.exp(-h) * x
         old_uncond = uncond

@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ._math import ancestral_lands_on_zero, ancestral_step, derivative, zero_flags
+from ._math import ancestral_lands_on_zero, ancestral_step, derivative, lambda_of, zero_flags
 from ._registry import NoiseKind, register
-
-
-def _lambda(sigma: torch.Tensor) -> torch.Tensor:
-    return sigma.log().neg()
 
 
 def _phi_1(t: torch.Tensor) -> torch.Tensor:
@@ -44,9 +40,9 @@ def _res_multistep(denoiser, x, sigmas, loop, noise, *, eta, s_noise, cfg_pp):
             else:
                 x = x + derivative(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
-            t, t_old, t_next = _lambda(sigmas[i]), _lambda(old_sigma_down), _lambda(sigma_down)
+            t, t_old, t_next = lambda_of(sigmas[i]), lambda_of(old_sigma_down), lambda_of(sigma_down)
             h = t_next - t
-            c2 = (_lambda(sigmas[i - 1]) - t_old) / h
+            c2 = (lambda_of(sigmas[i - 1]) - t_old) / h
             phi_1, phi_2 = _phi_1(-h), _phi_2(-h)
             b1 = torch.nan_to_num(phi_1 - phi_2 / c2, nan=0.0)
             b2 = torch.nan_to_num(phi_2 / c2, nan=0.0)

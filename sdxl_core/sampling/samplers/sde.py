@@ -8,16 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ._math import zero_flags
+from ._math import lambda_of, sigma_of, zero_flags
 from ._registry import NoiseKind, register
-
-
-def _lambda(sigma: torch.Tensor) -> torch.Tensor:
-    return sigma.log().neg()
-
-
-def _sigma(lam: torch.Tensor) -> torch.Tensor:
-    return lam.neg().exp()
 
 
 def _er_noise_scaler(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +29,7 @@ def sample_er_sde(denoiser, x, sigmas, loop, noise, *, s_noise=1.0, max_stage=3)
     s_in = x.new_ones([x.shape[0]])
     zero = zero_flags(sigmas)
     points = torch.arange(0, _ER_INTEGRATION_POINTS, dtype=torch.float32, device=x.device)
-    er_lambdas = _lambda(sigmas).neg().exp()  # sigma / alpha
+    er_lambdas = lambda_of(sigmas).neg().exp()  # sigma / alpha
     old_denoised, old_denoised_d = None, None
     for i in loop.steps(sigmas):
         denoised = denoiser(x, sigmas[i] * s_in)
@@ -96,11 +88,11 @@ def sample_seeds_2(denoiser, x, sigmas, loop, noise, *, eta=1.0, s_noise=1.0, r=
         if zero[i + 1]:
             x = denoised
             continue
-        lambda_s, lambda_t = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+        lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
         h = lambda_t - lambda_s
         h_eta = h * (eta + 1)
         lambda_1 = torch.lerp(lambda_s, lambda_t, r)
-        sigma_1 = _sigma(lambda_1)
+        sigma_1 = sigma_of(lambda_1)
         alpha_1 = sigma_1 * lambda_1.exp()
         alpha_t = sigmas[i + 1] * lambda_t.exp()
 
@@ -134,11 +126,11 @@ def sample_seeds_3(denoiser, x, sigmas, loop, noise, *, eta=1.0, s_noise=1.0, r_
         if zero[i + 1]:
             x = denoised
             continue
-        lambda_s, lambda_t = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+        lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
         h = lambda_t - lambda_s
         h_eta = h * (eta + 1)
         lambda_1, lambda_2 = torch.lerp(lambda_s, lambda_t, r_1), torch.lerp(lambda_s, lambda_t, r_2)
-        sigma_1, sigma_2 = _sigma(lambda_1), _sigma(lambda_2)
+        sigma_1, sigma_2 = sigma_of(lambda_1), sigma_of(lambda_2)
         alpha_1, alpha_2 = sigma_1 * lambda_1.exp(), sigma_2 * lambda_2.exp()
         alpha_t = sigmas[i + 1] * lambda_t.exp()
 
