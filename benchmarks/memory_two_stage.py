@@ -352,8 +352,10 @@ def run_child(command: list[str], env: dict | None = None) -> dict:
 
 def _stage_weights(step: str, held: dict) -> int | None:
     """Weights the pipeline step `step` ("base unet", "refiner text", ...) reads, from `weights_held`."""
+    from sdxl_core.runtime.residency import STAGE_PARTS
+
     kind, _, part = step.partition(" ")
-    names = {"text": ("clip_l", "clip_g"), "unet": ("unet",), "vae": ("vae",)}.get(part)
+    names = STAGE_PARTS.get(part)
     if kind not in held or names is None:
         return None
     return sum(held[kind]["held_bytes"].get(name, 0) for name in names)

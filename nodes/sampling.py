@@ -10,7 +10,7 @@ from sdxl_core.sampling.schedules import SCHEDULERS
 from sdxl_core.sampling.settings import MAX_SEED, MAX_STEPS, TWO_STAGE_HANDOFF, TWO_STAGE_STEPS, SamplingSettings
 
 from . import comfy_host, graph_checks
-from ._shared import CATEGORY, MODEL_INPUT, check_widgets, network_stage, node_id, require_stage, validation_result
+from ._shared import CATEGORY, MODEL_INPUT, check_widgets, network_stage, node_id, require_stage, validate_widgets
 
 SAMPLER_NAMES = list(SAMPLERS)
 SCHEDULER_NAMES = list(SCHEDULERS)
@@ -118,13 +118,13 @@ def _activation_bytes(model, latent: dict, branches: int = 2) -> int:
 
 
 def _stage(model, latent: dict, positive: list, negative: list, node: str, controls: list):
-    """(our SDXLModel, whether it was borrowed from a ComfyUI MODEL, ComfyUI's MODEL for the `controls` or None).
+    """(our SDXLModel, the ComfyUI MODEL it was borrowed from or None).
 
     A ComfyUI MODEL is loaded by ComfyUI now (with the controls' networks and room for this latent's activations)
     and our UNet is built around its loaded weights for this run. ComfyUI's own ControlNet objects need ComfyUI's
     model of the UNet they steer: the MODEL itself, or for our model the one sharing its weights."""
     if not comfy_host.is_comfy_model(model):
-        return model, False, None  # ComfyUI's model of our UNet, for the controls, is made in _run's stage
+        return model, None  # ComfyUI's model of our UNet, for the controls, is made in _run's stage
     samples = latent.get("samples") if isinstance(latent, dict) else None
     memory = comfy_host.control_memory(controls, model.model_dtype())
     if isinstance(samples, torch.Tensor) and samples.ndim == 4:
@@ -134,7 +134,7 @@ def _stage(model, latent: dict, positive: list, negative: list, node: str, contr
     extra = [*comfy_host.control_patchers(controls),
              *comfy_host.network_patchers(_pack_controlnets(positive, negative), role="unet")]
     stage = comfy_host.core_stage_from_comfy_model(model, node, memory, extra)
-    return stage, True, model
+    return stage, model
 
 
 def _pack_controlnets(positive, negative) -> list:
@@ -151,9 +151,10 @@ def _pack_controlnets(positive, negative) -> list:
 
 
 def _run(model, latent: dict, positive: list, negative: list, total_steps: int, settings: SamplingSettings,
-         borrowed: bool = False, controls: list = (), comfy_model=None, node: str = "SDXL Base Sampler",
-         **step_range) -> tuple[dict]:
-    """Validate the conditioning, put the UNet on the device, sample with per-step progress and interruption."""
+         controls: list = (), comfy_model=None, node: str = "SDXL Base Sampler", **step_range) -> tuple[dict]:
+    """Validate the conditioning, put the UNet on the device, sample with per-step progress and interruption.
+    `comfy_model`: the ComfyUI MODEL `model` was borrowed from (see _stage), or None for our own model."""
+    borrowed = comfy_model is not None
     from sdxl_core.sampling.control import controlnets_in
     from sdxl_core.sampling.ksampler import sample_latent, validate_conditioning_for
     from sdxl_core.sampling.samplers import SamplingCancelled
@@ -231,7 +232,7 @@ class BaseSampler:
     def VALIDATE_INPUTS(cls, cfg=None):
         # ComfyUI's own range check lets NaN through (it compares with < and >): a non-finite cfg stops at queue time,
         # one input per check so the sentence appears once; a non-finite denoise is refused before sampling.
-        return validation_result(check_widgets, cls, cfg=cfg)
+        return validate_widgets(cls, cfg=cfg)
 
     # The checks that combine inputs run here, once, before any sampling (ComfyUI repeats a VALIDATE_INPUTS
     # sentence once per input in its signature); ComfyUI's own range checks stay on each input.
@@ -240,17 +241,18 @@ class BaseSampler:
                unique_id=None):
         _check_base(steps, end_at_step, denoise, bool(leftover_noise), cfg)
         check_widgets(BaseSampler, sampler_name=sampler_name, scheduler=scheduler)
-        positive, negative, controls = comfy_host.adapt_comfy_controls(positive, negative)
-        model, borrowed, comfy_model = _stage(model, latent_image, positive, negative, "SDXL Base Sampler", controls)
-        require_stage(model, "base", "SDXL Base Sampler")
         end = end_at_step if end_at_step < steps else None
         leftover = bool(leftover_noise) and end is not None
+        # Before _stage: the graph's mistakes need no model, and a borrowed ComfyUI MODEL is loaded there.
         graph_checks.check_base_graph(prompt, None if unique_id is None else str(unique_id), steps, end, scheduler,
                                       leftover, _check_refiner)
+        positive, negative, controls = comfy_host.adapt_comfy_controls(positive, negative)
+        model, comfy_model = _stage(model, latent_image, positive, negative, "SDXL Base Sampler", controls)
+        require_stage(model, "base", "SDXL Base Sampler")
         settings = SamplingSettings(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
                                     denoise=denoise)
-        (latent,) = _run(model, latent_image, positive, negative, end or steps, settings, borrowed, controls,
-                         comfy_model, end_step=end, return_with_leftover_noise=leftover)
+        (latent,) = _run(model, latent_image, positive, negative, end or steps, settings, controls, comfy_model,
+                         end_step=end, return_with_leftover_noise=leftover)
         if leftover:
             latent[HANDOFF_KEY] = {"steps": steps, "end_at_step": end, "scheduler": scheduler}
         return (latent,)
@@ -287,15 +289,14 @@ class RefinerSampler:
     # samples; only non-finite values, which ComfyUI's range check lets through, stop at queue time.
     @classmethod
     def VALIDATE_INPUTS(cls, cfg=None):
-        return validation_result(check_widgets, cls, cfg=cfg)
+        return validate_widgets(cls, cfg=cfg)
 
     def sample(self, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
                scheduler: str, start_at_step: int, denoise: float = 1.0):
         _check_refiner(steps, start_at_step, denoise, cfg)
         check_widgets(RefinerSampler, sampler_name=sampler_name, scheduler=scheduler)
         positive, negative, controls = comfy_host.adapt_comfy_controls(positive, negative)
-        model, borrowed, comfy_model = _stage(model, latent_image, positive, negative, "SDXL Latent Refiner",
-                                              controls)
+        model, comfy_model = _stage(model, latent_image, positive, negative, "SDXL Latent Refiner", controls)
         require_stage(model, "refiner", "SDXL Latent Refiner")
         _check_handoff(latent_image, steps, start_at_step, scheduler)
         # A handoff continues the base's own noise; a strength-based refine starts from clean pixels and needs fresh
@@ -303,9 +304,8 @@ class RefinerSampler:
         handoff = start_at_step > 0
         settings = SamplingSettings(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
                                     denoise=denoise)
-        return _run(model, latent_image, positive, negative, max(steps - start_at_step, 1), settings, borrowed,
-                    controls, comfy_model, node="SDXL Latent Refiner", start_step=start_at_step,
-                    add_noise=not handoff)
+        return _run(model, latent_image, positive, negative, max(steps - start_at_step, 1), settings, controls,
+                    comfy_model, node="SDXL Latent Refiner", start_step=start_at_step, add_noise=not handoff)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -70,7 +70,6 @@ class VAEDecode:
             comfy_host.raise_if_interrupted()
             return (decode(vae, samples, tiled=TILING[tiling]).to(comfy_host.output_device()),)
         vae = _vae_module(vae)
-        latents = samples["samples"] if isinstance(samples, dict) and "samples" in samples else None
         memory = 0
         if latents is not None and latents.ndim == 4:
             down = vae.config.downscale

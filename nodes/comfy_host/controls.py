@@ -46,7 +46,7 @@ def _comfy_control_adapter():
     return _control_class
 
 
-def _controls_to_uncond(positive: list, negative: list, control_class) -> tuple[list, list]:
+def _controls_to_uncond(positive: list, negative: list) -> tuple[list, list]:
     """The legacy Apply ControlNet node's controls (flagged `control_apply_to_uncond`) copied onto the negative side
     as ComfyUI's sampler does it (`samplers.process_conds` with `apply_empty_x_to_equal_area`): unless a negative
     entry has a control already, the i-th flagged positive control goes onto a copy of the (i mod n)-th negative
@@ -81,7 +81,7 @@ def adapt_comfy_controls(positive: list, negative: list) -> tuple[list, list, li
     if control_class is None:
         return positive, negative, []
     if isinstance(positive, list) and isinstance(negative, list):
-        positive, negative = _controls_to_uncond(positive, negative, control_class)
+        positive, negative = _controls_to_uncond(positive, negative)
     conditionings = (positive, negative)
     adapters, out = {}, []
     for conditioning in conditionings:

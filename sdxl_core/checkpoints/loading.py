@@ -278,6 +278,10 @@ def open_checkpoint(path: Path | str, *, dtype: torch.dtype | None = None, devic
     _raise_if_invalid(report, source.path.name, f"SDXL {config.kind} checkpoint")
     if vae_plan is not None:
         _raise_if_invalid(vae_plan[2], vae_plan[0].path.name, "SDXL VAE")
+    # Once per file, not at every read of a text encoder (a stage reads them again for each run).
+    for name, prefix in component_prefixes(config.kind).items():
+        if name.startswith("clip"):
+            _note_position_ids(source, prefix, report)
     for note in report.notes:
         logger.warning("%s: %s", source.path.name, note)
     if storage_dtype is not None:
@@ -294,7 +298,7 @@ def storage_dtype_for(file_dtype: torch.dtype, compute: torch.dtype, requested: 
     `compute` and takes fewer bytes (fp16/bf16/fp8 for fp32 compute, fp8 for fp16/bf16), else `compute`."""
     if requested is not None:
         return requested
-    smaller = torch.empty((), dtype=file_dtype).element_size() < torch.empty((), dtype=compute).element_size()
+    smaller = file_dtype.itemsize < compute.itemsize
     fp8 = file_dtype.itemsize == 1 and file_dtype.is_floating_point
     exact = compute == torch.float32 or fp8  # fp32 holds every fp16/bf16 value; fp16 and bf16 every fp8 value
     return file_dtype if smaller and exact else compute
@@ -310,9 +314,15 @@ class _ComponentReader:
         self.source, self.config, self.vae_source = source, config, vae_source
         self.dtype, self.vae_dtype, self.device = dtype, vae_dtype, device
         self.storage_dtype, self.operations = storage_dtype, operations
+        self._plans: dict[str, tuple] = {}  # per network: derived from the headers, which never change
 
     def _plan(self, name: str):
         """(tensors, prefix, config, the keys to read, compute dtype, storage dtype of each floating key)."""
+        if name not in self._plans:
+            self._plans[name] = self._make_plan(name)
+        return self._plans[name]
+
+    def _make_plan(self, name: str):
         if name == "vae" and self.vae_source is not None:
             tensors, prefix, config = self.vae_source.tensors, VAE_PREFIX, self.config.vae
         else:
@@ -341,11 +351,6 @@ class _ComponentReader:
         module = build_component(name, config, operations=operations,
                                  compute_dtype=compute if operations is not None else None)
         _load_component(module, tensors, prefix, keys, dtype=compute, device=self.device, storage=storage)
-        if name.startswith("clip"):
-            notes = ValidationReport()
-            _note_position_ids(self.source, prefix, notes)
-            for note in notes.notes:
-                logger.warning("%s: %s", self.source.path.name, note)
         return module
 
 

@@ -57,17 +57,19 @@ def sample_latent(model: SDXLModel, latent: dict, positive: list, negative: list
     device, _ = _unet_device_dtype(model)
     seed = settings.seed
     noise = prepare_noise(samples, seed, latent.get("batch_index")) if add_noise else torch.zeros_like(samples)
+    noise = noise.to(device)
+    mask = None if mask is None else mask.to(device)
     scale = model.config.vae.scale_factor
     start = samples.to(device) * scale
     concat = None
     if model.config.unet.in_channels == INPAINT_UNET_CHANNELS:
-        concat = InpaintConcat(start, None if mask is None else mask.to(device), scale)
+        concat = InpaintConcat(start, mask, scale)
     denoiser = guided_denoiser(model, positive, negative, settings.cfg, tuple(samples.shape[-2:]),
                                rescale=rescale_cfg_for(model, settings.rescale_cfg), concat=concat)
     if mask is not None:  # inpainting: only the masked region is sampled (sampling/inpaint.py)
-        denoiser = InpaintingDenoiser(denoiser, start, noise.to(device), mask.to(device))
+        denoiser = InpaintingDenoiser(denoiser, start, noise, mask)
     with torch.inference_mode():
-        x = run_sampler(settings.sampler, denoiser, start, noise.to(device), sigmas,
+        x = run_sampler(settings.sampler, denoiser, start, noise, sigmas,
                         sigma_max=schedule.sigma_max, seed=seed, callback=callback, cancel=cancel,
                         schedule=schedule)
     out = (x / scale).float().cpu()

@@ -40,7 +40,8 @@ def sample_er_sde(denoiser, x, sigmas, loop, noise, *, s_noise=1.0, max_stage=3)
         else:
             er_s, er_t = er_lambdas[i], er_lambdas[i + 1]
             alpha_s, alpha_t = sigmas[i] / er_s, sigmas[i + 1] / er_t
-            r = _er_noise_scaler(er_t) / _er_noise_scaler(er_s)
+            scaler_t = _er_noise_scaler(er_t)
+            r = scaler_t / _er_noise_scaler(er_s)
             x = (alpha_t / alpha_s) * r * x + alpha_t * (1 - r) * denoised
             if stage >= 2:
                 dt = er_t - er_s
@@ -49,11 +50,11 @@ def sample_er_sde(denoiser, x, sigmas, loop, noise, *, s_noise=1.0, max_stage=3)
                 scaled = _er_noise_scaler(positions)
                 s = torch.sum(1 / scaled) * step
                 denoised_d = (denoised - old_denoised) / (er_s - er_lambdas[i - 1])
-                x = x + alpha_t * (dt + s * _er_noise_scaler(er_t)) * denoised_d
+                x = x + alpha_t * (dt + s * scaler_t) * denoised_d
                 if stage >= 3:
                     s_u = torch.sum((positions - er_s) / scaled) * step
                     denoised_u = (denoised_d - old_denoised_d) / ((er_s - er_lambdas[i - 2]) / 2)
-                    x = x + alpha_t * ((dt**2) / 2 + s_u * _er_noise_scaler(er_t)) * denoised_u
+                    x = x + alpha_t * ((dt**2) / 2 + s_u * scaler_t) * denoised_u
                 old_denoised_d = denoised_d
             if s_noise > 0:
                 std = (er_t**2 - er_s**2 * r**2).sqrt().nan_to_num(nan=0.0)
