@@ -124,9 +124,11 @@ class CFGDenoiser:
         """Each side's strength-weighted mean x0 over its entries active at this sigma."""
         batch = x.shape[0]
         active = sides
-        if any(entry.gated for side in sides for entry in side):
+        entries = [entry for side in sides for entry in side]
+        # The first item's sigma as a number, read from the device once per call and only when an entry needs it.
+        now = float(sigma[0]) if any(entry.gated or entry.control is not None for entry in entries) else None
+        if any(entry.gated for entry in entries):
             # ComfyUI gates every entry on the first item's sigma (`get_area_and_mult`: timestep_in[0]).
-            now = float(sigma[0])
             active = [[entry for entry in side if entry.active_at(now)] for side in sides]
         runs = [(index, entry, expand_to_batch(entry.cond, batch)) for index, side in enumerate(active)
                 for entry in side]
@@ -145,8 +147,7 @@ class CFGDenoiser:
                 x_in, sigma_in = torch.cat([inputs[i] for i in group]), torch.cat([sigma] * len(group))
                 cond = concat_conditioning(*(runs[i][2] for i in group))
             extra = {}
-            if control is not None and (bound := control.at(float(sigma[0]), len(group), x=x_in,
-                                                            sigmas=sigma_in)) is not None:
+            if control is not None and (bound := control.at(now, len(group), x=x_in, sigmas=sigma_in)) is not None:
                 extra["control"] = bound
             x0 = self.denoiser(x_in, sigma_in, **cond, **extra)
             for i, chunk in zip(group, x0.split(batch) if len(group) > 1 else [x0]):
