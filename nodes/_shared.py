@@ -14,6 +14,8 @@ import torch
 from sdxl_core.config import VAE_DOWNSCALE
 from sdxl_core.dtypes import DTYPES_BY_NAME
 
+from . import comfy_host
+
 # Our own socket types for our own model objects. IMAGE, LATENT and CONDITIONING are ComfyUI's own, so core nodes
 # connect on either side of ours.
 SDXL_MODEL = "SDXL_MODEL"
@@ -35,6 +37,24 @@ MAX_RESOLUTION = 16384
 LATENT_CELL = VAE_DOWNSCALE
 
 WEIGHT_DTYPES = {"default": None, **DTYPES_BY_NAME}  # "default": the loader picks one for the device
+
+
+def weight_dtypes(choice: str) -> tuple[torch.dtype, torch.dtype]:
+    """(UNet and text-encoder dtype, VAE dtype) for a weight_dtype widget choice: ComfyUI's pick for the device
+    under 'default' (the core's outside ComfyUI); ControlNets take the first, as ComfyUI loads them in the UNet's."""
+    if choice not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {choice!r}")
+    from sdxl_core.checkpoints.loading import default_dtype, default_vae_dtype
+
+    model_default, vae_default = comfy_host.default_dtypes()
+    device = comfy_host.compute_device()
+    model_default = model_default or default_dtype(device)
+    vae_default = vae_default or default_vae_dtype(device)
+    chosen = WEIGHT_DTYPES[choice]
+    if chosen is None:
+        return model_default, vae_default
+    # An explicit fp16 is honoured for the UNet and text encoders only: the SDXL VAE overflows in fp16.
+    return chosen, (vae_default if chosen == torch.float16 else chosen)
 
 
 def file_identity(path: Path, *parts: Any) -> tuple:

@@ -19,25 +19,12 @@ from ._shared import (
     check_widgets,
     node_id,
     validate_widgets,
+    weight_dtypes,
 )
 
 # ComfyUI's Apply ControlNet (Advanced) widgets, so a graph's numbers mean the same in both.
 _STRENGTH = {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}
 _PERCENT = {"min": 0.0, "max": 1.0, "step": 0.001}
-
-
-def _controlnet_dtype(choice: str):
-    """The weight dtype for a ControlNet: the UNet's for this device unless one is chosen (ComfyUI loads its own
-    ControlNets in the UNet's dtype too)."""
-    from sdxl_core.checkpoints.loading import default_dtype
-
-    if choice not in WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {choice!r}")
-    chosen = WEIGHT_DTYPES[choice]
-    if chosen is not None:
-        return chosen
-    model_default, _ = comfy_host.default_dtypes()
-    return model_default or default_dtype(comfy_host.compute_device())
 
 
 class ControlNetLoader:
@@ -73,7 +60,7 @@ class ControlNetLoader:
         path = comfy_host.model_path("controlnet", control_net_name)
         # Loaded onto the offload device; the samplers move it onto the GPU next to the UNet, through ComfyUI's
         # model management, right before they sample (ComfyUI's own output cache keeps it between runs).
-        return (load_controlnet(path, dtype=_controlnet_dtype(weight_dtype), device=comfy_host.storage_device()),)
+        return (load_controlnet(path, dtype=weight_dtypes(weight_dtype)[0], device=comfy_host.storage_device()),)
 
 
 class ApplyControlNet:

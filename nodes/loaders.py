@@ -21,7 +21,7 @@ import threading
 import weakref
 
 from . import comfy_host
-from ._shared import CATEGORY, SDXL_MODEL, SDXL_VAE, WEIGHT_DTYPES, file_identity, node_id
+from ._shared import CATEGORY, SDXL_MODEL, SDXL_VAE, WEIGHT_DTYPES, file_identity, node_id, weight_dtypes
 
 _WEIGHT_DTYPE_TOOLTIP = ("Precision of the weights once loaded. 'default' lets ComfyUI choose for your device "
                          "(fp16 on most GPUs, fp32 on the CPU; the VAE never uses fp16, which overflows into black "
@@ -42,24 +42,6 @@ def _cached(key: tuple, load):
             found = load()
             _cache[key] = found
         return found
-
-
-def _dtypes(choice: str):
-    if choice not in WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {choice!r}")
-    import torch
-
-    from sdxl_core.checkpoints.loading import default_dtype, default_vae_dtype
-
-    model_default, vae_default = comfy_host.default_dtypes()
-    device = comfy_host.compute_device()
-    model_default = model_default or default_dtype(device)
-    vae_default = vae_default or default_vae_dtype(device)
-    chosen = WEIGHT_DTYPES[choice]
-    if chosen is None:
-        return model_default, vae_default
-    # An explicit fp16 is honoured for the UNet and text encoders only: the SDXL VAE overflows in fp16.
-    return chosen, (vae_default if chosen == torch.float16 else chosen)
 
 
 class CheckpointLoader:
@@ -98,7 +80,7 @@ class CheckpointLoader:
 
         path = comfy_host.model_path("checkpoints", ckpt_name)
         vae_path = None if vae_name == BAKED_VAE else comfy_host.model_path("vae", vae_name)
-        dtype, vae_dtype = _dtypes(weight_dtype)
+        dtype, vae_dtype = weight_dtypes(weight_dtype)
         key = file_identity(path, "checkpoint", str(dtype), str(vae_dtype),
                         *(file_identity(vae_path) if vae_path is not None else ()))
         model = _cached(key, lambda: open_checkpoint(path, dtype=dtype, vae_dtype=vae_dtype, vae_path=vae_path,
@@ -134,7 +116,7 @@ class VAELoader:
         from sdxl_core.checkpoints.loading import load_vae
 
         path = comfy_host.model_path("vae", vae_name)
-        _, vae_dtype = _dtypes(weight_dtype)
+        _, vae_dtype = weight_dtypes(weight_dtype)
         key = file_identity(path, "vae", str(vae_dtype))
         return (_cached(key, lambda: load_vae(path, dtype=vae_dtype, device=comfy_host.storage_device())),)
 
